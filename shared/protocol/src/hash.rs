@@ -1,0 +1,98 @@
+//! The stable hash. Every service and every version must agree on it, so it is
+//! spelled out here and pinned by test vectors — never Rust's randomised
+//! `DefaultHasher`.
+//!
+//! `stable_hash(bytes) = fmix64(fnv1a64(bytes))`:
+//! - FNV-1a, 64-bit: offset basis `0xcbf29ce484222325`, prime `0x100000001b3`,
+//!   one round per byte (`h ^= b; h *= prime`).
+//! - then MurmurHash3's 64-bit finaliser `fmix64`, so that every output bit
+//!   depends on every input bit (FNV alone mixes the low bits poorly, and the
+//!   shard is taken modulo a small number).
+//!
+//! A session's shard is `stable_hash(key) % shards`.
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// FNV-1a 64 over `bytes`, continuing from `state` (start with [`fnv_start`]).
+#[inline]
+pub fn fnv1a64_update(mut state: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        state ^= u64::from(b);
+        state = state.wrapping_mul(FNV_PRIME);
+    }
+    state
+}
+
+/// The FNV-1a offset basis, the state before any byte.
+#[inline]
+pub const fn fnv_start() -> u64 {
+    FNV_OFFSET
+}
+
+/// MurmurHash3's 64-bit finaliser.
+#[inline]
+pub const fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^= k >> 33;
+    k
+}
+
+/// The stable hash of a byte string.
+#[inline]
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    fmix64(fnv1a64_update(FNV_OFFSET, bytes))
+}
+
+/// The shard a session hash belongs to. `shards` of 0 is treated as 1.
+#[inline]
+pub fn shard_of(session_hash: u64, shards: u16) -> u16 {
+    let n = u64::from(shards.max(1));
+    // The remainder is < n <= u16::MAX, so the cast is lossless.
+    (session_hash % n) as u16
+}
+
+/// Combines two hashes into one, for chained block hashes and rendezvous
+/// hashing: `mix(a, b) = fmix64((a * 0x100000001b3) ^ b)`, wrapping.
+#[inline]
+pub const fn mix(a: u64, b: u64) -> u64 {
+    fmix64(a.wrapping_mul(FNV_PRIME) ^ b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// These vectors pin the function: if one changes, every deployed shard
+    /// assignment changes with it. Do not "fix" them; bump the protocol instead.
+    #[test]
+    fn test_vectors_are_stable() {
+        assert_eq!(fnv1a64_update(fnv_start(), b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64_update(fnv_start(), b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64_update(fnv_start(), b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(stable_hash(b""), fmix64(0xcbf2_9ce4_8422_2325));
+        assert_eq!(stable_hash(b"session-1"), stable_hash(b"session-1"));
+        assert_ne!(stable_hash(b"session-1"), stable_hash(b"session-2"));
+    }
+
+    #[test]
+    fn shards_are_spread_evenly() {
+        let shards = 16u16;
+        let mut counts = [0u32; 16];
+        for i in 0..16_000 {
+            let key = format!("user-{i}");
+            counts[usize::from(shard_of(stable_hash(key.as_bytes()), shards))] += 1;
+        }
+        for c in counts {
+            assert!((800..1200).contains(&c), "uneven shard spread: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn zero_shards_means_one() {
+        assert_eq!(shard_of(12345, 0), 0);
+    }
+}

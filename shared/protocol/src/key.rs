@@ -1,0 +1,124 @@
+//! Session keys.
+//!
+//! A key comes from a request header, a body field or, when the client sends
+//! neither, is derived from the conversation's opening (see [`SessionKey::implicit`]).
+//! Keys are bounded in length and may not hold control characters, so they are
+//! safe to log, to put in NATS headers and to echo in HTTP headers.
+
+use crate::hash::{fnv_start, fmix64, fnv1a64_update};
+use std::fmt;
+
+/// Longest accepted session key, in bytes.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// Why a key was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("session key is empty")]
+    Empty,
+    #[error("session key is {0} bytes long; the limit is {MAX_KEY_LEN}")]
+    TooLong(usize),
+    #[error("session key contains a control character")]
+    ControlCharacter,
+}
+
+/// A validated session key and its stable hash.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionKey {
+    text: String,
+    hash: u64,
+    implicit: bool,
+}
+
+impl SessionKey {
+    /// Validates an explicit key sent by the client.
+    pub fn explicit(text: &str) -> Result<Self, KeyError> {
+        if text.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if text.len() > MAX_KEY_LEN {
+            return Err(KeyError::TooLong(text.len()));
+        }
+        if text.chars().any(char::is_control) {
+            return Err(KeyError::ControlCharacter);
+        }
+        Ok(Self { hash: crate::stable_hash(text.as_bytes()), text: text.to_owned(), implicit: false })
+    }
+
+    /// Derives the implicit key of a conversation from its opening: the model,
+    /// the system prompt (empty if none) and the first user message. Every turn
+    /// of a chat re-sends its history, so every turn derives the same key. Two
+    /// conversations with the same opening share a key — and a prompt prefix, so
+    /// keeping them on one engine helps its cache.
+    ///
+    /// The parts are hashed with a 0xFF separator (a byte that never occurs in
+    /// UTF-8), and the key reads `implicit-<16 hex digits>`.
+    pub fn implicit(model: &str, system: &str, first_user: &str) -> Self {
+        let mut h = fnv_start();
+        for part in [model, system, first_user] {
+            h = fnv1a64_update(h, part.as_bytes());
+            h = fnv1a64_update(h, &[0xff]);
+        }
+        let text = format!("implicit-{:016x}", fmix64(h));
+        Self { hash: crate::stable_hash(text.as_bytes()), text, implicit: true }
+    }
+
+    /// Rebuilds a key from its text without the client-facing checks (for keys
+    /// read back from the bus, already validated by their publisher).
+    pub fn from_trusted(text: String) -> Self {
+        let implicit = text.starts_with("implicit-");
+        Self { hash: crate::stable_hash(text.as_bytes()), text, implicit }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn hash(&self) -> u64 {
+        self.hash
+    }
+
+    pub fn is_implicit(&self) -> bool {
+        self.implicit
+    }
+}
+
+impl fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionKey({:?})", self.text)
+    }
+}
+
+impl fmt::Display for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_keys_are_validated() {
+        assert!(SessionKey::explicit("abc").is_ok());
+        assert_eq!(SessionKey::explicit(""), Err(KeyError::Empty));
+        assert_eq!(SessionKey::explicit(&"x".repeat(257)), Err(KeyError::TooLong(257)));
+        assert!(SessionKey::explicit(&"x".repeat(256)).is_ok());
+        assert_eq!(SessionKey::explicit("a\r\nb"), Err(KeyError::ControlCharacter));
+        assert_eq!(SessionKey::explicit("a\u{7f}"), Err(KeyError::ControlCharacter));
+    }
+
+    #[test]
+    fn implicit_keys_depend_on_the_opening_only() {
+        let a = SessionKey::implicit("m", "sys", "hello");
+        let b = SessionKey::implicit("m", "sys", "hello");
+        assert_eq!(a, b);
+        assert!(a.is_implicit());
+        assert!(a.as_str().starts_with("implicit-"));
+        assert_ne!(a, SessionKey::implicit("m", "sys", "hello!"));
+        assert_ne!(a, SessionKey::implicit("m2", "sys", "hello"));
+        // The separator keeps part boundaries apart.
+        assert_ne!(SessionKey::implicit("m", "ab", "c"), SessionKey::implicit("m", "a", "bc"));
+    }
+}
