@@ -1,0 +1,18 @@
+//! The NATS bus as Tether's services use it.
+//!
+//! Module map:
+//! - [`connect`] — connect with retry (a service may start before NATS), and
+//!   the [`BusStats`] counters fed by the client's events (slow consumers,
+//!   disconnects): dropped messages are counted, never ignored.
+//! - [`trace`]   — W3C trace context in NATS headers: inject on send, extract on receive.
+//! - [`typed`]   — [`Bus`]: typed publish / request / respond over the protocol codec.
+#![forbid(unsafe_code)]
+
+pub mod connect;
+pub mod trace;
+pub mod typed;
+
+pub use async_nats::{Client, Message, Subscriber};
+pub use connect::{BusConfig, BusStats, connect};
+pub use trace::{extract_context, follow, inject_context};
+pub use typed::{Bus, BusError};

@@ -1,0 +1,16 @@
+//! What every Tether service does the same way around its own work.
+//!
+//! Module map:
+//! - [`tracing_setup`] — logs to stderr and, when `OTEL_EXPORTER_OTLP_ENDPOINT`
+//!   is set, spans over OTLP/gRPC; the W3C trace-context propagator.
+//! - [`admin`]   — the admin HTTP endpoint: `/metrics`, `/health`, `/ready`.
+//! - [`shutdown`] — a cancellation token tripped by Ctrl-C or SIGTERM.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod shutdown;
+pub mod tracing_setup;
+
+pub use admin::{AdminState, admin_router, serve_admin};
+pub use shutdown::{Shutdown, shutdown_on_signal};
+pub use tracing_setup::{TelemetryGuard, init, init_with_provider};

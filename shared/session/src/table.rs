@@ -1,0 +1,233 @@
+//! A shard's sessions. Owned by one actor; no locks.
+//!
+//! Memory is bounded: at most `max_sessions` sessions. When a new session
+//! would pass the bound, the least recently active sixteenth of the table is
+//! evicted at once (amortised O(1) per insert, instead of a scan per insert).
+
+use std::collections::HashMap;
+use tether_protocol::{RequestEvent, SessionHash, SessionRecord};
+
+use crate::SessionState;
+
+#[derive(Clone, Copy, Debug)]
+pub struct TableLimits {
+    /// Sessions idle this long (and with no call in flight) are evicted.
+    pub idle_ttl_ms: u64,
+    /// A call in flight longer than this is assumed lost (its ingress died).
+    pub call_timeout_ms: u64,
+    /// Most sessions held; 0 means unbounded.
+    pub max_sessions: usize,
+}
+
+impl Default for TableLimits {
+    fn default() -> Self {
+        Self { idle_ttl_ms: 30 * 60 * 1000, call_timeout_ms: 60 * 60 * 1000, max_sessions: 1_000_000 }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct SessionTable {
+    sessions: HashMap<SessionHash, SessionState>,
+    limits: TableLimits,
+}
+
+impl SessionTable {
+    pub fn new(limits: TableLimits) -> Self {
+        Self { sessions: HashMap::new(), limits }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    pub fn get(&self, hash: SessionHash) -> Option<&SessionState> {
+        self.sessions.get(&hash)
+    }
+
+    /// Applies an event, stamping the session with `version`. Returns the
+    /// hashes of sessions evicted to make room (usually none).
+    pub fn apply(&mut self, event: &RequestEvent, version: u64) -> Vec<SessionHash> {
+        let mut evicted = Vec::new();
+        if !self.sessions.contains_key(&event.session_hash)
+            && self.limits.max_sessions > 0
+            && self.sessions.len() >= self.limits.max_sessions
+        {
+            evicted = self.evict_least_recent((self.limits.max_sessions / 16).max(1));
+        }
+        let state = self
+            .sessions
+            .entry(event.session_hash)
+            .or_insert_with(|| SessionState::new(event.session_key.clone()));
+        state.apply(event);
+        state.version = version;
+        evicted
+    }
+
+    /// Evicts sessions idle since before `now_ms - idle_ttl` with no call in
+    /// flight, after forgetting calls older than the call timeout. Returns the
+    /// evicted hashes and the hashes whose in-flight set changed.
+    pub fn evict_idle(&mut self, now_ms: u64) -> (Vec<SessionHash>, Vec<SessionHash>) {
+        let idle_cutoff = now_ms.saturating_sub(self.limits.idle_ttl_ms);
+        let call_cutoff = now_ms.saturating_sub(self.limits.call_timeout_ms);
+        let mut changed = Vec::new();
+        let mut evicted = Vec::new();
+        for (hash, s) in &mut self.sessions {
+            if s.forget_calls_before(call_cutoff) {
+                changed.push(*hash);
+            }
+            if s.in_flight.is_empty() && s.last_active_ms < idle_cutoff {
+                evicted.push(*hash);
+            }
+        }
+        for hash in &evicted {
+            self.sessions.remove(hash);
+        }
+        changed.retain(|h| self.sessions.contains_key(h));
+        (evicted, changed)
+    }
+
+    /// Marks `hashes` as changed at `version` (after [`Self::evict_idle`]
+    /// changed them).
+    pub fn touch(&mut self, hashes: &[SessionHash], version: u64) {
+        for h in hashes {
+            if let Some(s) = self.sessions.get_mut(h) {
+                s.version = version;
+            }
+        }
+    }
+
+    fn evict_least_recent(&mut self, n: usize) -> Vec<SessionHash> {
+        let mut by_age: Vec<(u64, SessionHash)> =
+            self.sessions.iter().map(|(h, s)| (s.last_active_ms, *h)).collect();
+        let n = n.min(by_age.len());
+        if n == 0 {
+            return Vec::new();
+        }
+        by_age.select_nth_unstable(n - 1);
+        let victims: Vec<SessionHash> = by_age[..n].iter().map(|(_, h)| *h).collect();
+        for h in &victims {
+            self.sessions.remove(h);
+        }
+        victims
+    }
+
+    /// Up to `limit` records with hash greater than `after`, in hash order,
+    /// and the cursor for the next page.
+    pub fn page(&self, after: Option<SessionHash>, limit: usize) -> (Vec<SessionRecord>, Option<SessionHash>) {
+        let mut keys: Vec<SessionHash> =
+            self.sessions.keys().copied().filter(|h| after.is_none_or(|a| *h > a)).collect();
+        let limit = limit.max(1);
+        let more = keys.len() > limit;
+        if more {
+            keys.select_nth_unstable(limit - 1);
+            keys.truncate(limit);
+        }
+        keys.sort_unstable();
+        let next = if more { keys.last().copied() } else { None };
+        let records = keys.iter().filter_map(|h| self.sessions.get(h).map(|s| s.record(*h))).collect();
+        (records, next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_protocol::{EventKind, Finished, Outcome};
+
+    fn event(session: u64, at_ms: u64) -> RequestEvent {
+        RequestEvent {
+            call_id: at_ms,
+            session_hash: session,
+            session_key: format!("s{session}"),
+            at_ms,
+            engine: "e".into(),
+            kind: EventKind::Finished(Finished {
+                inherited_cst: 0.0,
+                executed: 1.0,
+                waited: 0.0,
+                wall: 1.0,
+                prompt_tokens: 0,
+                cached_tokens: 0,
+                completion_tokens: 0,
+                outcome: Outcome::Ok,
+            }),
+        }
+    }
+
+    #[test]
+    fn sessions_are_isolated() {
+        let mut t = SessionTable::new(TableLimits::default());
+        t.apply(&event(1, 10), 1);
+        t.apply(&event(1, 11), 2);
+        t.apply(&event(2, 12), 3);
+        assert_eq!(t.get(1).map(|s| s.attained), Some(2.0));
+        assert_eq!(t.get(2).map(|s| s.attained), Some(1.0));
+        assert_eq!(t.get(2).map(|s| s.version), Some(3));
+    }
+
+    #[test]
+    fn idle_eviction_removes_only_stale_sessions() {
+        let limits = TableLimits { idle_ttl_ms: 1000, ..TableLimits::default() };
+        let mut t = SessionTable::new(limits);
+        t.apply(&event(1, 100), 1); // stale at now = 2000
+        t.apply(&event(2, 1500), 2); // fresh
+        let mut busy = event(3, 50); // stale but with a call in flight
+        busy.kind = EventKind::Dispatched { inherited_cst: 0.0, level: 0 };
+        t.apply(&busy, 3);
+        let (evicted, _) = t.evict_idle(2000);
+        assert_eq!(evicted, vec![1]);
+        assert!(t.get(2).is_some() && t.get(3).is_some());
+    }
+
+    #[test]
+    fn lost_calls_are_forgotten_after_the_call_timeout() {
+        let limits = TableLimits { idle_ttl_ms: 1000, call_timeout_ms: 5000, max_sessions: 0 };
+        let mut t = SessionTable::new(limits);
+        let mut busy = event(3, 50);
+        busy.kind = EventKind::Dispatched { inherited_cst: 0.0, level: 0 };
+        t.apply(&busy, 1);
+        let (evicted, changed) = t.evict_idle(6000);
+        assert_eq!(changed, Vec::<u64>::new());
+        assert_eq!(evicted, vec![3]);
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let limits = TableLimits { max_sessions: 32, ..TableLimits::default() };
+        let mut t = SessionTable::new(limits);
+        for s in 0..100u64 {
+            t.apply(&event(s, 1000 + s), s);
+            assert!(t.len() <= 32);
+        }
+        // The most recent session is always kept.
+        assert!(t.get(99).is_some());
+        assert!(t.get(0).is_none());
+    }
+
+    #[test]
+    fn pages_cover_the_table_once() {
+        let mut t = SessionTable::new(TableLimits::default());
+        for s in 0..50u64 {
+            t.apply(&event(s * 7919 % 1000, s), s);
+        }
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let (records, next) = t.page(after, 7);
+            seen.extend(records.iter().map(|r| r.hash));
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        let mut sorted = seen.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(seen, sorted);
+        assert_eq!(seen.len(), t.len());
+    }
+}

@@ -1,0 +1,88 @@
+//! The admin endpoint each service exposes: Prometheus `/metrics`, liveness
+//! `/health` and readiness `/ready` (200 once the service has what it needs
+//! to do its job, 503 before).
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use prometheus_client::registry::Registry;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use crate::Shutdown;
+
+/// What the admin routes read.
+#[derive(Clone)]
+pub struct AdminState {
+    pub registry: Arc<Registry>,
+    pub ready: Arc<AtomicBool>,
+}
+
+impl AdminState {
+    pub fn new(registry: Registry) -> Self {
+        Self { registry: Arc::new(registry), ready: Arc::new(AtomicBool::new(false)) }
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(%err, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+/// `/metrics`, `/health` and `/ready`, to merge into a service's router or to
+/// serve alone with [`serve_admin`].
+pub fn admin_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.render_metrics(),
+    )
+}
+
+async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
+    if state.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+/// Serves `router` on `listener` (with `TCP_NODELAY`) until `shutdown` fires.
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
