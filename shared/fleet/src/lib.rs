@@ -1,0 +1,15 @@
+//! The engine fleet as the ingress and the scheduler both know it.
+//!
+//! Module map:
+//! - [`config`] — the fleet file (TOML): each engine's name, URL, models and capabilities.
+//! - [`client`] — the pooled HTTP/1.1 client to engines (`TCP_NODELAY`, keep-alive).
+//! - [`health`] — active health probing, shared as lock-free flags.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod health;
+
+pub use client::{EngineClient, engine_client};
+pub use config::{EngineConfig, EngineKind, FleetConfig, FleetError};
+pub use health::{FleetHealth, HealthConfig, spawn_prober};

@@ -1,0 +1,16 @@
+//! The scheduling policy, pure: no I/O, no clock reads — time and load are inputs.
+//!
+//! Module map:
+//! - [`priority`]  — the queue level of a call from its session's attained
+//!   service (ATLAS or PLAS), with anti-starvation.
+//! - [`placement`] — which engine runs a call: affinity under bounded load,
+//!   else least loaded; rendezvous hashing for the load-blind fallback.
+//!
+//! `docs/policy.md` gives the math, the defaults and the reasons for them.
+#![forbid(unsafe_code)]
+
+pub mod placement;
+pub mod priority;
+
+pub use placement::{EngineLoad, Placement, PlacementConfig, place, rendezvous};
+pub use priority::{PriorityConfig, PriorityMode, SessionService, level};

@@ -1,0 +1,109 @@
+//! Priority: a multi-level queue over the session's attained service.
+//!
+//! Lower attained service runs first (least-attained-service, non-clairvoyant:
+//! no output length is ever needed). The service measure is the session's
+//! critical-path service under ATLAS (the default, for programs with parallel
+//! calls) or its total attained service under PLAS. The value is mapped to a
+//! level by ascending thresholds: level `i` holds services in
+//! `[thresholds[i-1], thresholds[i])`, level 0 being the most urgent.
+//!
+//! Anti-starvation: a session whose `wait / max(service, floor)` has reached
+//! `starvation_ratio` is promoted to level 0.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorityMode {
+    /// Critical-path service (Autellix ATLAS).
+    #[default]
+    Atlas,
+    /// Total attained service (Autellix PLAS).
+    Plas,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PriorityConfig {
+    pub mode: PriorityMode,
+    /// Ascending level boundaries, estimated seconds of service.
+    pub thresholds: Vec<f64>,
+    /// β: promote when wait / max(service, floor) ≥ β. Non-positive disables.
+    pub starvation_ratio: f64,
+    /// The service floor in the starvation ratio, seconds.
+    pub service_floor: f64,
+}
+
+impl Default for PriorityConfig {
+    fn default() -> Self {
+        Self { mode: PriorityMode::Atlas, thresholds: vec![1.0, 4.0, 16.0, 64.0], starvation_ratio: 2.0, service_floor: 1.0 }
+    }
+}
+
+/// What the policy needs to know of a session's service.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SessionService {
+    /// Critical-path service, seconds.
+    pub cst: f64,
+    /// Total attained service, seconds.
+    pub attained: f64,
+    /// Total wait, seconds (including the current wait, if the caller adds it).
+    pub wait: f64,
+}
+
+/// The queue level of a call of a session (0 most urgent).
+pub fn level(cfg: &PriorityConfig, s: &SessionService) -> u8 {
+    let service = match cfg.mode {
+        PriorityMode::Atlas => s.cst,
+        PriorityMode::Plas => s.attained,
+    };
+    if starving(cfg, service, s.wait) {
+        return 0;
+    }
+    let service = if service.is_finite() { service.max(0.0) } else { f64::MAX };
+    let idx = cfg.thresholds.iter().take_while(|t| service >= **t).count();
+    u8::try_from(idx).unwrap_or(u8::MAX)
+}
+
+/// Whether a session with this service has waited long enough to be promoted.
+pub fn starving(cfg: &PriorityConfig, service: f64, wait: f64) -> bool {
+    cfg.starvation_ratio > 0.0
+        && wait.is_finite()
+        && wait >= cfg.starvation_ratio * service.max(cfg.service_floor).max(f64::MIN_POSITIVE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(cst: f64) -> SessionService {
+        SessionService { cst, attained: cst, wait: 0.0 }
+    }
+
+    #[test]
+    fn levels_follow_thresholds() {
+        let cfg = PriorityConfig::default();
+        assert_eq!(level(&cfg, &svc(0.0)), 0);
+        assert_eq!(level(&cfg, &svc(0.99)), 0);
+        assert_eq!(level(&cfg, &svc(1.0)), 1);
+        assert_eq!(level(&cfg, &svc(20.0)), 3);
+        assert_eq!(level(&cfg, &svc(1e9)), 4);
+        assert_eq!(level(&cfg, &svc(f64::NAN)), 4);
+    }
+
+    #[test]
+    fn starving_sessions_are_promoted() {
+        let cfg = PriorityConfig::default();
+        let s = SessionService { cst: 100.0, attained: 100.0, wait: 199.0 };
+        assert_eq!(level(&cfg, &s), 4);
+        let s = SessionService { wait: 200.0, ..s };
+        assert_eq!(level(&cfg, &s), 0);
+    }
+
+    #[test]
+    fn plas_uses_the_sum() {
+        let cfg = PriorityConfig { mode: PriorityMode::Plas, ..PriorityConfig::default() };
+        let s = SessionService { cst: 0.5, attained: 30.0, wait: 0.0 };
+        assert_eq!(level(&cfg, &s), 3);
+    }
+}
