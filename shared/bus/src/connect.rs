@@ -1,9 +1,7 @@
 //! Connecting to NATS.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
-};
+use prometheus_client::metrics::{counter::Counter, family::Family};
+use prometheus_client::registry::Registry;
 use std::time::Duration;
 
 /// Where and how to reach NATS.
@@ -15,28 +13,41 @@ pub struct BusConfig {
     pub name: String,
 }
 
-/// Counters fed by the client's connection events. Exposed as metrics by
-/// each service.
-#[derive(Debug, Default)]
+/// Counters fed by the client's connection events and by decoding, exposed
+/// as Prometheus metrics by every service ([`BusStats::register`]).
+#[derive(Debug, Clone, Default)]
 pub struct BusStats {
-    /// Messages dropped because a subscription fell behind (SlowConsumer events).
-    pub slow_consumer: AtomicU64,
-    pub disconnects: AtomicU64,
-    pub reconnects: AtomicU64,
-    pub errors: AtomicU64,
+    /// SlowConsumer events: a subscription fell behind and the client dropped
+    /// messages.
+    pub slow_consumer: Counter,
+    pub disconnects: Counter,
+    pub connects: Counter,
+    pub errors: Counter,
+    /// Messages that did not decode, by subject kind (`events`, `state`, ...).
+    pub decode_errors: Family<Vec<(String, String)>, Counter>,
 }
 
 impl BusStats {
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("tether_bus_slow_consumer", "NATS slow-consumer events (messages dropped by the client)", self.slow_consumer.clone());
+        registry.register("tether_bus_disconnects", "NATS disconnections", self.disconnects.clone());
+        registry.register("tether_bus_connects", "NATS (re)connections", self.connects.clone());
+        registry.register("tether_bus_errors", "NATS client and server errors", self.errors.clone());
+        registry.register("tether_bus_decode_errors", "Bus messages that failed to decode and were dropped", self.decode_errors.clone());
+    }
+
+    pub fn count_decode_error(&self, kind: &str) {
+        self.decode_errors.get_or_create(&vec![("kind".to_owned(), kind.to_owned())]).inc();
     }
 }
 
 /// Connects to NATS. Returns at once: when the server is not up yet the client
 /// keeps retrying in the background (`retry_on_initial_connect`), publishes are
 /// buffered and requests fail or time out, which callers treat as "bus down".
-pub async fn connect(config: &BusConfig) -> Result<(async_nats::Client, Arc<BusStats>), async_nats::ConnectError> {
-    let stats = Arc::new(BusStats::default());
+pub async fn connect(
+    config: &BusConfig,
+) -> Result<(async_nats::Client, BusStats), async_nats::ConnectError> {
+    let stats = BusStats::default();
     let events = stats.clone();
     let client = async_nats::ConnectOptions::new()
         .name(&config.name)
@@ -53,23 +64,23 @@ pub async fn connect(config: &BusConfig) -> Result<(async_nats::Client, Arc<BusS
                 use async_nats::Event;
                 match event {
                     Event::SlowConsumer(sid) => {
-                        stats.slow_consumer.fetch_add(1, Ordering::Relaxed);
+                        stats.slow_consumer.inc();
                         tracing::warn!(sid, "NATS subscription fell behind: messages dropped");
                     }
                     Event::Disconnected => {
-                        stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                        stats.disconnects.inc();
                         tracing::warn!("NATS disconnected");
                     }
                     Event::Connected => {
-                        stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        stats.connects.inc();
                         tracing::info!("NATS connected");
                     }
                     Event::ServerError(err) => {
-                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                        stats.errors.inc();
                         tracing::warn!(%err, "NATS server error");
                     }
                     Event::ClientError(err) => {
-                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                        stats.errors.inc();
                         tracing::warn!(%err, "NATS client error");
                     }
                     other => tracing::info!(event = %other, "NATS event"),

@@ -2,7 +2,6 @@
 
 use async_nats::{HeaderMap, Message, client::RequestErrorKind};
 use serde::{Serialize, de::DeserializeOwned};
-use std::sync::Arc;
 use std::time::Duration;
 use tether_protocol::{CodecError, Subjects};
 
@@ -32,12 +31,19 @@ pub enum BusError {
 pub struct Bus {
     pub client: async_nats::Client,
     pub subjects: Subjects,
-    pub stats: Arc<BusStats>,
+    pub stats: BusStats,
 }
 
 impl Bus {
-    pub fn new(client: async_nats::Client, subjects: Subjects, stats: Arc<BusStats>) -> Self {
+    pub fn new(client: async_nats::Client, subjects: Subjects, stats: BusStats) -> Self {
         Self { client, subjects, stats }
+    }
+
+    /// Connects (retrying in the background, see [`crate::connect()`]).
+    pub async fn connect(config: &crate::BusConfig, subjects: Subjects) -> Result<Self, BusError> {
+        let (client, stats) =
+            crate::connect(config).await.map_err(|e| BusError::Request(format!("connect: {e}")))?;
+        Ok(Self::new(client, subjects, stats))
     }
 
     pub fn is_connected(&self) -> bool {
@@ -92,6 +98,19 @@ impl Bus {
             .publish_with_headers(reply, Self::traced_headers(), payload.into())
             .await
             .map_err(|e| BusError::Publish(e.to_string()))
+    }
+
+    /// Decodes a received message; a message that does not decode is logged,
+    /// counted under `kind` and dropped (None).
+    pub fn decode<T: DeserializeOwned>(&self, msg: &Message, kind: &str) -> Option<T> {
+        match tether_protocol::decode(&msg.payload) {
+            Ok(v) => Some(v),
+            Err(err) => {
+                self.stats.count_decode_error(kind);
+                tracing::warn!(subject = %msg.subject, %err, "dropping undecodable message");
+                None
+            }
+        }
     }
 
     pub async fn subscribe(&self, subject: String) -> Result<async_nats::Subscriber, BusError> {

@@ -5,12 +5,15 @@
 //!   is set, spans over OTLP/gRPC; the W3C trace-context propagator.
 //! - [`admin`]   — the admin HTTP endpoint: `/metrics`, `/health`, `/ready`.
 //! - [`shutdown`] — a cancellation token tripped by Ctrl-C or SIGTERM.
+//! - [`config_file`] — the optional TOML config file behind the CLI flags.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod config_file;
 pub mod shutdown;
 pub mod tracing_setup;
 
 pub use admin::{AdminState, admin_router, serve_admin};
+pub use config_file::args_with_config_file;
 pub use shutdown::{Shutdown, shutdown_on_signal};
 pub use tracing_setup::{TelemetryGuard, init, init_with_provider};
