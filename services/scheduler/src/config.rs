@@ -1,0 +1,82 @@
+//! Configuration. Every knob is a flag with an environment fallback and a
+//! default; `--config file.toml` supplies the rest.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tether_policy::{PlacementConfig, PriorityConfig, PriorityMode};
+
+#[derive(Clone, Debug, Parser)]
+#[command(name = "tether-scheduler", version, about = "Tether's scheduler: routes calls from an in-memory replica", args_override_self = true)]
+pub struct Config {
+    /// Optional TOML file with values for any of these flags.
+    #[arg(long, env = "TETHER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "TETHER_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Prefix of every subject.
+    #[arg(long, env = "TETHER_PREFIX", default_value = "tether")]
+    pub prefix: String,
+    /// Number of shards in the whole system (must match every service).
+    #[arg(long, env = "TETHER_SHARDS", default_value_t = 16)]
+    pub shards: u16,
+    /// The fleet file (engines: name, url, models, capabilities).
+    #[arg(long, env = "TETHER_FLEET", default_value = "deploy/local/fleet.toml")]
+    pub fleet: PathBuf,
+    /// Address of the admin endpoint (/metrics, /health, /ready).
+    #[arg(long, env = "TETHER_ADMIN_LISTEN", default_value = "127.0.0.1:9103")]
+    pub admin_listen: SocketAddr,
+    /// Engine health-probe interval, ms.
+    #[arg(long, env = "TETHER_HEALTH_INTERVAL_MS", default_value_t = 500)]
+    pub health_interval_ms: u64,
+    /// Session records per snapshot page when resynchronising.
+    #[arg(long, env = "TETHER_SNAPSHOT_PAGE", default_value_t = 5000)]
+    pub snapshot_page: u32,
+    /// A call with no end event after this many seconds no longer counts as load.
+    #[arg(long, env = "TETHER_CALL_TIMEOUT_SECS", default_value_t = 3600)]
+    pub call_timeout_secs: u64,
+    /// Priority measure: `atlas` (critical-path service) or `plas` (total service).
+    #[arg(long, env = "TETHER_PRIORITY_MODE", default_value = "atlas", value_parser = parse_mode)]
+    pub priority_mode: PriorityMode,
+    /// Ascending level boundaries in estimated seconds of service.
+    #[arg(long, env = "TETHER_LEVEL_THRESHOLDS", value_delimiter = ',', default_value = "1,4,16,64")]
+    pub level_thresholds: Vec<f64>,
+    /// Anti-starvation β: promote to level 0 when wait / max(service, floor) ≥ β (0 disables).
+    #[arg(long, env = "TETHER_STARVATION_RATIO", default_value_t = 2.0)]
+    pub starvation_ratio: f64,
+    /// The service floor of the starvation ratio, seconds.
+    #[arg(long, env = "TETHER_SERVICE_FLOOR", default_value_t = 1.0)]
+    pub service_floor: f64,
+    /// Bounded load ε: an affinity engine may carry up to (1+ε)·mean + slack calls.
+    #[arg(long, env = "TETHER_BALANCE_EPSILON", default_value_t = 0.5)]
+    pub balance_epsilon: f64,
+    /// Bounded load absolute slack, calls.
+    #[arg(long, env = "TETHER_BALANCE_SLACK", default_value_t = 4.0)]
+    pub balance_slack: f64,
+}
+
+fn parse_mode(s: &str) -> Result<PriorityMode, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "atlas" => Ok(PriorityMode::Atlas),
+        "plas" => Ok(PriorityMode::Plas),
+        other => Err(format!("unknown priority mode {other:?}: atlas or plas")),
+    }
+}
+
+impl Config {
+    pub fn priority(&self) -> PriorityConfig {
+        let mut thresholds: Vec<f64> = self.level_thresholds.iter().copied().filter(|t| t.is_finite()).collect();
+        thresholds.sort_by(f64::total_cmp);
+        PriorityConfig {
+            mode: self.priority_mode,
+            thresholds,
+            starvation_ratio: self.starvation_ratio,
+            service_floor: self.service_floor,
+        }
+    }
+
+    pub fn placement(&self) -> PlacementConfig {
+        PlacementConfig { epsilon: self.balance_epsilon, slack: self.balance_slack }
+    }
+}

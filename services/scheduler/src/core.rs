@@ -1,0 +1,239 @@
+//! The scheduler actor. One task owns the replica and the engine loads and
+//! takes, in turn: route requests, state deltas, request events, snapshot
+//! pages and a housekeeping tick. Decisions are made from memory; nothing on
+//! the route path waits on I/O except sending the reply.
+
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_bus::{Bus, Subscriber};
+use tether_fleet::{FleetConfig, FleetHealth};
+use tether_policy::{EngineLoad, PlacementConfig, PriorityConfig, SessionService, level, place};
+use tether_protocol::{
+    EventKind, RequestEvent, RouteDecision, RouteReply, RouteRequest, StateDelta, now_ms, stable_hash,
+};
+use tether_telemetry::{AdminState, Shutdown};
+use tokio::sync::mpsc;
+
+use crate::load::EngineLoads;
+use crate::metrics::{Metrics, label};
+use crate::replica::{DeltaOutcome, Replica};
+use crate::resync::{ResyncMsg, spawn_resync};
+
+/// Everything a decision reads, without the I/O around it (benchmarks and
+/// tests drive this directly).
+pub struct Decider {
+    pub fleet: Arc<FleetConfig>,
+    pub health: FleetHealth,
+    pub replica: Replica,
+    pub loads: EngineLoads,
+    pub priority: PriorityConfig,
+    pub placement: PlacementConfig,
+    names: HashMap<String, usize>,
+    name_hashes: Vec<u64>,
+    scratch: Vec<EngineLoad>,
+}
+
+impl Decider {
+    pub fn new(
+        fleet: Arc<FleetConfig>,
+        health: FleetHealth,
+        shards: u16,
+        priority: PriorityConfig,
+        placement: PlacementConfig,
+    ) -> Self {
+        let names = fleet.engines.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
+        let name_hashes = fleet.engines.iter().map(|e| stable_hash(e.name.as_bytes())).collect();
+        let loads = EngineLoads::new(fleet.engines.len());
+        Self { fleet, health, replica: Replica::new(shards), loads, priority, placement, names, name_hashes, scratch: Vec::new() }
+    }
+
+    pub fn engine_index(&self, name: &str) -> Option<usize> {
+        self.names.get(name).copied()
+    }
+
+    /// Decides where and how urgently a call runs, and counts it as load.
+    pub fn decide(&mut self, req: &RouteRequest, now_ms: u64) -> RouteReply {
+        self.scratch.clear();
+        for (i, e) in self.fleet.engines.iter().enumerate() {
+            let allowed = req.candidates.is_empty() || req.candidates.iter().any(|c| *c == e.name);
+            self.scratch.push(EngineLoad {
+                healthy: allowed && self.health.is_healthy(i) && e.serves(&req.model),
+                load: f64::from(self.loads.in_flight(i)),
+                id_hash: self.name_hashes[i],
+            });
+        }
+        let session = self.replica.get(req.session_hash).copied();
+        let service = session
+            .map(|s| SessionService { cst: f64::from(s.cst), attained: f64::from(s.attained), wait: f64::from(s.wait) })
+            .unwrap_or_default();
+        let affinity = session.and_then(|s| s.affinity());
+        let Some(p) = place(&self.placement, &self.scratch, affinity, req.session_hash) else {
+            return RouteReply::NoEngine { reason: format!("no healthy engine serves model {:?}", req.model) };
+        };
+        self.loads.start(req.call_id, p.engine, now_ms);
+        self.replica.note_affinity(req.session_hash, p.engine, u32::try_from(now_ms / 1000).unwrap_or(u32::MAX));
+        RouteReply::Decision(RouteDecision {
+            call_id: req.call_id,
+            engine: self.fleet.engines[p.engine].name.clone(),
+            level: level(&self.priority, &service),
+            inherited_cst: service.cst,
+            reason: p.reason,
+        })
+    }
+
+    /// Counts load from a request event (decisions of other replicas, fallbacks).
+    pub fn observe_event(&mut self, e: &RequestEvent) {
+        let Some(engine) = self.engine_index(&e.engine) else { return };
+        match e.kind {
+            EventKind::Dispatched { .. } => {
+                self.loads.start(e.call_id, engine, e.at_ms);
+                self.replica.note_affinity(e.session_hash, engine, u32::try_from(e.at_ms / 1000).unwrap_or(u32::MAX));
+            }
+            EventKind::Finished(_) => self.loads.finish(e.call_id),
+        }
+    }
+
+    pub fn apply_delta(&mut self, d: &StateDelta) -> DeltaOutcome {
+        let names = &self.names;
+        self.replica.apply_delta(d, |n| names.get(n).copied())
+    }
+
+    pub fn apply_page(&mut self, page: &tether_protocol::SnapshotPage) {
+        let names = &self.names;
+        self.replica.apply_page(page, |n| names.get(n).copied());
+    }
+}
+
+pub struct Subscriptions {
+    pub route: Subscriber,
+    pub state: Subscriber,
+    pub events: Subscriber,
+}
+
+pub struct Core {
+    pub decider: Decider,
+    pub bus: Bus,
+    pub metrics: Metrics,
+    pub admin: AdminState,
+    pub shards: u16,
+    pub page_size: u32,
+    pub call_timeout: Duration,
+    resyncing: Vec<bool>,
+}
+
+impl Core {
+    pub fn new(decider: Decider, bus: Bus, metrics: Metrics, admin: AdminState, shards: u16, page_size: u32, call_timeout: Duration) -> Self {
+        Self { decider, bus, metrics, admin, shards, page_size, call_timeout, resyncing: vec![false; usize::from(shards)] }
+    }
+
+    pub async fn run(mut self, mut subs: Subscriptions, shutdown: Shutdown) {
+        let (resync_tx, mut resync_rx) = mpsc::channel(64);
+        for shard in 0..self.shards {
+            self.start_resync(shard, &resync_tx);
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(msg) = subs.route.next() => self.route(msg).await,
+                Some(msg) = subs.state.next() => self.delta(msg, &resync_tx),
+                Some(msg) = subs.events.next() => {
+                    if let Some(e) = self.bus.decode::<RequestEvent>(&msg, "events") {
+                        self.decider.observe_event(&e);
+                    }
+                }
+                Some(msg) = resync_rx.recv() => self.resync_msg(msg),
+                _ = tick.tick() => self.housekeeping(&resync_tx),
+                else => break,
+            }
+        }
+        let _ = subs.route.unsubscribe().await;
+    }
+
+    async fn route(&mut self, msg: tether_bus::Message) {
+        let span = tracing::info_span!("scheduler.route", call_id = tracing::field::Empty, engine = tracing::field::Empty);
+        tether_bus::follow(&span, &msg);
+        let reply = match self.bus.decode::<RouteRequest>(&msg, "route") {
+            Some(req) => {
+                span.record("call_id", req.call_id);
+                self.decider.decide(&req, now_ms())
+            }
+            None => RouteReply::NoEngine { reason: "route request did not decode".into() },
+        };
+        match &reply {
+            RouteReply::Decision(d) => {
+                span.record("engine", d.engine.as_str());
+                self.metrics.decisions.get_or_create(&label("reason", d.reason.as_str())).inc();
+            }
+            RouteReply::NoEngine { .. } => {
+                self.metrics.no_engine.inc();
+            }
+        }
+        let _g = span.enter();
+        if let Err(err) = self.bus.respond(&msg, &reply).await {
+            tracing::warn!(%err, "route reply failed");
+        }
+    }
+
+    fn delta(&mut self, msg: tether_bus::Message, resync_tx: &mpsc::Sender<ResyncMsg>) {
+        let Some(d) = self.bus.decode::<StateDelta>(&msg, "state") else { return };
+        self.metrics.deltas.inc();
+        match self.decider.apply_delta(&d) {
+            DeltaOutcome::InOrder => {}
+            DeltaOutcome::NeedsResync | DeltaOutcome::Unsynced => self.start_resync(d.shard, resync_tx),
+        }
+    }
+
+    fn start_resync(&mut self, shard: u16, tx: &mpsc::Sender<ResyncMsg>) {
+        let Some(busy) = self.resyncing.get_mut(usize::from(shard)) else { return };
+        if *busy {
+            return;
+        }
+        *busy = true;
+        self.metrics.resyncs.inc();
+        spawn_resync(self.bus.clone(), shard, self.page_size, tx.clone());
+    }
+
+    fn resync_msg(&mut self, msg: ResyncMsg) {
+        match msg {
+            ResyncMsg::Page(page) => self.decider.apply_page(&page),
+            ResyncMsg::Done { shard, epoch, seq } => {
+                self.decider.replica.mark_synced(shard, epoch, seq);
+                if let Some(b) = self.resyncing.get_mut(usize::from(shard)) {
+                    *b = false;
+                }
+                tracing::debug!(shard, epoch, seq, "shard synchronised");
+            }
+            ResyncMsg::Failed { shard, error } => {
+                self.metrics.resync_failures.inc();
+                if let Some(b) = self.resyncing.get_mut(usize::from(shard)) {
+                    *b = false;
+                }
+                tracing::debug!(shard, %error, "shard resync failed; will retry");
+            }
+        }
+        if !self.admin.is_ready() && self.resyncing.iter().all(|b| !b) {
+            // First round of snapshots done (or failed: an empty replica still routes).
+            self.admin.set_ready(true);
+        }
+    }
+
+    fn housekeeping(&mut self, resync_tx: &mpsc::Sender<ResyncMsg>) {
+        let cutoff = now_ms().saturating_sub(u64::try_from(self.call_timeout.as_millis()).unwrap_or(u64::MAX));
+        let expired = self.decider.loads.expire(cutoff);
+        self.metrics.expired_calls.inc_by(expired as u64);
+        let unsynced: Vec<u16> = self.decider.replica.unsynced().collect();
+        for shard in unsynced {
+            self.start_resync(shard, resync_tx);
+        }
+        self.metrics.sessions.set(i64::try_from(self.decider.replica.len()).unwrap_or(i64::MAX));
+        for (i, e) in self.decider.fleet.engines.iter().enumerate() {
+            self.metrics.in_flight.get_or_create(&label("engine", &e.name)).set(i64::from(self.decider.loads.in_flight(i)));
+            self.metrics.healthy.get_or_create(&label("engine", &e.name)).set(i64::from(self.decider.health.is_healthy(i)));
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! The scheduler's Prometheus metrics.
+
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::registry::Registry;
+
+pub type Labels = Vec<(String, String)>;
+
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    pub decisions: Family<Labels, Counter>,
+    pub no_engine: Counter,
+    pub deltas: Counter,
+    pub resyncs: Counter,
+    pub resync_failures: Counter,
+    pub sessions: Gauge,
+    pub in_flight: Family<Labels, Gauge>,
+    pub healthy: Family<Labels, Gauge>,
+    pub expired_calls: Counter,
+}
+
+impl Metrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register("tether_scheduler_decisions", "Route decisions, by reason", self.decisions.clone());
+        r.register("tether_scheduler_no_engine", "Route requests no engine could take", self.no_engine.clone());
+        r.register("tether_scheduler_deltas", "State deltas applied", self.deltas.clone());
+        r.register("tether_scheduler_resyncs", "Shard resynchronisations started", self.resyncs.clone());
+        r.register("tether_scheduler_resync_failures", "Shard resynchronisations that failed (retried)", self.resync_failures.clone());
+        r.register("tether_scheduler_sessions", "Sessions in the replica", self.sessions.clone());
+        r.register("tether_scheduler_engine_in_flight", "Calls in flight per engine", self.in_flight.clone());
+        r.register("tether_scheduler_engine_healthy", "1 when the engine is healthy", self.healthy.clone());
+        r.register("tether_scheduler_expired_calls", "Calls dropped from the load count after the call timeout", self.expired_calls.clone());
+    }
+}
+
+pub fn label(key: &str, value: &str) -> Labels {
+    vec![(key.to_owned(), value.to_owned())]
+}

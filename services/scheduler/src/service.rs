@@ -1,0 +1,81 @@
+//! Wiring: read the fleet, connect, subscribe, probe engines, run the actor.
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_bus::{Bus, BusConfig};
+use tether_fleet::{FleetConfig, FleetHealth, HealthConfig, engine_client, spawn_prober};
+use tether_protocol::{Subjects, subjects::SCHEDULER_QUEUE_GROUP};
+use tether_telemetry::{AdminState, Shutdown, admin_router, serve_admin};
+
+use crate::core::{Core, Decider, Subscriptions};
+use crate::{Config, metrics::Metrics};
+
+pub struct Running {
+    pub admin_addr: SocketAddr,
+    pub admin: AdminState,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
+    let fleet = Arc::new(FleetConfig::load(&config.fleet)?);
+    start_with_fleet(config, fleet, shutdown).await
+}
+
+pub async fn start_with_fleet(config: Config, fleet: Arc<FleetConfig>, shutdown: Shutdown) -> anyhow::Result<Running> {
+    anyhow::ensure!(!fleet.engines.is_empty(), "the fleet has no engines");
+    let bus = Bus::connect(
+        &BusConfig { url: config.nats_url.clone(), name: "tether-scheduler".into() },
+        Subjects::new(&config.prefix),
+    )
+    .await?;
+    let metrics = Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    bus.stats.register(&mut registry);
+    let admin = AdminState::new(registry);
+
+    let health = FleetHealth::new(fleet.engines.len());
+    let health_cfg = HealthConfig { interval: Duration::from_millis(config.health_interval_ms.max(10)), ..HealthConfig::default() };
+    let mut tasks = vec![spawn_prober(fleet.clone(), health.clone(), engine_client(), health_cfg, shutdown.clone())];
+
+    let subs = Subscriptions {
+        route: bus.queue_subscribe(bus.subjects.route(), SCHEDULER_QUEUE_GROUP).await?,
+        state: bus.subscribe(bus.subjects.state_all()).await?,
+        events: bus.subscribe(bus.subjects.events_all()).await?,
+    };
+    let decider = Decider::new(fleet, health, config.shards, config.priority(), config.placement());
+    let core = Core::new(
+        decider,
+        bus,
+        metrics,
+        admin.clone(),
+        config.shards,
+        config.snapshot_page,
+        Duration::from_secs(config.call_timeout_secs),
+    );
+    tasks.push(tokio::spawn(core.run(subs, shutdown.clone())));
+
+    let listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin endpoint on {}", config.admin_listen))?;
+    let admin_addr = listener.local_addr()?;
+    let router = admin_router(admin.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(err) = serve_admin(listener, router, shutdown).await {
+            tracing::error!(%err, "admin endpoint failed");
+        }
+    }));
+    tracing::info!(%admin_addr, "scheduler running");
+    Ok(Running { admin_addr, admin, tasks })
+}
