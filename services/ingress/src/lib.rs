@@ -1,0 +1,39 @@
+//! The ingress: Tether's OpenAI-compatible HTTP front door.
+//!
+//! A call's path: [`handlers`] reads and checks the body ([`request`]),
+//! finds the session key ([`session`]), asks the scheduler where and how
+//! urgently to run it, or decides alone when the scheduler cannot answer
+//! ([`routing`]), sends it to the engine and streams the answer back
+//! ([`proxy`]) while [`tracker`] measures it; the call's lifecycle events go
+//! out on the bus off the request path ([`events`]).
+//!
+//! Module map:
+//! - [`config`]   — flags, environment and defaults.
+//! - [`errors`]   — OpenAI-style JSON errors.
+//! - [`request`]  — the request body, parsed once; what the ingress reads and changes in it.
+//! - [`session`]  — the session key: header, body field or implicit.
+//! - [`routing`]  — route requests to the scheduler and the local fallback.
+//! - [`cost`]     — the service a call received, in estimated engine seconds.
+//! - [`tracker`]  — a response body wrapper that measures the call and reports its end.
+//! - [`proxy`]    — forwarding to the engine.
+//! - [`events`]   — the lifecycle-event publisher.
+//! - [`metrics`]  — the Prometheus metrics.
+//! - [`handlers`] — the HTTP routes.
+//! - [`service`]  — wiring and start-up.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod cost;
+pub mod errors;
+pub mod events;
+pub mod handlers;
+pub mod metrics;
+pub mod proxy;
+pub mod request;
+pub mod routing;
+pub mod service;
+pub mod session;
+pub mod tracker;
+
+pub use config::Config;
+pub use service::{Running, start, start_with_fleet};

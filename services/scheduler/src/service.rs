@@ -8,7 +8,7 @@ use std::time::Duration;
 use tether_bus::{Bus, BusConfig};
 use tether_fleet::{FleetConfig, FleetHealth, HealthConfig, engine_client, spawn_prober};
 use tether_protocol::{Subjects, subjects::SCHEDULER_QUEUE_GROUP};
-use tether_telemetry::{AdminState, Shutdown, admin_router, serve_admin};
+use tether_telemetry::{AdminState, Shutdown, admin_router, serve_http};
 
 use crate::core::{Core, Decider, Subscriptions};
 use crate::{Config, metrics::Metrics};
@@ -72,7 +72,7 @@ pub async fn start_with_fleet(config: Config, fleet: Arc<FleetConfig>, shutdown:
     let admin_addr = listener.local_addr()?;
     let router = admin_router(admin.clone());
     tasks.push(tokio::spawn(async move {
-        if let Err(err) = serve_admin(listener, router, shutdown).await {
+        if let Err(err) = serve_http(listener, router, shutdown).await {
             tracing::error!(%err, "admin endpoint failed");
         }
     }));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tether_bus::{Bus, BusConfig};
 use tether_protocol::Subjects;
 use tether_session::TableLimits;
-use tether_telemetry::{AdminState, Shutdown, admin_router, serve_admin};
+use tether_telemetry::{AdminState, Shutdown, admin_router, serve_http};
 
 use crate::actor::{ActorConfig, ShardActor};
 use crate::{Config, intake, metrics::Metrics, responders, shards};
@@ -73,7 +73,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     let router = admin_router(admin.clone());
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
-        if let Err(err) = serve_admin(listener, router, stop).await {
+        if let Err(err) = serve_http(listener, router, stop).await {
             tracing::error!(%err, "admin endpoint failed");
         }
     }));

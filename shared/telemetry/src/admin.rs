@@ -48,7 +48,7 @@ impl AdminState {
 }
 
 /// `/metrics`, `/health` and `/ready`, to merge into a service's router or to
-/// serve alone with [`serve_admin`].
+/// serve alone with [`serve_http`].
 pub fn admin_router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -73,7 +73,7 @@ async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 /// Serves `router` on `listener` (with `TCP_NODELAY`) until `shutdown` fires.
-pub async fn serve_admin(
+pub async fn serve_http(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: Shutdown,

@@ -1,0 +1,56 @@
+//! Configuration. Every knob is a flag with an environment fallback and a
+//! default; `--config file.toml` supplies the rest.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Parser)]
+#[command(name = "tether-ingress", version, about = "Tether's OpenAI-compatible ingress", args_override_self = true)]
+pub struct Config {
+    /// Optional TOML file with values for any of these flags.
+    #[arg(long, env = "TETHER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// HTTP listen address (the OpenAI API, /metrics, /health, /ready).
+    #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "TETHER_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Prefix of every subject.
+    #[arg(long, env = "TETHER_PREFIX", default_value = "tether")]
+    pub prefix: String,
+    /// Number of shards in the whole system (must match every service).
+    #[arg(long, env = "TETHER_SHARDS", default_value_t = 16)]
+    pub shards: u16,
+    /// The fleet file (engines: name, url, models, capabilities).
+    #[arg(long, env = "TETHER_FLEET", default_value = "deploy/local/fleet.toml")]
+    pub fleet: PathBuf,
+    /// Request headers that carry the session key, first present wins.
+    #[arg(long, env = "TETHER_SESSION_HEADERS", value_delimiter = ',', default_value = "x-session-id")]
+    pub session_headers: Vec<String>,
+    /// Body field that carries the session key when no header does ("" disables).
+    #[arg(long, env = "TETHER_SESSION_FIELD", default_value = "session_id")]
+    pub session_field: String,
+    /// How long to wait for the scheduler's decision before deciding locally, ms.
+    #[arg(long, env = "TETHER_ROUTE_TIMEOUT_MS", default_value_t = 50)]
+    pub route_timeout_ms: u64,
+    /// Largest accepted request body, bytes.
+    #[arg(long, env = "TETHER_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Timeout for the engine's response headers, seconds (the body may stream longer).
+    #[arg(long, env = "TETHER_ENGINE_TIMEOUT_SECS", default_value_t = 600)]
+    pub engine_timeout_secs: u64,
+    /// Engine health-probe interval, ms.
+    #[arg(long, env = "TETHER_HEALTH_INTERVAL_MS", default_value_t = 500)]
+    pub health_interval_ms: u64,
+    /// Lifecycle events buffered for publishing before new ones are dropped (and counted).
+    #[arg(long, env = "TETHER_EVENT_BUFFER", default_value_t = 65536)]
+    pub event_buffer: usize,
+    /// Service cost of one prefilled (uncached) prompt token, seconds.
+    #[arg(long, env = "TETHER_COST_PREFILL_PER_TOKEN", default_value_t = 0.0001)]
+    pub cost_prefill_per_token: f64,
+    /// Service cost of one generated token, seconds.
+    #[arg(long, env = "TETHER_COST_DECODE_PER_TOKEN", default_value_t = 0.01)]
+    pub cost_decode_per_token: f64,
+}

@@ -1,0 +1,217 @@
+//! The HTTP routes.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use opentelemetry::propagation::Extractor;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tether_protocol::{EventKind, Outcome, RequestEvent, SessionKey, SessionQuery, SessionView, now_ms, shard_of};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::errors::ApiError;
+use crate::request::{CallBody, Endpoint};
+use crate::routing::route;
+use crate::service::App;
+use crate::session::session_key;
+use crate::tracker::{CallInfo, TrackedBody, Tracker};
+
+pub async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    call(app, Endpoint::Chat, headers, body).await
+}
+
+pub async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    call(app, Endpoint::Completions, headers, body).await
+}
+
+struct HttpExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HttpExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+async fn call(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let span = tracing::info_span!(
+        "ingress.call",
+        path = endpoint.path(),
+        session = tracing::field::Empty,
+        engine = tracing::field::Empty,
+        call_id = tracing::field::Empty
+    );
+    // Continue the client's trace if it sent one.
+    if headers.contains_key("traceparent") {
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HttpExtractor(&headers)));
+        let _ = span.set_parent(parent);
+    }
+    match handle(app.clone(), endpoint, headers, body).instrument(span).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            let outcome = if err.status.is_server_error() { "error" } else { "client_error" };
+            app.metrics.calls.get_or_create(&crate::metrics::label("outcome", outcome)).inc();
+            err.into_response()
+        }
+    }
+}
+
+async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let raw = read_body(body, app.max_body_bytes).await?;
+    let call = CallBody::parse(endpoint, raw)?;
+    let key = session_key(&headers, &app.session_headers, &app.session_field, &call)?;
+    let call_id = app.next_call_id();
+    let span = tracing::Span::current();
+    span.record("session", key.as_str());
+    span.record("call_id", call_id);
+
+    let r = route(&app, call_id, &key, &call).await?;
+    let e = &app.fleet.engines[r.engine];
+    span.record("engine", e.name.as_str());
+    let body = call.engine_body(e.priority.then_some(i64::from(r.level)))?;
+    let waited = arrived.elapsed().as_secs_f64();
+
+    app.events.emit(
+        RequestEvent {
+            call_id,
+            session_hash: key.hash(),
+            session_key: key.as_str().to_owned(),
+            at_ms: now_ms(),
+            engine: e.name.clone(),
+            kind: EventKind::Dispatched { inherited_cst: r.inherited_cst, level: r.level },
+        },
+        span.clone(),
+    );
+    let mut tracker = Tracker::new(
+        app.clone(),
+        CallInfo {
+            call_id,
+            session_hash: key.hash(),
+            session_key: key.as_str().to_owned(),
+            engine: r.engine,
+            inherited_cst: r.inherited_cst,
+            waited,
+            dispatched: Instant::now(),
+            stream: call.stream,
+            prompt_estimate: u32::try_from(call.raw_len() / 4).unwrap_or(u32::MAX),
+            span: span.clone(),
+        },
+    );
+
+    let resp = match crate::proxy::forward(&app, r.engine, endpoint, body).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            app.health.record(r.engine, false, &app.health_cfg);
+            tracker.finish(Outcome::EngineError);
+            return Err(err);
+        }
+    };
+    app.metrics.time_to_headers.observe(arrived.elapsed().as_secs_f64());
+    let (parts, incoming) = resp.into_parts();
+    if !parts.status.is_success() {
+        let bytes = Limited::new(incoming, 64 * 1024).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        tracker.finish(Outcome::EngineError);
+        if parts.status.is_server_error() {
+            app.health.record(r.engine, false, &app.health_cfg);
+            return Err(ApiError::engine_failed(format!(
+                "engine {} answered {}: {}",
+                e.name,
+                parts.status,
+                String::from_utf8_lossy(&bytes).chars().take(512).collect::<String>()
+            )));
+        }
+        // The engine refused the request (4xx): its error is the client's to see.
+        let mut out = Response::new(Body::from(bytes));
+        *out.status_mut() = parts.status;
+        copy_header(&parts.headers, out.headers_mut(), http::header::CONTENT_TYPE);
+        tether_headers(out.headers_mut(), &e.name, &key, r.level, r.reason.as_str());
+        return Ok(out);
+    }
+
+    let mut out = Response::new(Body::new(TrackedBody::new(incoming, tracker)));
+    *out.status_mut() = parts.status;
+    for name in [http::header::CONTENT_TYPE, http::header::CACHE_CONTROL] {
+        copy_header(&parts.headers, out.headers_mut(), name);
+    }
+    tether_headers(out.headers_mut(), &e.name, &key, r.level, r.reason.as_str());
+    Ok(out)
+}
+
+fn copy_header(from: &http::HeaderMap, to: &mut http::HeaderMap, name: http::header::HeaderName) {
+    if let Some(v) = from.get(&name) {
+        to.insert(name, v.clone());
+    }
+}
+
+fn tether_headers(h: &mut http::HeaderMap, engine: &str, key: &SessionKey, level: u8, reason: &str) {
+    if let Ok(v) = HeaderValue::from_str(engine) {
+        h.insert("x-tether-engine", v);
+    }
+    // Keys are validated free of control characters; non-ASCII goes out as obs-text.
+    if let Ok(v) = HeaderValue::from_bytes(key.as_str().as_bytes()) {
+        h.insert("x-tether-session", v);
+    }
+    h.insert("x-tether-priority", HeaderValue::from(u16::from(level)));
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        h.insert("x-tether-route", v);
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large(limit)),
+        Err(err) => Err(ApiError::bad_request("invalid_body", format!("could not read the request body: {err}"))),
+    }
+}
+
+pub async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let data: Vec<serde_json::Value> = app
+        .fleet
+        .models()
+        .into_iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "tether"}))
+        .collect();
+    Json(serde_json::json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/tether/sessions/{key}`: the system's view of one session, from
+/// the shard that owns it.
+pub async fn session(State(app): State<Arc<App>>, Path(key): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let key = SessionKey::explicit(&key).map_err(|e| ApiError::bad_request("invalid_session_key", e.to_string()))?;
+    let shard = shard_of(key.hash(), app.shards);
+    let view: SessionView = app
+        .bus
+        .request(app.bus.subjects.session(shard), &SessionQuery { session_key: key.as_str().to_owned() }, Duration::from_secs(2))
+        .await
+        .map_err(|e| ApiError::unavailable("session_state_unavailable", format!("session state is unavailable: {e}")))?;
+    let Some(r) = view.record else {
+        return Err(ApiError::not_found("session_not_found", format!("no session {:?}", key.as_str())));
+    };
+    Ok(Json(serde_json::json!({
+        "session": view.session_key,
+        "hash": format!("{:016x}", r.hash),
+        "shard": view.shard,
+        "critical_path_service_s": r.cst,
+        "attained_service_s": r.attained,
+        "wait_s": r.wait,
+        "requests": r.requests,
+        "in_flight": r.in_flight,
+        "in_flight_calls": view.in_flight_calls,
+        "affinity": r.affinity,
+        "last_active_ms": r.last_active_ms,
+        "version": r.version,
+    })))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route")
+}

@@ -1,0 +1,84 @@
+//! Where a call runs. The scheduler decides, over NATS request-reply with a
+//! short timeout; when it cannot (bus down, no scheduler, timeout, an engine
+//! name this ingress does not know) the ingress decides alone with a
+//! rendezvous hash of the session over the engines it believes healthy, and
+//! counts the fallback.
+
+use std::time::{Duration, Instant};
+use tether_bus::BusError;
+use tether_policy::{EngineLoad, rendezvous};
+use tether_protocol::{CallId, RouteReason, RouteReply, RouteRequest, SessionKey, stable_hash};
+
+use crate::errors::ApiError;
+use crate::metrics::label;
+use crate::request::CallBody;
+use crate::service::App;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Route {
+    pub engine: usize,
+    pub level: u8,
+    pub inherited_cst: f64,
+    pub reason: RouteReason,
+}
+
+pub async fn route(app: &App, call_id: CallId, key: &SessionKey, body: &CallBody) -> Result<Route, ApiError> {
+    let candidates: Vec<usize> = app
+        .fleet
+        .engines
+        .iter()
+        .enumerate()
+        .filter(|(i, e)| e.serves(&body.model) && app.health.is_healthy(*i))
+        .map(|(i, _)| i)
+        .collect();
+    if candidates.is_empty() {
+        let known = app.fleet.engines.iter().any(|e| e.serves(&body.model));
+        let msg = if known {
+            format!("no healthy engine serves model {:?}", body.model)
+        } else {
+            format!("no engine serves model {:?}", body.model)
+        };
+        return Err(if known { ApiError::no_engine(msg) } else { ApiError::not_found("model_not_found", msg) });
+    }
+    let req = RouteRequest {
+        call_id,
+        session_hash: key.hash(),
+        model: body.model.clone(),
+        prompt_tokens: u32::try_from(body.raw_len() / 4).unwrap_or(u32::MAX),
+        block_hashes: Vec::new(),
+        candidates: candidates.iter().map(|i| app.fleet.engines[*i].name.clone()).collect(),
+    };
+    let started = Instant::now();
+    let answer = app
+        .bus
+        .request::<_, RouteReply>(app.bus.subjects.route(), &req, Duration::from_millis(app.route_timeout_ms))
+        .await;
+    app.metrics.route_seconds.observe(started.elapsed().as_secs_f64());
+    let reason = match answer {
+        Ok(RouteReply::Decision(d)) => match app.fleet.index_of(&d.engine) {
+            Some(engine) => {
+                app.metrics.decisions.get_or_create(&label("reason", d.reason.as_str())).inc();
+                return Ok(Route { engine, level: d.level, inherited_cst: d.inherited_cst, reason: d.reason });
+            }
+            None => "unknown_engine",
+        },
+        Ok(RouteReply::NoEngine { reason }) => return Err(ApiError::no_engine(reason)),
+        Err(BusError::Disconnected) => "disconnected",
+        Err(BusError::NoResponders(_)) => "no_responders",
+        Err(BusError::TimedOut(_)) => "timeout",
+        Err(BusError::Codec(_)) => "bad_reply",
+        Err(_) => "error",
+    };
+    app.metrics.fallbacks.get_or_create(&label("reason", reason)).inc();
+    tracing::debug!(reason, "scheduler unavailable; routing locally");
+    Ok(fallback(app, &candidates, key))
+}
+
+fn fallback(app: &App, candidates: &[usize], key: &SessionKey) -> Route {
+    let loads: Vec<EngineLoad> = candidates
+        .iter()
+        .map(|i| EngineLoad { healthy: true, load: 0.0, id_hash: stable_hash(app.fleet.engines[*i].name.as_bytes()) })
+        .collect();
+    let pick = rendezvous(&loads, key.hash()).and_then(|j| candidates.get(j).copied()).unwrap_or(candidates[0]);
+    Route { engine: pick, level: 0, inherited_cst: 0.0, reason: RouteReason::Fallback }
+}

@@ -1,0 +1,150 @@
+//! Wiring: the shared [`App`] state, the router, and start-up.
+
+use anyhow::Context;
+use axum::Router;
+use axum::routing::{get, post};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tether_bus::{Bus, BusConfig};
+use tether_fleet::{EngineClient, FleetConfig, FleetHealth, HealthConfig, engine_client, spawn_prober};
+use tether_protocol::{Subjects, random_u64};
+use tether_telemetry::{AdminState, Shutdown, admin_router};
+
+use crate::cost::CostModel;
+use crate::events::{EventSink, spawn_publisher};
+use crate::metrics::{Metrics, label};
+use crate::{Config, handlers};
+
+/// What every request handler shares.
+pub struct App {
+    pub fleet: Arc<FleetConfig>,
+    pub health: FleetHealth,
+    pub health_cfg: HealthConfig,
+    pub client: EngineClient,
+    pub bus: Bus,
+    pub events: EventSink,
+    pub metrics: Metrics,
+    pub cost: CostModel,
+    pub shards: u16,
+    pub session_headers: Vec<String>,
+    pub session_field: String,
+    pub route_timeout_ms: u64,
+    pub max_body_bytes: usize,
+    pub engine_timeout_secs: u64,
+    in_flight: Vec<Gauge>,
+    call_ids: AtomicU64,
+}
+
+impl App {
+    /// Call ids: a random base per process plus a counter, so ids from
+    /// several ingress replicas do not collide in practice.
+    pub fn next_call_id(&self) -> u64 {
+        self.call_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn in_flight_gauge(&self, engine: usize) -> &Gauge {
+        &self.in_flight[engine]
+    }
+}
+
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin: AdminState,
+    pub app: Arc<App>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
+    let fleet = Arc::new(FleetConfig::load(&config.fleet)?);
+    start_with_fleet(config, fleet, shutdown).await
+}
+
+pub async fn start_with_fleet(config: Config, fleet: Arc<FleetConfig>, shutdown: Shutdown) -> anyhow::Result<Running> {
+    anyhow::ensure!(!fleet.engines.is_empty(), "the fleet has no engines");
+    let bus = Bus::connect(
+        &BusConfig { url: config.nats_url.clone(), name: "tether-ingress".into() },
+        Subjects::new(&config.prefix),
+    )
+    .await?;
+    let metrics = Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    bus.stats.register(&mut registry);
+    let mut tasks = Vec::new();
+    let (events, publisher) = spawn_publisher(bus.clone(), config.shards, config.event_buffer, shutdown.clone());
+    tasks.push(publisher);
+    registry.register("tether_ingress_events_dropped", "Lifecycle events dropped because the publish buffer was full", events.dropped.clone());
+    let admin = AdminState::new(registry);
+
+    let health = FleetHealth::new(fleet.engines.len());
+    let health_cfg = HealthConfig { interval: Duration::from_millis(config.health_interval_ms.max(10)), ..HealthConfig::default() };
+    let client = engine_client();
+    tasks.push(spawn_prober(fleet.clone(), health.clone(), client.clone(), health_cfg, shutdown.clone()));
+
+    let in_flight = fleet.engines.iter().map(|e| metrics.in_flight.get_or_create(&label("engine", &e.name)).clone()).collect();
+    let app = Arc::new(App {
+        fleet,
+        health,
+        health_cfg,
+        client,
+        bus,
+        events,
+        metrics,
+        cost: CostModel { prefill_per_token: config.cost_prefill_per_token, decode_per_token: config.cost_decode_per_token },
+        shards: config.shards,
+        session_headers: config.session_headers.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect(),
+        session_field: config.session_field.clone(),
+        route_timeout_ms: config.route_timeout_ms,
+        max_body_bytes: config.max_body_bytes,
+        engine_timeout_secs: config.engine_timeout_secs,
+        in_flight,
+        call_ids: AtomicU64::new(random_u64() & 0xffff_ffff_0000_0000),
+    });
+
+    let router = Router::new()
+        .route("/v1/chat/completions", post(handlers::chat))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/models", get(handlers::models))
+        .route("/v1/tether/sessions/{key}", get(handlers::session))
+        .fallback(handlers::not_found)
+        .with_state(app.clone())
+        .merge(admin_router(admin.clone()));
+
+    // Ready while at least one engine is healthy.
+    let (ready_app, ready_admin, stop) = (app.clone(), admin.clone(), shutdown.clone());
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let any = (0..ready_app.fleet.engines.len()).any(|i| ready_app.health.is_healthy(i));
+            ready_admin.set_ready(any);
+        }
+    }));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tasks.push(tokio::spawn(async move {
+        if let Err(err) = tether_telemetry::serve_http(listener, router, shutdown).await {
+            tracing::error!(%err, "HTTP server failed");
+        }
+    }));
+    tracing::info!(%addr, "ingress listening");
+    Ok(Running { addr, admin, app, tasks })
+}

@@ -1,0 +1,212 @@
+//! Measuring a call while its answer streams through, and reporting its end.
+//!
+//! [`TrackedBody`] wraps the engine's response body: frames pass through
+//! untouched as they arrive (never buffered whole); on the way it counts SSE
+//! events and keeps the last few KiB, where the engine's `usage` sits. When
+//! the body ends — or is dropped because the client went away — the
+//! [`Tracker`] publishes the call's `Finished` event exactly once.
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use serde_json::Value;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tether_protocol::{CallId, EventKind, Finished, Outcome, RequestEvent, now_ms};
+
+use crate::cost::Work;
+use crate::service::App;
+
+const TAIL_BYTES: usize = 16 * 1024;
+
+/// What is known of a call when it is dispatched.
+pub struct CallInfo {
+    pub call_id: CallId,
+    pub session_hash: u64,
+    pub session_key: String,
+    pub engine: usize,
+    pub inherited_cst: f64,
+    pub waited: f64,
+    pub dispatched: Instant,
+    pub stream: bool,
+    pub prompt_estimate: u32,
+    pub span: tracing::Span,
+}
+
+pub struct Tracker {
+    app: Arc<App>,
+    info: Option<CallInfo>,
+    tail: Vec<u8>,
+    sse_events: u32,
+}
+
+impl Tracker {
+    /// Starts tracking a dispatched call (counts it in flight).
+    pub fn new(app: Arc<App>, info: CallInfo) -> Self {
+        app.in_flight_gauge(info.engine).inc();
+        Self { app, info: Some(info), tail: Vec::new(), sse_events: 0 }
+    }
+
+    pub fn observe(&mut self, chunk: &[u8]) {
+        if self.info.as_ref().is_some_and(|i| i.stream) {
+            self.sse_events += count(chunk, b"data: {");
+        }
+        self.tail.extend_from_slice(chunk);
+        if self.tail.len() > 2 * TAIL_BYTES {
+            self.tail.drain(..self.tail.len() - TAIL_BYTES);
+        }
+    }
+
+    /// Reports the call's end (once; later calls do nothing).
+    pub fn finish(&mut self, outcome: Outcome) {
+        let Some(info) = self.info.take() else { return };
+        let wall = info.dispatched.elapsed().as_secs_f64();
+        let work = self.work(&info);
+        let executed = if outcome == Outcome::Ok || work.known { self.app.cost.service(&work, wall) } else { 0.0 };
+        self.app.in_flight_gauge(info.engine).dec();
+        let outcome_label = match outcome {
+            Outcome::Ok => "ok",
+            Outcome::EngineError => "engine_error",
+            Outcome::Cancelled => "cancelled",
+        };
+        self.app.metrics.calls.get_or_create(&crate::metrics::label("outcome", outcome_label)).inc();
+        let event = RequestEvent {
+            call_id: info.call_id,
+            session_hash: info.session_hash,
+            session_key: info.session_key,
+            at_ms: now_ms(),
+            engine: self.app.fleet.engines[info.engine].name.clone(),
+            kind: EventKind::Finished(Finished {
+                inherited_cst: info.inherited_cst,
+                executed,
+                waited: info.waited,
+                wall,
+                prompt_tokens: work.prompt_tokens,
+                cached_tokens: work.cached_tokens,
+                completion_tokens: work.completion_tokens,
+                outcome,
+            }),
+        };
+        self.app.events.emit(event, info.span);
+    }
+
+    fn work(&self, info: &CallInfo) -> Work {
+        if let Some(w) = usage_in(&self.tail) {
+            return w;
+        }
+        if info.stream && self.sse_events > 0 {
+            return Work { prompt_tokens: info.prompt_estimate, cached_tokens: 0, completion_tokens: self.sse_events, known: true };
+        }
+        Work::default()
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away (or the server stopped).
+        self.finish(Outcome::Cancelled);
+    }
+}
+
+fn count(hay: &[u8], needle: &[u8]) -> u32 {
+    if hay.len() < needle.len() {
+        return 0;
+    }
+    let n = hay.windows(needle.len()).filter(|w| *w == needle).count();
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Finds the last `"usage": {...}` object in `tail` with token counts.
+pub fn usage_in(tail: &[u8]) -> Option<Work> {
+    let key = b"\"usage\"";
+    let mut end = tail.len();
+    while let Some(pos) = tail[..end].windows(key.len()).rposition(|w| w == key) {
+        end = pos;
+        let rest = &tail[pos + key.len()..];
+        let rest = rest.iter().position(|b| *b == b':').map(|i| &rest[i + 1..])?;
+        let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<Value>();
+        if let Some(Ok(Value::Object(u))) = values.next() {
+            let get = |k: &str| u.get(k).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok());
+            if let (Some(p), Some(c)) = (get("prompt_tokens"), get("completion_tokens")) {
+                let cached = u
+                    .get("prompt_tokens_details")
+                    .and_then(|d| d.get("cached_tokens"))
+                    .and_then(Value::as_u64)
+                    .and_then(|v| u32::try_from(v).ok())
+                    .unwrap_or(0);
+                return Some(Work { prompt_tokens: p, cached_tokens: cached.min(p), completion_tokens: c, known: true });
+            }
+        }
+    }
+    None
+}
+
+/// The engine's body with a tracker riding along.
+pub struct TrackedBody<B> {
+    inner: B,
+    tracker: Tracker,
+}
+
+impl<B> TrackedBody<B> {
+    pub fn new(inner: B, tracker: Tracker) -> Self {
+        Self { inner, tracker }
+    }
+}
+
+impl<B> Body for TrackedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.tracker.observe(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.tracker.finish(Outcome::EngineError);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.tracker.finish(Outcome::Ok);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_usage_in_a_stream_tail() {
+        let tail = br#"data: {"choices":[{"delta":{"content":"x"}}],"usage":null}
+
+data: {"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":8}}}
+
+data: [DONE]
+
+"#;
+        assert_eq!(usage_in(tail), Some(Work { prompt_tokens: 12, cached_tokens: 8, completion_tokens: 3, known: true }));
+        assert_eq!(usage_in(b"data: {\"usage\":null}"), None);
+        assert_eq!(usage_in(b"no usage here"), None);
+        assert_eq!(count(b"data: {a}\n\ndata: {b}\n\ndata: [DONE]", b"data: {"), 2);
+    }
+}
