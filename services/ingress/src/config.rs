@@ -6,7 +6,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Clone, Debug, Parser)]
-#[command(name = "tether-ingress", version, about = "Tether's OpenAI-compatible ingress", args_override_self = true)]
+#[command(
+    name = "tether-ingress",
+    version,
+    about = "Tether's OpenAI-compatible ingress",
+    args_override_self = true
+)]
 pub struct Config {
     /// Optional TOML file with values for any of these flags.
     #[arg(long, env = "TETHER_CONFIG")]
@@ -27,7 +32,12 @@ pub struct Config {
     #[arg(long, env = "TETHER_FLEET", default_value = "deploy/local/fleet.toml")]
     pub fleet: PathBuf,
     /// Request headers that carry the session key, first present wins.
-    #[arg(long, env = "TETHER_SESSION_HEADERS", value_delimiter = ',', default_value = "x-session-id")]
+    #[arg(
+        long,
+        env = "TETHER_SESSION_HEADERS",
+        value_delimiter = ',',
+        default_value = "x-session-id"
+    )]
     pub session_headers: Vec<String>,
     /// Body field that carries the session key when no header does ("" disables).
     #[arg(long, env = "TETHER_SESSION_FIELD", default_value = "session_id")]

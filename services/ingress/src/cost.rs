@@ -36,7 +36,8 @@ impl CostModel {
             return wall_secs.max(0.0);
         }
         let prefilled = f64::from(work.prompt_tokens.saturating_sub(work.cached_tokens));
-        self.prefill_per_token * prefilled + self.decode_per_token * f64::from(work.completion_tokens)
+        self.prefill_per_token * prefilled
+            + self.decode_per_token * f64::from(work.completion_tokens)
     }
 }
 
@@ -46,8 +47,16 @@ mod tests {
 
     #[test]
     fn charges_work_not_waiting() {
-        let m = CostModel { prefill_per_token: 0.001, decode_per_token: 0.01 };
-        let w = Work { prompt_tokens: 1000, cached_tokens: 800, completion_tokens: 10, known: true };
+        let m = CostModel {
+            prefill_per_token: 0.001,
+            decode_per_token: 0.01,
+        };
+        let w = Work {
+            prompt_tokens: 1000,
+            cached_tokens: 800,
+            completion_tokens: 10,
+            known: true,
+        };
         assert!((m.service(&w, 99.0) - 0.3).abs() < 1e-12);
         assert_eq!(m.service(&Work::default(), 2.5), 2.5);
     }

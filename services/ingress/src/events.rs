@@ -26,9 +26,17 @@ impl EventSink {
 }
 
 /// Starts the publisher; it drains what is buffered after shutdown fires.
-pub fn spawn_publisher(bus: Bus, shards: u16, capacity: usize, shutdown: Shutdown) -> (EventSink, tokio::task::JoinHandle<()>) {
+pub fn spawn_publisher(
+    bus: Bus,
+    shards: u16,
+    capacity: usize,
+    shutdown: Shutdown,
+) -> (EventSink, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<(RequestEvent, tracing::Span)>(capacity.max(1));
-    let sink = EventSink { tx, dropped: Counter::default() };
+    let sink = EventSink {
+        tx,
+        dropped: Counter::default(),
+    };
     let handle = tokio::spawn(async move {
         loop {
             let next = tokio::select! {

@@ -10,7 +10,9 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use opentelemetry::propagation::Extractor;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_protocol::{EventKind, Outcome, RequestEvent, SessionKey, SessionQuery, SessionView, now_ms, shard_of};
+use tether_protocol::{
+    EventKind, Outcome, RequestEvent, SessionKey, SessionQuery, SessionView, now_ms, shard_of,
+};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -50,20 +52,36 @@ async fn call(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body)
     );
     // Continue the client's trace if it sent one.
     if headers.contains_key("traceparent") {
-        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HttpExtractor(&headers)));
+        let parent =
+            opentelemetry::global::get_text_map_propagator(|p| p.extract(&HttpExtractor(&headers)));
         let _ = span.set_parent(parent);
     }
-    match handle(app.clone(), endpoint, headers, body).instrument(span).await {
+    match handle(app.clone(), endpoint, headers, body)
+        .instrument(span)
+        .await
+    {
         Ok(resp) => resp,
         Err(err) => {
-            let outcome = if err.status.is_server_error() { "error" } else { "client_error" };
-            app.metrics.calls.get_or_create(&crate::metrics::label("outcome", outcome)).inc();
+            let outcome = if err.status.is_server_error() {
+                "error"
+            } else {
+                "client_error"
+            };
+            app.metrics
+                .calls
+                .get_or_create(&crate::metrics::label("outcome", outcome))
+                .inc();
             err.into_response()
         }
     }
 }
 
-async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn handle(
+    app: Arc<App>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let raw = read_body(body, app.max_body_bytes).await?;
     let call = CallBody::parse(endpoint, raw)?;
@@ -86,7 +104,10 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Bod
             session_key: key.as_str().to_owned(),
             at_ms: now_ms(),
             engine: e.name.clone(),
-            kind: EventKind::Dispatched { inherited_cst: r.inherited_cst, level: r.level },
+            kind: EventKind::Dispatched {
+                inherited_cst: r.inherited_cst,
+                level: r.level,
+            },
         },
         span.clone(),
     );
@@ -114,10 +135,16 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Bod
             return Err(err);
         }
     };
-    app.metrics.time_to_headers.observe(arrived.elapsed().as_secs_f64());
+    app.metrics
+        .time_to_headers
+        .observe(arrived.elapsed().as_secs_f64());
     let (parts, incoming) = resp.into_parts();
     if !parts.status.is_success() {
-        let bytes = Limited::new(incoming, 64 * 1024).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let bytes = Limited::new(incoming, 64 * 1024)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         tracker.finish(Outcome::EngineError);
         if parts.status.is_server_error() {
             app.health.record(r.engine, false, &app.health_cfg);
@@ -125,13 +152,20 @@ async fn handle(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Bod
                 "engine {} answered {}: {}",
                 e.name,
                 parts.status,
-                String::from_utf8_lossy(&bytes).chars().take(512).collect::<String>()
+                String::from_utf8_lossy(&bytes)
+                    .chars()
+                    .take(512)
+                    .collect::<String>()
             )));
         }
         // The engine refused the request (4xx): its error is the client's to see.
         let mut out = Response::new(Body::from(bytes));
         *out.status_mut() = parts.status;
-        copy_header(&parts.headers, out.headers_mut(), http::header::CONTENT_TYPE);
+        copy_header(
+            &parts.headers,
+            out.headers_mut(),
+            http::header::CONTENT_TYPE,
+        );
         tether_headers(out.headers_mut(), &e.name, &key, r.level, r.reason.as_str());
         return Ok(out);
     }
@@ -151,7 +185,13 @@ fn copy_header(from: &http::HeaderMap, to: &mut http::HeaderMap, name: http::hea
     }
 }
 
-fn tether_headers(h: &mut http::HeaderMap, engine: &str, key: &SessionKey, level: u8, reason: &str) {
+fn tether_headers(
+    h: &mut http::HeaderMap,
+    engine: &str,
+    key: &SessionKey,
+    level: u8,
+    reason: &str,
+) {
     if let Ok(v) = HeaderValue::from_str(engine) {
         h.insert("x-tether-engine", v);
     }
@@ -168,8 +208,13 @@ fn tether_headers(h: &mut http::HeaderMap, engine: &str, key: &SessionKey, level
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::too_large(limit)),
-        Err(err) => Err(ApiError::bad_request("invalid_body", format!("could not read the request body: {err}"))),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::too_large(limit))
+        }
+        Err(err) => Err(ApiError::bad_request(
+            "invalid_body",
+            format!("could not read the request body: {err}"),
+        )),
     }
 }
 
@@ -185,16 +230,34 @@ pub async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
 
 /// `GET /v1/tether/sessions/{key}`: the system's view of one session, from
 /// the shard that owns it.
-pub async fn session(State(app): State<Arc<App>>, Path(key): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
-    let key = SessionKey::explicit(&key).map_err(|e| ApiError::bad_request("invalid_session_key", e.to_string()))?;
+pub async fn session(
+    State(app): State<Arc<App>>,
+    Path(key): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let key = SessionKey::explicit(&key)
+        .map_err(|e| ApiError::bad_request("invalid_session_key", e.to_string()))?;
     let shard = shard_of(key.hash(), app.shards);
     let view: SessionView = app
         .bus
-        .request(app.bus.subjects.session(shard), &SessionQuery { session_key: key.as_str().to_owned() }, Duration::from_secs(2))
+        .request(
+            app.bus.subjects.session(shard),
+            &SessionQuery {
+                session_key: key.as_str().to_owned(),
+            },
+            Duration::from_secs(2),
+        )
         .await
-        .map_err(|e| ApiError::unavailable("session_state_unavailable", format!("session state is unavailable: {e}")))?;
+        .map_err(|e| {
+            ApiError::unavailable(
+                "session_state_unavailable",
+                format!("session state is unavailable: {e}"),
+            )
+        })?;
     let Some(r) = view.record else {
-        return Err(ApiError::not_found("session_not_found", format!("no session {:?}", key.as_str())));
+        return Err(ApiError::not_found(
+            "session_not_found",
+            format!("no session {:?}", key.as_str()),
+        ));
     };
     Ok(Json(serde_json::json!({
         "session": view.session_key,
@@ -213,5 +276,10 @@ pub async fn session(State(app): State<Arc<App>>, Path(key): Path<String>) -> Re
 }
 
 pub async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "not_found",
+        "no such route",
+    )
 }

@@ -1,6 +1,8 @@
 //! The ingress's Prometheus metrics.
 
-use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
+use prometheus_client::metrics::{
+    counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
+};
 use prometheus_client::registry::Registry;
 
 pub type Labels = Vec<(String, String)>;
@@ -27,25 +29,53 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let buckets = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1];
+        let buckets = [
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+        ];
         Self {
             calls: Family::default(),
             fallbacks: Family::default(),
             decisions: Family::default(),
             in_flight: Family::default(),
             route_seconds: Histogram::new(buckets),
-            time_to_headers: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0]),
+            time_to_headers: Histogram::new([
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0,
+            ]),
         }
     }
 }
 
 impl Metrics {
     pub fn register(&self, r: &mut Registry) {
-        r.register("tether_ingress_calls", "Calls answered, by outcome", self.calls.clone());
-        r.register("tether_ingress_route_fallbacks", "Calls routed locally because the scheduler did not answer, by reason", self.fallbacks.clone());
-        r.register("tether_ingress_route_decisions", "Scheduler decisions, by reason", self.decisions.clone());
-        r.register("tether_ingress_engine_in_flight", "Calls in flight per engine (this ingress)", self.in_flight.clone());
-        r.register("tether_ingress_route_seconds", "Route request round trip to the scheduler", self.route_seconds.clone());
-        r.register("tether_ingress_time_to_headers_seconds", "Arrival to the engine's response headers", self.time_to_headers.clone());
+        r.register(
+            "tether_ingress_calls",
+            "Calls answered, by outcome",
+            self.calls.clone(),
+        );
+        r.register(
+            "tether_ingress_route_fallbacks",
+            "Calls routed locally because the scheduler did not answer, by reason",
+            self.fallbacks.clone(),
+        );
+        r.register(
+            "tether_ingress_route_decisions",
+            "Scheduler decisions, by reason",
+            self.decisions.clone(),
+        );
+        r.register(
+            "tether_ingress_engine_in_flight",
+            "Calls in flight per engine (this ingress)",
+            self.in_flight.clone(),
+        );
+        r.register(
+            "tether_ingress_route_seconds",
+            "Route request round trip to the scheduler",
+            self.route_seconds.clone(),
+        );
+        r.register(
+            "tether_ingress_time_to_headers_seconds",
+            "Arrival to the engine's response headers",
+            self.time_to_headers.clone(),
+        );
     }
 }

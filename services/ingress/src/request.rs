@@ -38,28 +38,74 @@ impl CallBody {
     pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<Self, ApiError> {
         let json: Map<String, Value> = match serde_json::from_slice::<Value>(&raw) {
             Ok(Value::Object(map)) => map,
-            Ok(_) => return Err(ApiError::bad_request("invalid_json", "request body must be a JSON object")),
-            Err(e) => return Err(ApiError::bad_request("invalid_json", format!("request body is not valid JSON: {e}"))),
+            Ok(_) => {
+                return Err(ApiError::bad_request(
+                    "invalid_json",
+                    "request body must be a JSON object",
+                ));
+            }
+            Err(e) => {
+                return Err(ApiError::bad_request(
+                    "invalid_json",
+                    format!("request body is not valid JSON: {e}"),
+                ));
+            }
         };
         let model = match json.get("model") {
             Some(Value::String(m)) if !m.is_empty() => m.clone(),
-            Some(_) => return Err(ApiError::bad_request("invalid_value", "`model` must be a non-empty string")),
-            None => return Err(ApiError::bad_request("missing_required_parameter", "`model` is required")),
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "invalid_value",
+                    "`model` must be a non-empty string",
+                ));
+            }
+            None => {
+                return Err(ApiError::bad_request(
+                    "missing_required_parameter",
+                    "`model` is required",
+                ));
+            }
         };
         match endpoint {
             Endpoint::Chat => match json.get("messages") {
                 Some(Value::Array(m)) if !m.is_empty() => {}
-                Some(_) => return Err(ApiError::bad_request("invalid_value", "`messages` must be a non-empty array")),
-                None => return Err(ApiError::bad_request("missing_required_parameter", "`messages` is required")),
+                Some(_) => {
+                    return Err(ApiError::bad_request(
+                        "invalid_value",
+                        "`messages` must be a non-empty array",
+                    ));
+                }
+                None => {
+                    return Err(ApiError::bad_request(
+                        "missing_required_parameter",
+                        "`messages` is required",
+                    ));
+                }
             },
             Endpoint::Completions => match json.get("prompt") {
                 Some(Value::String(_)) | Some(Value::Array(_)) => {}
-                Some(_) => return Err(ApiError::bad_request("invalid_value", "`prompt` must be a string or an array")),
-                None => return Err(ApiError::bad_request("missing_required_parameter", "`prompt` is required")),
+                Some(_) => {
+                    return Err(ApiError::bad_request(
+                        "invalid_value",
+                        "`prompt` must be a string or an array",
+                    ));
+                }
+                None => {
+                    return Err(ApiError::bad_request(
+                        "missing_required_parameter",
+                        "`prompt` is required",
+                    ));
+                }
             },
         }
         let stream = matches!(json.get("stream"), Some(Value::Bool(true)));
-        Ok(Self { endpoint, raw, json, model, stream })
+        Ok(Self {
+            endpoint,
+            raw,
+            json,
+            model,
+            stream,
+        })
     }
 
     pub fn raw_len(&self) -> usize {
@@ -68,7 +114,11 @@ impl CallBody {
 
     /// A string field of the body (for the session-key field).
     pub fn str_field(&self, name: &str) -> Option<&Value> {
-        if name.is_empty() { None } else { self.json.get(name) }
+        if name.is_empty() {
+            None
+        } else {
+            self.json.get(name)
+        }
     }
 
     /// The conversation's opening: (system prompt, first user message). For
@@ -120,7 +170,11 @@ impl CallBody {
             }
             Endpoint::Completions => match self.json.get("prompt") {
                 Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("\n"),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
                 _ => String::new(),
             },
         }
@@ -129,7 +183,9 @@ impl CallBody {
     /// The body to send to the engine: the original bytes, or — when the
     /// engine schedules by priority — the body with `priority` set.
     pub fn engine_body(&self, priority: Option<i64>) -> Result<Bytes, ApiError> {
-        let Some(p) = priority else { return Ok(self.raw.clone()) };
+        let Some(p) = priority else {
+            return Ok(self.raw.clone());
+        };
         let mut json = self.json.clone();
         json.insert("priority".into(), Value::from(p));
         serde_json::to_vec(&json)
@@ -161,16 +217,35 @@ mod tests {
 
     #[test]
     fn checks_the_body() {
-        assert_eq!(chat("{").map(|_| ()).map_err(|e| e.code).err(), Some("invalid_json"));
-        assert_eq!(chat("[]").map(|_| ()).map_err(|e| e.code).err(), Some("invalid_json"));
-        assert_eq!(chat(r#"{"messages":[{"role":"user","content":"x"}]}"#).err().map(|e| e.code), Some("missing_required_parameter"));
-        assert_eq!(chat(r#"{"model":"m"}"#).err().map(|e| e.code), Some("missing_required_parameter"));
-        assert_eq!(chat(r#"{"model":"m","messages":[]}"#).err().map(|e| e.code), Some("invalid_value"));
+        assert_eq!(
+            chat("{").map(|_| ()).map_err(|e| e.code).err(),
+            Some("invalid_json")
+        );
+        assert_eq!(
+            chat("[]").map(|_| ()).map_err(|e| e.code).err(),
+            Some("invalid_json")
+        );
+        assert_eq!(
+            chat(r#"{"messages":[{"role":"user","content":"x"}]}"#)
+                .err()
+                .map(|e| e.code),
+            Some("missing_required_parameter")
+        );
+        assert_eq!(
+            chat(r#"{"model":"m"}"#).err().map(|e| e.code),
+            Some("missing_required_parameter")
+        );
+        assert_eq!(
+            chat(r#"{"model":"m","messages":[]}"#).err().map(|e| e.code),
+            Some("invalid_value")
+        );
     }
 
     #[test]
     fn reads_the_opening() {
-        let b = chat(r#"{"model":"m","stream":true,"messages":[{"role":"system","content":"sys"},{"role":"user","content":[{"type":"text","text":"hi"}]},{"role":"assistant","content":"a"},{"role":"user","content":"more"}]}"#);
+        let b = chat(
+            r#"{"model":"m","stream":true,"messages":[{"role":"system","content":"sys"},{"role":"user","content":[{"type":"text","text":"hi"}]},{"role":"assistant","content":"a"},{"role":"user","content":"more"}]}"#,
+        );
         let b = match b {
             Ok(b) => b,
             Err(e) => panic!("{e}"),

@@ -22,7 +22,12 @@ pub struct Route {
     pub reason: RouteReason,
 }
 
-pub async fn route(app: &App, call_id: CallId, key: &SessionKey, body: &CallBody) -> Result<Route, ApiError> {
+pub async fn route(
+    app: &App,
+    call_id: CallId,
+    key: &SessionKey,
+    body: &CallBody,
+) -> Result<Route, ApiError> {
     let candidates: Vec<usize> = app
         .fleet
         .engines
@@ -38,7 +43,11 @@ pub async fn route(app: &App, call_id: CallId, key: &SessionKey, body: &CallBody
         } else {
             format!("no engine serves model {:?}", body.model)
         };
-        return Err(if known { ApiError::no_engine(msg) } else { ApiError::not_found("model_not_found", msg) });
+        return Err(if known {
+            ApiError::no_engine(msg)
+        } else {
+            ApiError::not_found("model_not_found", msg)
+        });
     }
     let req = RouteRequest {
         call_id,
@@ -46,19 +55,36 @@ pub async fn route(app: &App, call_id: CallId, key: &SessionKey, body: &CallBody
         model: body.model.clone(),
         prompt_tokens: u32::try_from(body.raw_len() / 4).unwrap_or(u32::MAX),
         block_hashes: Vec::new(),
-        candidates: candidates.iter().map(|i| app.fleet.engines[*i].name.clone()).collect(),
+        candidates: candidates
+            .iter()
+            .map(|i| app.fleet.engines[*i].name.clone())
+            .collect(),
     };
     let started = Instant::now();
     let answer = app
         .bus
-        .request::<_, RouteReply>(app.bus.subjects.route(), &req, Duration::from_millis(app.route_timeout_ms))
+        .request::<_, RouteReply>(
+            app.bus.subjects.route(),
+            &req,
+            Duration::from_millis(app.route_timeout_ms),
+        )
         .await;
-    app.metrics.route_seconds.observe(started.elapsed().as_secs_f64());
+    app.metrics
+        .route_seconds
+        .observe(started.elapsed().as_secs_f64());
     let reason = match answer {
         Ok(RouteReply::Decision(d)) => match app.fleet.index_of(&d.engine) {
             Some(engine) => {
-                app.metrics.decisions.get_or_create(&label("reason", d.reason.as_str())).inc();
-                return Ok(Route { engine, level: d.level, inherited_cst: d.inherited_cst, reason: d.reason });
+                app.metrics
+                    .decisions
+                    .get_or_create(&label("reason", d.reason.as_str()))
+                    .inc();
+                return Ok(Route {
+                    engine,
+                    level: d.level,
+                    inherited_cst: d.inherited_cst,
+                    reason: d.reason,
+                });
             }
             None => "unknown_engine",
         },
@@ -69,7 +95,10 @@ pub async fn route(app: &App, call_id: CallId, key: &SessionKey, body: &CallBody
         Err(BusError::Codec(_)) => "bad_reply",
         Err(_) => "error",
     };
-    app.metrics.fallbacks.get_or_create(&label("reason", reason)).inc();
+    app.metrics
+        .fallbacks
+        .get_or_create(&label("reason", reason))
+        .inc();
     tracing::debug!(reason, "scheduler unavailable; routing locally");
     Ok(fallback(app, &candidates, key))
 }
@@ -77,8 +106,19 @@ pub async fn route(app: &App, call_id: CallId, key: &SessionKey, body: &CallBody
 fn fallback(app: &App, candidates: &[usize], key: &SessionKey) -> Route {
     let loads: Vec<EngineLoad> = candidates
         .iter()
-        .map(|i| EngineLoad { healthy: true, load: 0.0, id_hash: stable_hash(app.fleet.engines[*i].name.as_bytes()) })
+        .map(|i| EngineLoad {
+            healthy: true,
+            load: 0.0,
+            id_hash: stable_hash(app.fleet.engines[*i].name.as_bytes()),
+        })
         .collect();
-    let pick = rendezvous(&loads, key.hash()).and_then(|j| candidates.get(j).copied()).unwrap_or(candidates[0]);
-    Route { engine: pick, level: 0, inherited_cst: 0.0, reason: RouteReason::Fallback }
+    let pick = rendezvous(&loads, key.hash())
+        .and_then(|j| candidates.get(j).copied())
+        .unwrap_or(candidates[0]);
+    Route {
+        engine: pick,
+        level: 0,
+        inherited_cst: 0.0,
+        reason: RouteReason::Fallback,
+    }
 }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tether_bus::{Bus, BusConfig};
-use tether_fleet::{EngineClient, FleetConfig, FleetHealth, HealthConfig, engine_client, spawn_prober};
+use tether_fleet::{
+    EngineClient, FleetConfig, FleetHealth, HealthConfig, engine_client, spawn_prober,
+};
 use tether_protocol::{Subjects, random_u64};
 use tether_telemetry::{AdminState, Shutdown, admin_router};
 
@@ -71,10 +73,17 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     start_with_fleet(config, fleet, shutdown).await
 }
 
-pub async fn start_with_fleet(config: Config, fleet: Arc<FleetConfig>, shutdown: Shutdown) -> anyhow::Result<Running> {
+pub async fn start_with_fleet(
+    config: Config,
+    fleet: Arc<FleetConfig>,
+    shutdown: Shutdown,
+) -> anyhow::Result<Running> {
     anyhow::ensure!(!fleet.engines.is_empty(), "the fleet has no engines");
     let bus = Bus::connect(
-        &BusConfig { url: config.nats_url.clone(), name: "tether-ingress".into() },
+        &BusConfig {
+            url: config.nats_url.clone(),
+            name: "tether-ingress".into(),
+        },
         Subjects::new(&config.prefix),
     )
     .await?;
@@ -83,17 +92,44 @@ pub async fn start_with_fleet(config: Config, fleet: Arc<FleetConfig>, shutdown:
     metrics.register(&mut registry);
     bus.stats.register(&mut registry);
     let mut tasks = Vec::new();
-    let (events, publisher) = spawn_publisher(bus.clone(), config.shards, config.event_buffer, shutdown.clone());
+    let (events, publisher) = spawn_publisher(
+        bus.clone(),
+        config.shards,
+        config.event_buffer,
+        shutdown.clone(),
+    );
     tasks.push(publisher);
-    registry.register("tether_ingress_events_dropped", "Lifecycle events dropped because the publish buffer was full", events.dropped.clone());
+    registry.register(
+        "tether_ingress_events_dropped",
+        "Lifecycle events dropped because the publish buffer was full",
+        events.dropped.clone(),
+    );
     let admin = AdminState::new(registry);
 
     let health = FleetHealth::new(fleet.engines.len());
-    let health_cfg = HealthConfig { interval: Duration::from_millis(config.health_interval_ms.max(10)), ..HealthConfig::default() };
+    let health_cfg = HealthConfig {
+        interval: Duration::from_millis(config.health_interval_ms.max(10)),
+        ..HealthConfig::default()
+    };
     let client = engine_client();
-    tasks.push(spawn_prober(fleet.clone(), health.clone(), client.clone(), health_cfg, shutdown.clone()));
+    tasks.push(spawn_prober(
+        fleet.clone(),
+        health.clone(),
+        client.clone(),
+        health_cfg,
+        shutdown.clone(),
+    ));
 
-    let in_flight = fleet.engines.iter().map(|e| metrics.in_flight.get_or_create(&label("engine", &e.name)).clone()).collect();
+    let in_flight = fleet
+        .engines
+        .iter()
+        .map(|e| {
+            metrics
+                .in_flight
+                .get_or_create(&label("engine", &e.name))
+                .clone()
+        })
+        .collect();
     let app = Arc::new(App {
         fleet,
         health,
@@ -102,9 +138,17 @@ pub async fn start_with_fleet(config: Config, fleet: Arc<FleetConfig>, shutdown:
         bus,
         events,
         metrics,
-        cost: CostModel { prefill_per_token: config.cost_prefill_per_token, decode_per_token: config.cost_decode_per_token },
+        cost: CostModel {
+            prefill_per_token: config.cost_prefill_per_token,
+            decode_per_token: config.cost_decode_per_token,
+        },
         shards: config.shards,
-        session_headers: config.session_headers.iter().map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect(),
+        session_headers: config
+            .session_headers
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect(),
         session_field: config.session_field.clone(),
         route_timeout_ms: config.route_timeout_ms,
         max_body_bytes: config.max_body_bytes,
@@ -146,5 +190,10 @@ pub async fn start_with_fleet(config: Config, fleet: Arc<FleetConfig>, shutdown:
         }
     }));
     tracing::info!(%addr, "ingress listening");
-    Ok(Running { addr, admin, app, tasks })
+    Ok(Running {
+        addr,
+        admin,
+        app,
+        tasks,
+    })
 }

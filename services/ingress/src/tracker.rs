@@ -45,7 +45,12 @@ impl Tracker {
     /// Starts tracking a dispatched call (counts it in flight).
     pub fn new(app: Arc<App>, info: CallInfo) -> Self {
         app.in_flight_gauge(info.engine).inc();
-        Self { app, info: Some(info), tail: Vec::new(), sse_events: 0 }
+        Self {
+            app,
+            info: Some(info),
+            tail: Vec::new(),
+            sse_events: 0,
+        }
     }
 
     pub fn observe(&mut self, chunk: &[u8]) {
@@ -63,14 +68,22 @@ impl Tracker {
         let Some(info) = self.info.take() else { return };
         let wall = info.dispatched.elapsed().as_secs_f64();
         let work = self.work(&info);
-        let executed = if outcome == Outcome::Ok || work.known { self.app.cost.service(&work, wall) } else { 0.0 };
+        let executed = if outcome == Outcome::Ok || work.known {
+            self.app.cost.service(&work, wall)
+        } else {
+            0.0
+        };
         self.app.in_flight_gauge(info.engine).dec();
         let outcome_label = match outcome {
             Outcome::Ok => "ok",
             Outcome::EngineError => "engine_error",
             Outcome::Cancelled => "cancelled",
         };
-        self.app.metrics.calls.get_or_create(&crate::metrics::label("outcome", outcome_label)).inc();
+        self.app
+            .metrics
+            .calls
+            .get_or_create(&crate::metrics::label("outcome", outcome_label))
+            .inc();
         let event = RequestEvent {
             call_id: info.call_id,
             session_hash: info.session_hash,
@@ -96,7 +109,12 @@ impl Tracker {
             return w;
         }
         if info.stream && self.sse_events > 0 {
-            return Work { prompt_tokens: info.prompt_estimate, cached_tokens: 0, completion_tokens: self.sse_events, known: true };
+            return Work {
+                prompt_tokens: info.prompt_estimate,
+                cached_tokens: 0,
+                completion_tokens: self.sse_events,
+                known: true,
+            };
         }
         Work::default()
     }
@@ -124,10 +142,17 @@ pub fn usage_in(tail: &[u8]) -> Option<Work> {
     while let Some(pos) = tail[..end].windows(key.len()).rposition(|w| w == key) {
         end = pos;
         let rest = &tail[pos + key.len()..];
-        let rest = rest.iter().position(|b| *b == b':').map(|i| &rest[i + 1..])?;
+        let rest = rest
+            .iter()
+            .position(|b| *b == b':')
+            .map(|i| &rest[i + 1..])?;
         let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<Value>();
         if let Some(Ok(Value::Object(u))) = values.next() {
-            let get = |k: &str| u.get(k).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok());
+            let get = |k: &str| {
+                u.get(k)
+                    .and_then(Value::as_u64)
+                    .and_then(|v| u32::try_from(v).ok())
+            };
             if let (Some(p), Some(c)) = (get("prompt_tokens"), get("completion_tokens")) {
                 let cached = u
                     .get("prompt_tokens_details")
@@ -135,7 +160,12 @@ pub fn usage_in(tail: &[u8]) -> Option<Work> {
                     .and_then(Value::as_u64)
                     .and_then(|v| u32::try_from(v).ok())
                     .unwrap_or(0);
-                return Some(Work { prompt_tokens: p, cached_tokens: cached.min(p), completion_tokens: c, known: true });
+                return Some(Work {
+                    prompt_tokens: p,
+                    cached_tokens: cached.min(p),
+                    completion_tokens: c,
+                    known: true,
+                });
             }
         }
     }
@@ -161,7 +191,10 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -204,9 +237,20 @@ data: {"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tok
 data: [DONE]
 
 "#;
-        assert_eq!(usage_in(tail), Some(Work { prompt_tokens: 12, cached_tokens: 8, completion_tokens: 3, known: true }));
+        assert_eq!(
+            usage_in(tail),
+            Some(Work {
+                prompt_tokens: 12,
+                cached_tokens: 8,
+                completion_tokens: 3,
+                known: true
+            })
+        );
         assert_eq!(usage_in(b"data: {\"usage\":null}"), None);
         assert_eq!(usage_in(b"no usage here"), None);
-        assert_eq!(count(b"data: {a}\n\ndata: {b}\n\ndata: [DONE]", b"data: {"), 2);
+        assert_eq!(
+            count(b"data: {a}\n\ndata: {b}\n\ndata: [DONE]", b"data: {"),
+            2
+        );
     }
 }

@@ -7,7 +7,12 @@ use std::path::PathBuf;
 use tether_policy::{PlacementConfig, PriorityConfig, PriorityMode};
 
 #[derive(Clone, Debug, Parser)]
-#[command(name = "tether-scheduler", version, about = "Tether's scheduler: routes calls from an in-memory replica", args_override_self = true)]
+#[command(
+    name = "tether-scheduler",
+    version,
+    about = "Tether's scheduler: routes calls from an in-memory replica",
+    args_override_self = true
+)]
 pub struct Config {
     /// Optional TOML file with values for any of these flags.
     #[arg(long, env = "TETHER_CONFIG")]
@@ -40,7 +45,12 @@ pub struct Config {
     #[arg(long, env = "TETHER_PRIORITY_MODE", default_value = "atlas", value_parser = parse_mode)]
     pub priority_mode: PriorityMode,
     /// Ascending level boundaries in estimated seconds of service.
-    #[arg(long, env = "TETHER_LEVEL_THRESHOLDS", value_delimiter = ',', default_value = "1,4,16,64")]
+    #[arg(
+        long,
+        env = "TETHER_LEVEL_THRESHOLDS",
+        value_delimiter = ',',
+        default_value = "1,4,16,64"
+    )]
     pub level_thresholds: Vec<f64>,
     /// Anti-starvation β: promote to level 0 when wait / max(service, floor) ≥ β (0 disables).
     #[arg(long, env = "TETHER_STARVATION_RATIO", default_value_t = 2.0)]
@@ -66,7 +76,12 @@ fn parse_mode(s: &str) -> Result<PriorityMode, String> {
 
 impl Config {
     pub fn priority(&self) -> PriorityConfig {
-        let mut thresholds: Vec<f64> = self.level_thresholds.iter().copied().filter(|t| t.is_finite()).collect();
+        let mut thresholds: Vec<f64> = self
+            .level_thresholds
+            .iter()
+            .copied()
+            .filter(|t| t.is_finite())
+            .collect();
         thresholds.sort_by(f64::total_cmp);
         PriorityConfig {
             mode: self.priority_mode,
@@ -77,6 +92,9 @@ impl Config {
     }
 
     pub fn placement(&self) -> PlacementConfig {
-        PlacementConfig { epsilon: self.balance_epsilon, slack: self.balance_slack }
+        PlacementConfig {
+            epsilon: self.balance_epsilon,
+            slack: self.balance_slack,
+        }
     }
 }

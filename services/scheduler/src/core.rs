@@ -11,7 +11,8 @@ use tether_bus::{Bus, Subscriber};
 use tether_fleet::{FleetConfig, FleetHealth};
 use tether_policy::{EngineLoad, PlacementConfig, PriorityConfig, SessionService, level, place};
 use tether_protocol::{
-    EventKind, RequestEvent, RouteDecision, RouteReply, RouteRequest, StateDelta, now_ms, stable_hash,
+    EventKind, RequestEvent, RouteDecision, RouteReply, RouteRequest, StateDelta, now_ms,
+    stable_hash,
 };
 use tether_telemetry::{AdminState, Shutdown};
 use tokio::sync::mpsc;
@@ -43,10 +44,29 @@ impl Decider {
         priority: PriorityConfig,
         placement: PlacementConfig,
     ) -> Self {
-        let names = fleet.engines.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
-        let name_hashes = fleet.engines.iter().map(|e| stable_hash(e.name.as_bytes())).collect();
+        let names = fleet
+            .engines
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
+        let name_hashes = fleet
+            .engines
+            .iter()
+            .map(|e| stable_hash(e.name.as_bytes()))
+            .collect();
         let loads = EngineLoads::new(fleet.engines.len());
-        Self { fleet, health, replica: Replica::new(shards), loads, priority, placement, names, name_hashes, scratch: Vec::new() }
+        Self {
+            fleet,
+            health,
+            replica: Replica::new(shards),
+            loads,
+            priority,
+            placement,
+            names,
+            name_hashes,
+            scratch: Vec::new(),
+        }
     }
 
     pub fn engine_index(&self, name: &str) -> Option<usize> {
@@ -57,7 +77,7 @@ impl Decider {
     pub fn decide(&mut self, req: &RouteRequest, now_ms: u64) -> RouteReply {
         self.scratch.clear();
         for (i, e) in self.fleet.engines.iter().enumerate() {
-            let allowed = req.candidates.is_empty() || req.candidates.iter().any(|c| *c == e.name);
+            let allowed = req.candidates.is_empty() || req.candidates.contains(&e.name);
             self.scratch.push(EngineLoad {
                 healthy: allowed && self.health.is_healthy(i) && e.serves(&req.model),
                 load: f64::from(self.loads.in_flight(i)),
@@ -66,14 +86,24 @@ impl Decider {
         }
         let session = self.replica.get(req.session_hash).copied();
         let service = session
-            .map(|s| SessionService { cst: f64::from(s.cst), attained: f64::from(s.attained), wait: f64::from(s.wait) })
+            .map(|s| SessionService {
+                cst: f64::from(s.cst),
+                attained: f64::from(s.attained),
+                wait: f64::from(s.wait),
+            })
             .unwrap_or_default();
         let affinity = session.and_then(|s| s.affinity());
         let Some(p) = place(&self.placement, &self.scratch, affinity, req.session_hash) else {
-            return RouteReply::NoEngine { reason: format!("no healthy engine serves model {:?}", req.model) };
+            return RouteReply::NoEngine {
+                reason: format!("no healthy engine serves model {:?}", req.model),
+            };
         };
         self.loads.start(req.call_id, p.engine, now_ms);
-        self.replica.note_affinity(req.session_hash, p.engine, u32::try_from(now_ms / 1000).unwrap_or(u32::MAX));
+        self.replica.note_affinity(
+            req.session_hash,
+            p.engine,
+            u32::try_from(now_ms / 1000).unwrap_or(u32::MAX),
+        );
         RouteReply::Decision(RouteDecision {
             call_id: req.call_id,
             engine: self.fleet.engines[p.engine].name.clone(),
@@ -85,11 +115,17 @@ impl Decider {
 
     /// Counts load from a request event (decisions of other replicas, fallbacks).
     pub fn observe_event(&mut self, e: &RequestEvent) {
-        let Some(engine) = self.engine_index(&e.engine) else { return };
+        let Some(engine) = self.engine_index(&e.engine) else {
+            return;
+        };
         match e.kind {
             EventKind::Dispatched { .. } => {
                 self.loads.start(e.call_id, engine, e.at_ms);
-                self.replica.note_affinity(e.session_hash, engine, u32::try_from(e.at_ms / 1000).unwrap_or(u32::MAX));
+                self.replica.note_affinity(
+                    e.session_hash,
+                    engine,
+                    u32::try_from(e.at_ms / 1000).unwrap_or(u32::MAX),
+                );
             }
             EventKind::Finished(_) => self.loads.finish(e.call_id),
         }
@@ -124,8 +160,25 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn new(decider: Decider, bus: Bus, metrics: Metrics, admin: AdminState, shards: u16, page_size: u32, call_timeout: Duration) -> Self {
-        Self { decider, bus, metrics, admin, shards, page_size, call_timeout, resyncing: vec![false; usize::from(shards)] }
+    pub fn new(
+        decider: Decider,
+        bus: Bus,
+        metrics: Metrics,
+        admin: AdminState,
+        shards: u16,
+        page_size: u32,
+        call_timeout: Duration,
+    ) -> Self {
+        Self {
+            decider,
+            bus,
+            metrics,
+            admin,
+            shards,
+            page_size,
+            call_timeout,
+            resyncing: vec![false; usize::from(shards)],
+        }
     }
 
     pub async fn run(mut self, mut subs: Subscriptions, shutdown: Shutdown) {
@@ -155,19 +208,28 @@ impl Core {
     }
 
     async fn route(&mut self, msg: tether_bus::Message) {
-        let span = tracing::info_span!("scheduler.route", call_id = tracing::field::Empty, engine = tracing::field::Empty);
+        let span = tracing::info_span!(
+            "scheduler.route",
+            call_id = tracing::field::Empty,
+            engine = tracing::field::Empty
+        );
         tether_bus::follow(&span, &msg);
         let reply = match self.bus.decode::<RouteRequest>(&msg, "route") {
             Some(req) => {
                 span.record("call_id", req.call_id);
                 self.decider.decide(&req, now_ms())
             }
-            None => RouteReply::NoEngine { reason: "route request did not decode".into() },
+            None => RouteReply::NoEngine {
+                reason: "route request did not decode".into(),
+            },
         };
         match &reply {
             RouteReply::Decision(d) => {
                 span.record("engine", d.engine.as_str());
-                self.metrics.decisions.get_or_create(&label("reason", d.reason.as_str())).inc();
+                self.metrics
+                    .decisions
+                    .get_or_create(&label("reason", d.reason.as_str()))
+                    .inc();
             }
             RouteReply::NoEngine { .. } => {
                 self.metrics.no_engine.inc();
@@ -180,16 +242,22 @@ impl Core {
     }
 
     fn delta(&mut self, msg: tether_bus::Message, resync_tx: &mpsc::Sender<ResyncMsg>) {
-        let Some(d) = self.bus.decode::<StateDelta>(&msg, "state") else { return };
+        let Some(d) = self.bus.decode::<StateDelta>(&msg, "state") else {
+            return;
+        };
         self.metrics.deltas.inc();
         match self.decider.apply_delta(&d) {
             DeltaOutcome::InOrder => {}
-            DeltaOutcome::NeedsResync | DeltaOutcome::Unsynced => self.start_resync(d.shard, resync_tx),
+            DeltaOutcome::NeedsResync | DeltaOutcome::Unsynced => {
+                self.start_resync(d.shard, resync_tx)
+            }
         }
     }
 
     fn start_resync(&mut self, shard: u16, tx: &mpsc::Sender<ResyncMsg>) {
-        let Some(busy) = self.resyncing.get_mut(usize::from(shard)) else { return };
+        let Some(busy) = self.resyncing.get_mut(usize::from(shard)) else {
+            return;
+        };
         if *busy {
             return;
         }
@@ -223,17 +291,26 @@ impl Core {
     }
 
     fn housekeeping(&mut self, resync_tx: &mpsc::Sender<ResyncMsg>) {
-        let cutoff = now_ms().saturating_sub(u64::try_from(self.call_timeout.as_millis()).unwrap_or(u64::MAX));
+        let cutoff = now_ms()
+            .saturating_sub(u64::try_from(self.call_timeout.as_millis()).unwrap_or(u64::MAX));
         let expired = self.decider.loads.expire(cutoff);
         self.metrics.expired_calls.inc_by(expired as u64);
         let unsynced: Vec<u16> = self.decider.replica.unsynced().collect();
         for shard in unsynced {
             self.start_resync(shard, resync_tx);
         }
-        self.metrics.sessions.set(i64::try_from(self.decider.replica.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .sessions
+            .set(i64::try_from(self.decider.replica.len()).unwrap_or(i64::MAX));
         for (i, e) in self.decider.fleet.engines.iter().enumerate() {
-            self.metrics.in_flight.get_or_create(&label("engine", &e.name)).set(i64::from(self.decider.loads.in_flight(i)));
-            self.metrics.healthy.get_or_create(&label("engine", &e.name)).set(i64::from(self.decider.health.is_healthy(i)));
+            self.metrics
+                .in_flight
+                .get_or_create(&label("engine", &e.name))
+                .set(i64::from(self.decider.loads.in_flight(i)));
+            self.metrics
+                .healthy
+                .get_or_create(&label("engine", &e.name))
+                .set(i64::from(self.decider.health.is_healthy(i)));
         }
     }
 }

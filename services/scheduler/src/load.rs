@@ -17,7 +17,10 @@ pub struct EngineLoads {
 
 impl EngineLoads {
     pub fn new(engines: usize) -> Self {
-        Self { calls: HashMap::new(), in_flight: vec![0; engines] }
+        Self {
+            calls: HashMap::new(),
+            in_flight: vec![0; engines],
+        }
     }
 
     pub fn in_flight(&self, engine: usize) -> u32 {
@@ -51,7 +54,12 @@ impl EngineLoads {
 
     /// Forgets calls started before `cutoff_ms`.
     pub fn expire(&mut self, cutoff_ms: u64) -> usize {
-        let stale: Vec<CallId> = self.calls.iter().filter(|(_, (_, at))| *at < cutoff_ms).map(|(id, _)| *id).collect();
+        let stale: Vec<CallId> = self
+            .calls
+            .iter()
+            .filter(|(_, (_, at))| *at < cutoff_ms)
+            .map(|(id, _)| *id)
+            .collect();
         for id in &stale {
             self.finish(*id);
         }

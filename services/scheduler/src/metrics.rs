@@ -20,15 +20,51 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(&self, r: &mut Registry) {
-        r.register("tether_scheduler_decisions", "Route decisions, by reason", self.decisions.clone());
-        r.register("tether_scheduler_no_engine", "Route requests no engine could take", self.no_engine.clone());
-        r.register("tether_scheduler_deltas", "State deltas applied", self.deltas.clone());
-        r.register("tether_scheduler_resyncs", "Shard resynchronisations started", self.resyncs.clone());
-        r.register("tether_scheduler_resync_failures", "Shard resynchronisations that failed (retried)", self.resync_failures.clone());
-        r.register("tether_scheduler_sessions", "Sessions in the replica", self.sessions.clone());
-        r.register("tether_scheduler_engine_in_flight", "Calls in flight per engine", self.in_flight.clone());
-        r.register("tether_scheduler_engine_healthy", "1 when the engine is healthy", self.healthy.clone());
-        r.register("tether_scheduler_expired_calls", "Calls dropped from the load count after the call timeout", self.expired_calls.clone());
+        r.register(
+            "tether_scheduler_decisions",
+            "Route decisions, by reason",
+            self.decisions.clone(),
+        );
+        r.register(
+            "tether_scheduler_no_engine",
+            "Route requests no engine could take",
+            self.no_engine.clone(),
+        );
+        r.register(
+            "tether_scheduler_deltas",
+            "State deltas applied",
+            self.deltas.clone(),
+        );
+        r.register(
+            "tether_scheduler_resyncs",
+            "Shard resynchronisations started",
+            self.resyncs.clone(),
+        );
+        r.register(
+            "tether_scheduler_resync_failures",
+            "Shard resynchronisations that failed (retried)",
+            self.resync_failures.clone(),
+        );
+        r.register(
+            "tether_scheduler_sessions",
+            "Sessions in the replica",
+            self.sessions.clone(),
+        );
+        r.register(
+            "tether_scheduler_engine_in_flight",
+            "Calls in flight per engine",
+            self.in_flight.clone(),
+        );
+        r.register(
+            "tether_scheduler_engine_healthy",
+            "1 when the engine is healthy",
+            self.healthy.clone(),
+        );
+        r.register(
+            "tether_scheduler_expired_calls",
+            "Calls dropped from the load count after the call timeout",
+            self.expired_calls.clone(),
+        );
     }
 }
 

@@ -36,7 +36,10 @@ impl Compact {
 pub enum ShardSync {
     /// No snapshot yet, or a resync in progress.
     Unsynced,
-    Synced { epoch: u64, seq: u64 },
+    Synced {
+        epoch: u64,
+        seq: u64,
+    },
 }
 
 /// What the caller must do after a delta.
@@ -60,7 +63,12 @@ pub struct Replica {
 impl Replica {
     pub fn new(shard_count: u16) -> Self {
         let n = usize::from(shard_count.max(1));
-        Self { sessions: HashMap::new(), shards: vec![ShardSync::Unsynced; n], epochs: vec![None; n], shard_count: shard_count.max(1) }
+        Self {
+            sessions: HashMap::new(),
+            shards: vec![ShardSync::Unsynced; n],
+            epochs: vec![None; n],
+            shard_count: shard_count.max(1),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -76,11 +84,16 @@ impl Replica {
     }
 
     pub fn shard_sync(&self, shard: u16) -> ShardSync {
-        self.shards.get(usize::from(shard)).copied().unwrap_or(ShardSync::Unsynced)
+        self.shards
+            .get(usize::from(shard))
+            .copied()
+            .unwrap_or(ShardSync::Unsynced)
     }
 
     pub fn all_synced(&self) -> bool {
-        self.shards.iter().all(|s| matches!(s, ShardSync::Synced { .. }))
+        self.shards
+            .iter()
+            .all(|s| matches!(s, ShardSync::Synced { .. }))
     }
 
     /// Upserts a record if it is newer than what is held.
@@ -112,7 +125,9 @@ impl Replica {
     /// Notes where a session's call was just sent, before its delta arrives,
     /// so that a session's quick follow-up calls stay together.
     pub fn note_affinity(&mut self, hash: SessionHash, engine: usize, now_s: u32) {
-        let Ok(engine) = u16::try_from(engine) else { return };
+        let Ok(engine) = u16::try_from(engine) else {
+            return;
+        };
         let held = self.sessions.entry(hash).or_insert(Compact {
             version: 0,
             cst: 0.0,
@@ -129,7 +144,11 @@ impl Replica {
     }
 
     /// Applies a delta and says whether it fit the shard's sequence.
-    pub fn apply_delta(&mut self, d: &StateDelta, engine_index: impl Fn(&str) -> Option<usize>) -> DeltaOutcome {
+    pub fn apply_delta(
+        &mut self,
+        d: &StateDelta,
+        engine_index: impl Fn(&str) -> Option<usize>,
+    ) -> DeltaOutcome {
         let i = usize::from(d.shard);
         if i >= self.shards.len() {
             return DeltaOutcome::Unsynced;
@@ -158,7 +177,11 @@ impl Replica {
     }
 
     /// Merges a snapshot page (during a resync).
-    pub fn apply_page(&mut self, page: &SnapshotPage, engine_index: impl Fn(&str) -> Option<usize>) {
+    pub fn apply_page(
+        &mut self,
+        page: &SnapshotPage,
+        engine_index: impl Fn(&str) -> Option<usize>,
+    ) {
         if usize::from(page.shard) >= self.shards.len() {
             return;
         }
@@ -215,7 +238,17 @@ mod tests {
     use super::*;
 
     fn rec(hash: u64, version: u64, cst: f64) -> SessionRecord {
-        SessionRecord { hash, version, cst, attained: cst, wait: 0.0, in_flight: 0, requests: 1, affinity: Some("e1".into()), last_active_ms: 5000 }
+        SessionRecord {
+            hash,
+            version,
+            cst,
+            attained: cst,
+            wait: 0.0,
+            in_flight: 0,
+            requests: 1,
+            affinity: Some("e1".into()),
+            last_active_ms: 5000,
+        }
     }
 
     fn idx(name: &str) -> Option<usize> {
@@ -223,7 +256,13 @@ mod tests {
     }
 
     fn delta(shard: u16, epoch: u64, seq: u64, updated: Vec<SessionRecord>) -> StateDelta {
-        StateDelta { shard, epoch, seq, updated, evicted: vec![] }
+        StateDelta {
+            shard,
+            epoch,
+            seq,
+            updated,
+            evicted: vec![],
+        }
     }
 
     #[test]
@@ -243,17 +282,32 @@ mod tests {
     #[test]
     fn gaps_and_restarts_ask_for_a_resync() {
         let mut r = Replica::new(2);
-        assert_eq!(r.apply_delta(&delta(0, 9, 1, vec![]), idx), DeltaOutcome::Unsynced);
+        assert_eq!(
+            r.apply_delta(&delta(0, 9, 1, vec![]), idx),
+            DeltaOutcome::Unsynced
+        );
         r.mark_synced(0, 9, 1);
-        assert_eq!(r.apply_delta(&delta(0, 9, 2, vec![rec(2, 2, 1.0)]), idx), DeltaOutcome::InOrder);
-        assert_eq!(r.apply_delta(&delta(0, 9, 2, vec![]), idx), DeltaOutcome::InOrder);
-        assert_eq!(r.apply_delta(&delta(0, 9, 4, vec![]), idx), DeltaOutcome::NeedsResync);
+        assert_eq!(
+            r.apply_delta(&delta(0, 9, 2, vec![rec(2, 2, 1.0)]), idx),
+            DeltaOutcome::InOrder
+        );
+        assert_eq!(
+            r.apply_delta(&delta(0, 9, 2, vec![]), idx),
+            DeltaOutcome::InOrder
+        );
+        assert_eq!(
+            r.apply_delta(&delta(0, 9, 4, vec![]), idx),
+            DeltaOutcome::NeedsResync
+        );
         assert_eq!(r.shard_sync(0), ShardSync::Unsynced);
         r.mark_synced(0, 9, 4);
         assert_eq!(r.shard_sync(0), ShardSync::Synced { epoch: 9, seq: 4 });
         // A new epoch clears the shard's sessions.
         assert!(r.get(2).is_some());
-        assert_eq!(r.apply_delta(&delta(0, 10, 1, vec![]), idx), DeltaOutcome::NeedsResync);
+        assert_eq!(
+            r.apply_delta(&delta(0, 10, 1, vec![]), idx),
+            DeltaOutcome::NeedsResync
+        );
         assert!(r.get(2).is_none());
     }
 

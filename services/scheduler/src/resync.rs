@@ -10,8 +10,15 @@ use tokio::sync::mpsc;
 pub enum ResyncMsg {
     Page(SnapshotPage),
     /// The last page arrived; `seq` is the highest sequence number the pages carried.
-    Done { shard: u16, epoch: u64, seq: u64 },
-    Failed { shard: u16, error: String },
+    Done {
+        shard: u16,
+        epoch: u64,
+        seq: u64,
+    },
+    Failed {
+        shard: u16,
+        error: String,
+    },
 }
 
 pub fn spawn_resync(bus: Bus, shard: u16, page_size: u32, tx: mpsc::Sender<ResyncMsg>) {
@@ -24,12 +31,21 @@ pub fn spawn_resync(bus: Bus, shard: u16, page_size: u32, tx: mpsc::Sender<Resyn
     });
 }
 
-async fn fetch(bus: &Bus, shard: u16, page_size: u32, tx: &mpsc::Sender<ResyncMsg>) -> Result<(u64, u64), String> {
+async fn fetch(
+    bus: &Bus,
+    shard: u16,
+    page_size: u32,
+    tx: &mpsc::Sender<ResyncMsg>,
+) -> Result<(u64, u64), String> {
     let mut after = None;
     let mut epoch = None;
     let mut seq = 0;
     loop {
-        let req = SnapshotRequest { shard, after, limit: page_size };
+        let req = SnapshotRequest {
+            shard,
+            after,
+            limit: page_size,
+        };
         let page: SnapshotPage = bus
             .request(bus.subjects.snapshot(shard), &req, Duration::from_secs(2))
             .await
@@ -41,7 +57,9 @@ async fn fetch(bus: &Bus, shard: u16, page_size: u32, tx: &mpsc::Sender<ResyncMs
         after = page.next;
         let last = after.is_none();
         let epoch_now = page.epoch;
-        tx.send(ResyncMsg::Page(page)).await.map_err(|_| "scheduler stopped".to_owned())?;
+        tx.send(ResyncMsg::Page(page))
+            .await
+            .map_err(|_| "scheduler stopped".to_owned())?;
         if last {
             return Ok((epoch_now, seq));
         }

@@ -32,10 +32,17 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     start_with_fleet(config, fleet, shutdown).await
 }
 
-pub async fn start_with_fleet(config: Config, fleet: Arc<FleetConfig>, shutdown: Shutdown) -> anyhow::Result<Running> {
+pub async fn start_with_fleet(
+    config: Config,
+    fleet: Arc<FleetConfig>,
+    shutdown: Shutdown,
+) -> anyhow::Result<Running> {
     anyhow::ensure!(!fleet.engines.is_empty(), "the fleet has no engines");
     let bus = Bus::connect(
-        &BusConfig { url: config.nats_url.clone(), name: "tether-scheduler".into() },
+        &BusConfig {
+            url: config.nats_url.clone(),
+            name: "tether-scheduler".into(),
+        },
         Subjects::new(&config.prefix),
     )
     .await?;
@@ -46,15 +53,32 @@ pub async fn start_with_fleet(config: Config, fleet: Arc<FleetConfig>, shutdown:
     let admin = AdminState::new(registry);
 
     let health = FleetHealth::new(fleet.engines.len());
-    let health_cfg = HealthConfig { interval: Duration::from_millis(config.health_interval_ms.max(10)), ..HealthConfig::default() };
-    let mut tasks = vec![spawn_prober(fleet.clone(), health.clone(), engine_client(), health_cfg, shutdown.clone())];
+    let health_cfg = HealthConfig {
+        interval: Duration::from_millis(config.health_interval_ms.max(10)),
+        ..HealthConfig::default()
+    };
+    let mut tasks = vec![spawn_prober(
+        fleet.clone(),
+        health.clone(),
+        engine_client(),
+        health_cfg,
+        shutdown.clone(),
+    )];
 
     let subs = Subscriptions {
-        route: bus.queue_subscribe(bus.subjects.route(), SCHEDULER_QUEUE_GROUP).await?,
+        route: bus
+            .queue_subscribe(bus.subjects.route(), SCHEDULER_QUEUE_GROUP)
+            .await?,
         state: bus.subscribe(bus.subjects.state_all()).await?,
         events: bus.subscribe(bus.subjects.events_all()).await?,
     };
-    let decider = Decider::new(fleet, health, config.shards, config.priority(), config.placement());
+    let decider = Decider::new(
+        fleet,
+        health,
+        config.shards,
+        config.priority(),
+        config.placement(),
+    );
     let core = Core::new(
         decider,
         bus,
@@ -77,5 +101,9 @@ pub async fn start_with_fleet(config: Config, fleet: Arc<FleetConfig>, shutdown:
         }
     }));
     tracing::info!(%admin_addr, "scheduler running");
-    Ok(Running { admin_addr, admin, tasks })
+    Ok(Running {
+        admin_addr,
+        admin,
+        tasks,
+    })
 }

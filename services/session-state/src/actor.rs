@@ -11,8 +11,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 use tether_bus::Bus;
 use tether_protocol::{
-    RequestEvent, SessionHash, SessionQuery, SessionView, SnapshotPage, SnapshotRequest, StateDelta, now_ms,
-    random_u64, shard_of, stable_hash,
+    RequestEvent, SessionHash, SessionQuery, SessionView, SnapshotPage, SnapshotRequest,
+    StateDelta, now_ms, random_u64, shard_of, stable_hash,
 };
 use tether_session::{SessionTable, TableLimits};
 use tether_telemetry::Shutdown;
@@ -69,17 +69,26 @@ impl ShardActor {
     }
 
     /// Spawns the actor; returns its mailbox.
-    pub fn spawn(self, capacity: usize, shutdown: Shutdown) -> (Mailbox, tokio::task::JoinHandle<()>) {
+    pub fn spawn(
+        self,
+        capacity: usize,
+        shutdown: Shutdown,
+    ) -> (Mailbox, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let shard = self.shard;
-        let handle = tokio::spawn(self.run(rx, shutdown).instrument(tracing::info_span!("shard", shard)));
+        let handle = tokio::spawn(
+            self.run(rx, shutdown)
+                .instrument(tracing::info_span!("shard", shard)),
+        );
         (tx, handle)
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<ShardMsg>, shutdown: Shutdown) {
-        let mut flush = tokio::time::interval(self.cfg.delta_interval.max(Duration::from_millis(1)));
+        let mut flush =
+            tokio::time::interval(self.cfg.delta_interval.max(Duration::from_millis(1)));
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut evict = tokio::time::interval(self.cfg.evict_interval.max(Duration::from_millis(10)));
+        let mut evict =
+            tokio::time::interval(self.cfg.evict_interval.max(Duration::from_millis(10)));
         evict.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::debug!(epoch = self.epoch, "shard actor started");
         loop {
@@ -105,9 +114,17 @@ impl ShardActor {
             }
             ShardMsg::Snapshot(req, reply) => {
                 self.metrics.snapshots.inc();
-                let limit = usize::try_from(req.limit).unwrap_or(usize::MAX).clamp(1, 10_000);
+                let limit = usize::try_from(req.limit)
+                    .unwrap_or(usize::MAX)
+                    .clamp(1, 10_000);
                 let (sessions, next) = self.table.page(req.after, limit);
-                let _ = reply.send(SnapshotPage { shard: self.shard, epoch: self.epoch, seq: self.seq, sessions, next });
+                let _ = reply.send(SnapshotPage {
+                    shard: self.shard,
+                    epoch: self.epoch,
+                    seq: self.seq,
+                    sessions,
+                    next,
+                });
             }
             ShardMsg::Query(q, reply) => {
                 self.metrics.queries.inc();
@@ -116,7 +133,9 @@ impl ShardActor {
                 let _ = reply.send(SessionView {
                     shard: self.shard,
                     record: state.map(|s| s.record(hash)),
-                    in_flight_calls: state.map(|s| s.in_flight.iter().map(|(id, _)| *id).collect()).unwrap_or_default(),
+                    in_flight_calls: state
+                        .map(|s| s.in_flight.iter().map(|(id, _)| *id).collect())
+                        .unwrap_or_default(),
                     session_key: q.session_key,
                 });
             }
@@ -127,7 +146,10 @@ impl ShardActor {
     pub fn apply(&mut self, event: &RequestEvent) {
         if shard_of(event.session_hash, self.cfg.shards) != self.shard {
             self.metrics.misrouted.inc();
-            tracing::warn!(session = event.session_hash, "event for another shard dropped");
+            tracing::warn!(
+                session = event.session_hash,
+                "event for another shard dropped"
+            );
             return;
         }
         self.metrics.events.inc();
@@ -160,7 +182,8 @@ impl ShardActor {
 
     fn adjust_gauge(&self, before: usize) {
         let after = self.table.len();
-        let delta = i64::try_from(after).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(i64::MAX);
+        let delta =
+            i64::try_from(after).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(i64::MAX);
         if delta != 0 {
             self.metrics.sessions.inc_by(delta);
         }
@@ -171,8 +194,11 @@ impl ShardActor {
         if self.changed.is_empty() && self.evicted.is_empty() {
             return;
         }
-        let mut records: Vec<_> =
-            self.changed.drain().filter_map(|h| self.table.get(h).map(|s| s.record(h))).collect();
+        let mut records: Vec<_> = self
+            .changed
+            .drain()
+            .filter_map(|h| self.table.get(h).map(|s| s.record(h)))
+            .collect();
         let mut evicted = std::mem::take(&mut self.evicted);
         let max = self.cfg.max_delta_records.max(1);
         loop {
@@ -183,10 +209,22 @@ impl ShardActor {
             self.seq += 1;
             // Records keep the version they were stamped with when changed
             // (the then-next sequence number); that is ≤ this delta's number.
-            let delta = StateDelta { shard: self.shard, epoch: self.epoch, seq: self.seq, updated, evicted: gone };
+            let delta = StateDelta {
+                shard: self.shard,
+                epoch: self.epoch,
+                seq: self.seq,
+                updated,
+                evicted: gone,
+            };
             self.metrics.deltas.inc();
-            self.metrics.delta_records.inc_by(delta.updated.len() as u64);
-            if let Err(err) = self.bus.publish(self.bus.subjects.state(self.shard), &delta).await {
+            self.metrics
+                .delta_records
+                .inc_by(delta.updated.len() as u64);
+            if let Err(err) = self
+                .bus
+                .publish(self.bus.subjects.state(self.shard), &delta)
+                .await
+            {
                 tracing::warn!(%err, seq = self.seq, "delta publish failed; replicas will resync on the gap");
             }
             if records.is_empty() && evicted.is_empty() {

@@ -5,7 +5,12 @@ use clap::Parser;
 use std::net::SocketAddr;
 
 #[derive(Clone, Debug, Parser)]
-#[command(name = "tether-session-state", version, about = "Tether's per-shard session-state actors", args_override_self = true)]
+#[command(
+    name = "tether-session-state",
+    version,
+    about = "Tether's per-shard session-state actors",
+    args_override_self = true
+)]
 pub struct Config {
     /// Optional TOML file with values for any of these flags.
     #[arg(long, env = "TETHER_CONFIG")]

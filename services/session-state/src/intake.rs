@@ -28,7 +28,9 @@ pub async fn spawn_intake(
                 _ = shutdown.cancelled() => break,
                 msg = sub.next() => match msg { Some(m) => m, None => break },
             };
-            let Some(event) = bus.decode::<RequestEvent>(&msg, "events") else { continue };
+            let Some(event) = bus.decode::<RequestEvent>(&msg, "events") else {
+                continue;
+            };
             let span = tracing::info_span!("session_state.apply", shard, call_id = event.call_id);
             tether_bus::follow(&span, &msg);
             if mailbox.send(ShardMsg::Event(event, span)).await.is_err() {

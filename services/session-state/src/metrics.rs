@@ -19,13 +19,45 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(&self, r: &mut Registry) {
-        r.register("tether_session_events", "Request events applied", self.events.clone());
-        r.register("tether_session_misrouted_events", "Events dropped because their session belongs to another shard", self.misrouted.clone());
-        r.register("tether_session_sessions", "Sessions held by this process", self.sessions.clone());
-        r.register("tether_session_deltas", "State deltas published", self.deltas.clone());
-        r.register("tether_session_delta_records", "Session records published in deltas", self.delta_records.clone());
-        r.register("tether_session_evicted", "Sessions evicted (idle or over the bound)", self.evicted.clone());
-        r.register("tether_session_snapshot_pages", "Snapshot pages served", self.snapshots.clone());
-        r.register("tether_session_queries", "Session queries served", self.queries.clone());
+        r.register(
+            "tether_session_events",
+            "Request events applied",
+            self.events.clone(),
+        );
+        r.register(
+            "tether_session_misrouted_events",
+            "Events dropped because their session belongs to another shard",
+            self.misrouted.clone(),
+        );
+        r.register(
+            "tether_session_sessions",
+            "Sessions held by this process",
+            self.sessions.clone(),
+        );
+        r.register(
+            "tether_session_deltas",
+            "State deltas published",
+            self.deltas.clone(),
+        );
+        r.register(
+            "tether_session_delta_records",
+            "Session records published in deltas",
+            self.delta_records.clone(),
+        );
+        r.register(
+            "tether_session_evicted",
+            "Sessions evicted (idle or over the bound)",
+            self.evicted.clone(),
+        );
+        r.register(
+            "tether_session_snapshot_pages",
+            "Snapshot pages served",
+            self.snapshots.clone(),
+        );
+        r.register(
+            "tether_session_queries",
+            "Session queries served",
+            self.queries.clone(),
+        );
     }
 }

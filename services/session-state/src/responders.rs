@@ -26,11 +26,10 @@ pub async fn spawn_responders(
                     let Some(req) = bus.decode::<SnapshotRequest>(&msg, "snapshot") else { continue };
                     let (tx, rx) = oneshot::channel();
                     if mailbox.send(ShardMsg::Snapshot(req, tx)).await.is_err() { break }
-                    if let Ok(page) = rx.await {
-                        if let Err(err) = bus.respond(&msg, &page).await {
+                    if let Ok(page) = rx.await
+                        && let Err(err) = bus.respond(&msg, &page).await {
                             tracing::warn!(%err, shard, "snapshot reply failed");
                         }
-                    }
                 }
                 msg = queries.next() => {
                     let Some(msg) = msg else { break };

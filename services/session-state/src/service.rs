@@ -33,7 +33,10 @@ impl Running {
 pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
     let owned = shards::parse(&config.owned_shards, config.shards)?;
     let bus = Bus::connect(
-        &BusConfig { url: config.nats_url.clone(), name: "tether-session-state".into() },
+        &BusConfig {
+            url: config.nats_url.clone(),
+            name: "tether-session-state".into(),
+        },
         Subjects::new(&config.prefix),
     )
     .await?;
@@ -44,7 +47,11 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     bus.stats.register(&mut registry);
     let admin = AdminState::new(registry);
 
-    let per_shard = if config.max_sessions == 0 { 0 } else { (config.max_sessions / owned.len()).max(1) };
+    let per_shard = if config.max_sessions == 0 {
+        0
+    } else {
+        (config.max_sessions / owned.len()).max(1)
+    };
     let actor_cfg = ActorConfig {
         shards: config.shards,
         limits: TableLimits {
@@ -81,5 +88,10 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     // and re-established by it after a reconnect.
     admin.set_ready(true);
     tracing::info!(shards = ?owned, %admin_addr, "session-state running");
-    Ok(Running { admin_addr, admin, shards: owned, tasks })
+    Ok(Running {
+        admin_addr,
+        admin,
+        shards: owned,
+        tasks,
+    })
 }

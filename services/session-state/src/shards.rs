@@ -14,13 +14,20 @@ pub enum ShardSpecError {
 pub fn parse(spec: &str, shards: u16) -> Result<Vec<u16>, ShardSpecError> {
     let spec = spec.trim();
     if spec.eq_ignore_ascii_case("all") {
-        return if shards == 0 { Err(ShardSpecError::Empty) } else { Ok((0..shards).collect()) };
+        return if shards == 0 {
+            Err(ShardSpecError::Empty)
+        } else {
+            Ok((0..shards).collect())
+        };
     }
     let mut out = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let bad = || ShardSpecError::Syntax(spec.to_owned());
         let (lo, hi) = match part.split_once('-') {
-            Some((a, b)) => (a.trim().parse::<u16>().map_err(|_| bad())?, b.trim().parse::<u16>().map_err(|_| bad())?),
+            Some((a, b)) => (
+                a.trim().parse::<u16>().map_err(|_| bad())?,
+                b.trim().parse::<u16>().map_err(|_| bad())?,
+            ),
             None => {
                 let n = part.parse::<u16>().map_err(|_| bad())?;
                 (n, n)
@@ -38,7 +45,11 @@ pub fn parse(spec: &str, shards: u16) -> Result<Vec<u16>, ShardSpecError> {
     }
     out.sort_unstable();
     out.dedup();
-    if out.is_empty() { Err(ShardSpecError::Empty) } else { Ok(out) }
+    if out.is_empty() {
+        Err(ShardSpecError::Empty)
+    } else {
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -49,7 +60,13 @@ mod tests {
     fn parses_lists() {
         assert_eq!(parse("all", 4), Ok(vec![0, 1, 2, 3]));
         assert_eq!(parse("0-2, 5,1", 8), Ok(vec![0, 1, 2, 5]));
-        assert_eq!(parse("9", 8), Err(ShardSpecError::OutOfRange { shard: 9, shards: 8 }));
+        assert_eq!(
+            parse("9", 8),
+            Err(ShardSpecError::OutOfRange {
+                shard: 9,
+                shards: 8
+            })
+        );
         assert!(matches!(parse("x", 8), Err(ShardSpecError::Syntax(_))));
         assert!(matches!(parse("3-1", 8), Err(ShardSpecError::Syntax(_))));
         assert_eq!(parse("", 8), Err(ShardSpecError::Empty));

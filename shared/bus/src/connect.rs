@@ -29,15 +29,37 @@ pub struct BusStats {
 
 impl BusStats {
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("tether_bus_slow_consumer", "NATS slow-consumer events (messages dropped by the client)", self.slow_consumer.clone());
-        registry.register("tether_bus_disconnects", "NATS disconnections", self.disconnects.clone());
-        registry.register("tether_bus_connects", "NATS (re)connections", self.connects.clone());
-        registry.register("tether_bus_errors", "NATS client and server errors", self.errors.clone());
-        registry.register("tether_bus_decode_errors", "Bus messages that failed to decode and were dropped", self.decode_errors.clone());
+        registry.register(
+            "tether_bus_slow_consumer",
+            "NATS slow-consumer events (messages dropped by the client)",
+            self.slow_consumer.clone(),
+        );
+        registry.register(
+            "tether_bus_disconnects",
+            "NATS disconnections",
+            self.disconnects.clone(),
+        );
+        registry.register(
+            "tether_bus_connects",
+            "NATS (re)connections",
+            self.connects.clone(),
+        );
+        registry.register(
+            "tether_bus_errors",
+            "NATS client and server errors",
+            self.errors.clone(),
+        );
+        registry.register(
+            "tether_bus_decode_errors",
+            "Bus messages that failed to decode and were dropped",
+            self.decode_errors.clone(),
+        );
     }
 
     pub fn count_decode_error(&self, kind: &str) {
-        self.decode_errors.get_or_create(&vec![("kind".to_owned(), kind.to_owned())]).inc();
+        self.decode_errors
+            .get_or_create(&vec![("kind".to_owned(), kind.to_owned())])
+            .inc();
     }
 }
 

@@ -2,8 +2,8 @@
 //! so that one client request is one trace across services.
 
 use async_nats::HeaderMap;
-use std::str::FromStr;
 use opentelemetry::propagation::{Extractor, Injector};
+use std::str::FromStr;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 struct HeaderInjector<'a>(&'a mut HeaderMap);
@@ -41,7 +41,9 @@ pub fn inject_context(headers: &mut HeaderMap) {
 /// Reads a trace context from a message's headers (an empty context if none).
 pub fn extract_context(headers: Option<&HeaderMap>) -> opentelemetry::Context {
     match headers {
-        Some(h) => opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(h))),
+        Some(h) => {
+            opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(h)))
+        }
         None => opentelemetry::Context::new(),
     }
 }

@@ -36,13 +36,18 @@ pub struct Bus {
 
 impl Bus {
     pub fn new(client: async_nats::Client, subjects: Subjects, stats: BusStats) -> Self {
-        Self { client, subjects, stats }
+        Self {
+            client,
+            subjects,
+            stats,
+        }
     }
 
     /// Connects (retrying in the background, see [`crate::connect()`]).
     pub async fn connect(config: &crate::BusConfig, subjects: Subjects) -> Result<Self, BusError> {
-        let (client, stats) =
-            crate::connect(config).await.map_err(|e| BusError::Request(format!("connect: {e}")))?;
+        let (client, stats) = crate::connect(config)
+            .await
+            .map_err(|e| BusError::Request(format!("connect: {e}")))?;
         Ok(Self::new(client, subjects, stats))
     }
 
@@ -80,11 +85,15 @@ impl Bus {
             .headers(Self::traced_headers())
             .payload(payload.into())
             .timeout(Some(timeout));
-        let reply = self.client.send_request(subject.clone(), request).await.map_err(|e| match e.kind() {
-            RequestErrorKind::NoResponders => BusError::NoResponders(subject.clone()),
-            RequestErrorKind::TimedOut => BusError::TimedOut(subject.clone()),
-            _ => BusError::Request(e.to_string()),
-        })?;
+        let reply = self
+            .client
+            .send_request(subject.clone(), request)
+            .await
+            .map_err(|e| match e.kind() {
+                RequestErrorKind::NoResponders => BusError::NoResponders(subject.clone()),
+                RequestErrorKind::TimedOut => BusError::TimedOut(subject.clone()),
+                _ => BusError::Request(e.to_string()),
+            })?;
         Ok(tether_protocol::decode(&reply.payload)?)
     }
 
@@ -114,7 +123,10 @@ impl Bus {
     }
 
     pub async fn subscribe(&self, subject: String) -> Result<async_nats::Subscriber, BusError> {
-        self.client.subscribe(subject).await.map_err(|e| BusError::Subscribe(e.to_string()))
+        self.client
+            .subscribe(subject)
+            .await
+            .map_err(|e| BusError::Subscribe(e.to_string()))
     }
 
     pub async fn queue_subscribe(

@@ -16,9 +16,15 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
     #[error("cannot read fleet file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("fleet file {path} is not valid: {source}")]
-    Parse { path: String, source: toml::de::Error },
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
     #[error("fleet is invalid: {0}")]
     Invalid(String),
 }
@@ -75,15 +81,20 @@ pub struct FleetConfig {
 
 impl FleetConfig {
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, FleetError> {
-        let fleet: Self =
-            toml::from_str(text).map_err(|source| FleetError::Parse { path: origin.to_owned(), source })?;
+        let fleet: Self = toml::from_str(text).map_err(|source| FleetError::Parse {
+            path: origin.to_owned(),
+            source,
+        })?;
         fleet.validate()?;
         Ok(fleet)
     }
 
     pub fn load(path: &Path) -> Result<Self, FleetError> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| FleetError::Read { path: origin.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| FleetError::Read {
+            path: origin.clone(),
+            source,
+        })?;
         Self::from_toml(&text, &origin)
     }
 
@@ -94,13 +105,22 @@ impl FleetConfig {
                 return Err(FleetError::Invalid(format!("bad engine name {:?}", e.name)));
             }
             if !names.insert(e.name.as_str()) {
-                return Err(FleetError::Invalid(format!("engine {:?} is listed twice", e.name)));
+                return Err(FleetError::Invalid(format!(
+                    "engine {:?} is listed twice",
+                    e.name
+                )));
             }
             if !(e.url.starts_with("http://") || e.url.starts_with("https://")) {
-                return Err(FleetError::Invalid(format!("engine {:?}: url must start with http://", e.name)));
+                return Err(FleetError::Invalid(format!(
+                    "engine {:?}: url must start with http://",
+                    e.name
+                )));
             }
             if e.max_concurrency == 0 {
-                return Err(FleetError::Invalid(format!("engine {:?}: max_concurrency must be > 0", e.name)));
+                return Err(FleetError::Invalid(format!(
+                    "engine {:?}: max_concurrency must be > 0",
+                    e.name
+                )));
             }
         }
         Ok(())
@@ -112,7 +132,11 @@ impl FleetConfig {
 
     /// Every model the fleet serves, sorted, without duplicates.
     pub fn models(&self) -> Vec<String> {
-        let mut m: Vec<String> = self.engines.iter().flat_map(|e| e.models.iter().cloned()).collect();
+        let mut m: Vec<String> = self
+            .engines
+            .iter()
+            .flat_map(|e| e.models.iter().cloned())
+            .collect();
         m.sort();
         m.dedup();
         m
@@ -144,7 +168,10 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert_eq!(f.engines.len(), 2);
-        assert_eq!(f.engines[0].endpoint("/v1/models"), "http://127.0.0.1:1/v1/models");
+        assert_eq!(
+            f.engines[0].endpoint("/v1/models"),
+            "http://127.0.0.1:1/v1/models"
+        );
         assert!(f.engines[1].serves("anything"));
         assert!(!f.engines[0].serves("other"));
         assert_eq!(f.engines[1].kind, EngineKind::Sglang);
@@ -154,9 +181,18 @@ mod tests {
     #[test]
     fn rejects_duplicates_and_bad_urls() {
         let dup = "[[engines]]\nname='a'\nurl='http://x'\n[[engines]]\nname='a'\nurl='http://y'\n";
-        assert!(matches!(FleetConfig::from_toml(dup, "t"), Err(FleetError::Invalid(_))));
+        assert!(matches!(
+            FleetConfig::from_toml(dup, "t"),
+            Err(FleetError::Invalid(_))
+        ));
         let bad = "[[engines]]\nname='a'\nurl='ftp://x'\n";
-        assert!(matches!(FleetConfig::from_toml(bad, "t"), Err(FleetError::Invalid(_))));
-        assert!(matches!(FleetConfig::from_toml("engines = 3", "t"), Err(FleetError::Parse { .. })));
+        assert!(matches!(
+            FleetConfig::from_toml(bad, "t"),
+            Err(FleetError::Invalid(_))
+        ));
+        assert!(matches!(
+            FleetConfig::from_toml("engines = 3", "t"),
+            Err(FleetError::Parse { .. })
+        ));
     }
 }

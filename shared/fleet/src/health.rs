@@ -24,7 +24,12 @@ pub struct HealthConfig {
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        Self { interval: Duration::from_millis(500), timeout: Duration::from_millis(500), fail_after: 2, recover_after: 1 }
+        Self {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(500),
+            fail_after: 2,
+            recover_after: 1,
+        }
     }
 }
 
@@ -44,18 +49,27 @@ pub struct FleetHealth {
 impl FleetHealth {
     pub fn new(engines: usize) -> Self {
         let flags = (0..engines)
-            .map(|_| EngineFlags { healthy: AtomicBool::new(true), ..EngineFlags::default() })
+            .map(|_| EngineFlags {
+                healthy: AtomicBool::new(true),
+                ..EngineFlags::default()
+            })
             .collect();
-        Self { flags: Arc::new(flags) }
+        Self {
+            flags: Arc::new(flags),
+        }
     }
 
     pub fn is_healthy(&self, engine: usize) -> bool {
-        self.flags.get(engine).is_some_and(|f| f.healthy.load(Ordering::Relaxed))
+        self.flags
+            .get(engine)
+            .is_some_and(|f| f.healthy.load(Ordering::Relaxed))
     }
 
     /// Records one probe (or one real call's) outcome.
     pub fn record(&self, engine: usize, ok: bool, cfg: &HealthConfig) {
-        let Some(f) = self.flags.get(engine) else { return };
+        let Some(f) = self.flags.get(engine) else {
+            return;
+        };
         if ok {
             f.failures.store(0, Ordering::Relaxed);
             let s = f.successes.fetch_add(1, Ordering::Relaxed) + 1;
@@ -134,7 +148,11 @@ mod tests {
 
     #[test]
     fn hysteresis() {
-        let cfg = HealthConfig { fail_after: 2, recover_after: 2, ..HealthConfig::default() };
+        let cfg = HealthConfig {
+            fail_after: 2,
+            recover_after: 2,
+            ..HealthConfig::default()
+        };
         let h = FleetHealth::new(1);
         assert!(h.is_healthy(0));
         h.record(0, false, &cfg);

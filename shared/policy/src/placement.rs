@@ -23,7 +23,10 @@ pub struct PlacementConfig {
 
 impl Default for PlacementConfig {
     fn default() -> Self {
-        Self { epsilon: 0.5, slack: 4.0 }
+        Self {
+            epsilon: 0.5,
+            slack: 4.0,
+        }
     }
 }
 
@@ -63,12 +66,15 @@ pub fn place(
     affinity: Option<usize>,
     session_hash: u64,
 ) -> Option<Placement> {
-    if let Some(a) = affinity {
-        if let Some(e) = engines.get(a) {
-            if e.healthy && e.load + 1.0 <= load_bound(cfg, engines) {
-                return Some(Placement { engine: a, reason: RouteReason::Affinity });
-            }
-        }
+    if let Some(a) = affinity
+        && let Some(e) = engines.get(a)
+        && e.healthy
+        && e.load + 1.0 <= load_bound(cfg, engines)
+    {
+        return Some(Placement {
+            engine: a,
+            reason: RouteReason::Affinity,
+        });
     }
     let engine = least_loaded(engines, session_hash)?;
     let reason = match affinity {
@@ -112,7 +118,11 @@ mod tests {
         loads
             .iter()
             .enumerate()
-            .map(|(i, l)| EngineLoad { healthy: true, load: *l, id_hash: tether_protocol::stable_hash(format!("e{i}").as_bytes()) })
+            .map(|(i, l)| EngineLoad {
+                healthy: true,
+                load: *l,
+                id_hash: tether_protocol::stable_hash(format!("e{i}").as_bytes()),
+            })
             .collect()
     }
 
@@ -120,14 +130,26 @@ mod tests {
     fn affinity_holds_under_the_bound() {
         let cfg = PlacementConfig::default();
         let p = place(&cfg, &fleet(&[3.0, 0.0, 0.0, 0.0]), Some(0), 1);
-        assert_eq!(p, Some(Placement { engine: 0, reason: RouteReason::Affinity }));
+        assert_eq!(
+            p,
+            Some(Placement {
+                engine: 0,
+                reason: RouteReason::Affinity
+            })
+        );
     }
 
     #[test]
     fn overloaded_affinity_moves_to_least_loaded() {
         let cfg = PlacementConfig::default();
         let p = place(&cfg, &fleet(&[20.0, 2.0, 1.0, 3.0]), Some(0), 1);
-        assert_eq!(p, Some(Placement { engine: 2, reason: RouteReason::Rebalanced }));
+        assert_eq!(
+            p,
+            Some(Placement {
+                engine: 2,
+                reason: RouteReason::Rebalanced
+            })
+        );
     }
 
     #[test]
@@ -143,7 +165,8 @@ mod tests {
         let f = fleet(&[0.0; 4]);
         let mut hits = [0; 4];
         for s in 0..400u64 {
-            hits[least_loaded(&f, tether_protocol::stable_hash(&s.to_le_bytes())).unwrap_or(0)] += 1;
+            hits[least_loaded(&f, tether_protocol::stable_hash(&s.to_le_bytes())).unwrap_or(0)] +=
+                1;
         }
         assert!(hits.iter().all(|h| *h > 50), "{hits:?}");
     }

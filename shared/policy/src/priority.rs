@@ -36,7 +36,12 @@ pub struct PriorityConfig {
 
 impl Default for PriorityConfig {
     fn default() -> Self {
-        Self { mode: PriorityMode::Atlas, thresholds: vec![1.0, 4.0, 16.0, 64.0], starvation_ratio: 2.0, service_floor: 1.0 }
+        Self {
+            mode: PriorityMode::Atlas,
+            thresholds: vec![1.0, 4.0, 16.0, 64.0],
+            starvation_ratio: 2.0,
+            service_floor: 1.0,
+        }
     }
 }
 
@@ -60,7 +65,11 @@ pub fn level(cfg: &PriorityConfig, s: &SessionService) -> u8 {
     if starving(cfg, service, s.wait) {
         return 0;
     }
-    let service = if service.is_finite() { service.max(0.0) } else { f64::MAX };
+    let service = if service.is_finite() {
+        service.max(0.0)
+    } else {
+        f64::MAX
+    };
     let idx = cfg.thresholds.iter().take_while(|t| service >= **t).count();
     u8::try_from(idx).unwrap_or(u8::MAX)
 }
@@ -77,7 +86,11 @@ mod tests {
     use super::*;
 
     fn svc(cst: f64) -> SessionService {
-        SessionService { cst, attained: cst, wait: 0.0 }
+        SessionService {
+            cst,
+            attained: cst,
+            wait: 0.0,
+        }
     }
 
     #[test]
@@ -94,7 +107,11 @@ mod tests {
     #[test]
     fn starving_sessions_are_promoted() {
         let cfg = PriorityConfig::default();
-        let s = SessionService { cst: 100.0, attained: 100.0, wait: 199.0 };
+        let s = SessionService {
+            cst: 100.0,
+            attained: 100.0,
+            wait: 199.0,
+        };
         assert_eq!(level(&cfg, &s), 4);
         let s = SessionService { wait: 200.0, ..s };
         assert_eq!(level(&cfg, &s), 0);
@@ -102,8 +119,15 @@ mod tests {
 
     #[test]
     fn plas_uses_the_sum() {
-        let cfg = PriorityConfig { mode: PriorityMode::Plas, ..PriorityConfig::default() };
-        let s = SessionService { cst: 0.5, attained: 30.0, wait: 0.0 };
+        let cfg = PriorityConfig {
+            mode: PriorityMode::Plas,
+            ..PriorityConfig::default()
+        };
+        let s = SessionService {
+            cst: 0.5,
+            attained: 30.0,
+            wait: 0.0,
+        };
         assert_eq!(level(&cfg, &s), 3);
     }
 }

@@ -91,20 +91,28 @@ mod tests {
     fn wrong_version_is_refused() {
         let mut bytes = encode(&event()).unwrap();
         bytes[0] = 9;
-        assert!(matches!(decode::<RequestEvent>(&bytes), Err(CodecError::Version { found: 9 })));
+        assert!(matches!(
+            decode::<RequestEvent>(&bytes),
+            Err(CodecError::Version { found: 9 })
+        ));
     }
 
     #[test]
     fn trailing_bytes_are_refused() {
         let mut bytes = encode(&event()).unwrap();
         bytes.push(0);
-        assert!(matches!(decode::<RequestEvent>(&bytes), Err(CodecError::Trailing(1))));
+        assert!(matches!(
+            decode::<RequestEvent>(&bytes),
+            Err(CodecError::Trailing(1))
+        ));
     }
 
     #[test]
     fn huge_length_prefix_does_not_allocate() {
         // version 1, then a string length claiming ~2^60 bytes.
-        let bytes = [1u8, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0f, 0xff];
+        let bytes = [
+            1u8, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0f, 0xff,
+        ];
         assert!(decode::<RequestEvent>(&bytes).is_err());
     }
 

@@ -62,6 +62,27 @@ pub const fn mix(a: u64, b: u64) -> u64 {
     fmix64(a.wrapping_mul(FNV_PRIME) ^ b)
 }
 
+/// A random 64-bit number from the standard library's per-process random
+/// keys and the clock: for epochs and call-id bases, not for cryptography.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(nanos);
+    h.finish()
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,7 +93,10 @@ mod tests {
     fn test_vectors_are_stable() {
         assert_eq!(fnv1a64_update(fnv_start(), b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64_update(fnv_start(), b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a64_update(fnv_start(), b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(
+            fnv1a64_update(fnv_start(), b"foobar"),
+            0x8594_4171_f739_67e8
+        );
         assert_eq!(stable_hash(b""), fmix64(0xcbf2_9ce4_8422_2325));
         assert_eq!(stable_hash(b"session-1"), stable_hash(b"session-1"));
         assert_ne!(stable_hash(b"session-1"), stable_hash(b"session-2"));
@@ -95,25 +119,4 @@ mod tests {
     fn zero_shards_means_one() {
         assert_eq!(shard_of(12345, 0), 0);
     }
-}
-
-/// A random 64-bit number from the standard library's per-process random
-/// keys and the clock: for epochs and call-id bases, not for cryptography.
-pub fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    h.write_u128(nanos);
-    h.finish()
-}
-
-/// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }

@@ -5,7 +5,7 @@
 //! Keys are bounded in length and may not hold control characters, so they are
 //! safe to log, to put in NATS headers and to echo in HTTP headers.
 
-use crate::hash::{fnv_start, fmix64, fnv1a64_update};
+use crate::hash::{fmix64, fnv_start, fnv1a64_update};
 use std::fmt;
 
 /// Longest accepted session key, in bytes.
@@ -42,7 +42,11 @@ impl SessionKey {
         if text.chars().any(char::is_control) {
             return Err(KeyError::ControlCharacter);
         }
-        Ok(Self { hash: crate::stable_hash(text.as_bytes()), text: text.to_owned(), implicit: false })
+        Ok(Self {
+            hash: crate::stable_hash(text.as_bytes()),
+            text: text.to_owned(),
+            implicit: false,
+        })
     }
 
     /// Derives the implicit key of a conversation from its opening: the model,
@@ -60,14 +64,22 @@ impl SessionKey {
             h = fnv1a64_update(h, &[0xff]);
         }
         let text = format!("implicit-{:016x}", fmix64(h));
-        Self { hash: crate::stable_hash(text.as_bytes()), text, implicit: true }
+        Self {
+            hash: crate::stable_hash(text.as_bytes()),
+            text,
+            implicit: true,
+        }
     }
 
     /// Rebuilds a key from its text without the client-facing checks (for keys
     /// read back from the bus, already validated by their publisher).
     pub fn from_trusted(text: String) -> Self {
         let implicit = text.starts_with("implicit-");
-        Self { hash: crate::stable_hash(text.as_bytes()), text, implicit }
+        Self {
+            hash: crate::stable_hash(text.as_bytes()),
+            text,
+            implicit,
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -103,10 +115,19 @@ mod tests {
     fn explicit_keys_are_validated() {
         assert!(SessionKey::explicit("abc").is_ok());
         assert_eq!(SessionKey::explicit(""), Err(KeyError::Empty));
-        assert_eq!(SessionKey::explicit(&"x".repeat(257)), Err(KeyError::TooLong(257)));
+        assert_eq!(
+            SessionKey::explicit(&"x".repeat(257)),
+            Err(KeyError::TooLong(257))
+        );
         assert!(SessionKey::explicit(&"x".repeat(256)).is_ok());
-        assert_eq!(SessionKey::explicit("a\r\nb"), Err(KeyError::ControlCharacter));
-        assert_eq!(SessionKey::explicit("a\u{7f}"), Err(KeyError::ControlCharacter));
+        assert_eq!(
+            SessionKey::explicit("a\r\nb"),
+            Err(KeyError::ControlCharacter)
+        );
+        assert_eq!(
+            SessionKey::explicit("a\u{7f}"),
+            Err(KeyError::ControlCharacter)
+        );
     }
 
     #[test]
@@ -119,6 +140,9 @@ mod tests {
         assert_ne!(a, SessionKey::implicit("m", "sys", "hello!"));
         assert_ne!(a, SessionKey::implicit("m2", "sys", "hello"));
         // The separator keeps part boundaries apart.
-        assert_ne!(SessionKey::implicit("m", "ab", "c"), SessionKey::implicit("m", "a", "bc"));
+        assert_ne!(
+            SessionKey::implicit("m", "ab", "c"),
+            SessionKey::implicit("m", "a", "bc")
+        );
     }
 }

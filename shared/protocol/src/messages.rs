@@ -191,5 +191,7 @@ impl RouteReason {
 pub enum RouteReply {
     Decision(RouteDecision),
     /// No engine can take the call (none healthy, none serves the model).
-    NoEngine { reason: String },
+    NoEngine {
+        reason: String,
+    },
 }

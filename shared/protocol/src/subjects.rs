@@ -21,7 +21,9 @@ impl Default for Subjects {
 
 impl Subjects {
     pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.trim_end_matches('.').to_owned() }
+        Self {
+            prefix: prefix.trim_end_matches('.').to_owned(),
+        }
     }
 
     pub fn prefix(&self) -> &str {

@@ -32,7 +32,10 @@ pub struct SessionState {
 
 impl SessionState {
     pub fn new(key: String) -> Self {
-        Self { key, ..Self::default() }
+        Self {
+            key,
+            ..Self::default()
+        }
     }
 
     /// Applies one event. Negative or non-finite durations count as zero, so a
@@ -84,7 +87,11 @@ impl SessionState {
 }
 
 fn sane(seconds: f64) -> f64 {
-    if seconds.is_finite() && seconds > 0.0 { seconds } else { 0.0 }
+    if seconds.is_finite() && seconds > 0.0 {
+        seconds
+    } else {
+        0.0
+    }
 }
 
 #[cfg(test)]
@@ -139,7 +146,10 @@ mod tests {
     fn dispatch_tracks_in_flight_and_affinity() {
         let mut s = SessionState::new("s".into());
         let mut e = finished(7, 0.0, 0.0, 0.0);
-        e.kind = EventKind::Dispatched { inherited_cst: 0.0, level: 0 };
+        e.kind = EventKind::Dispatched {
+            inherited_cst: 0.0,
+            level: 0,
+        };
         e.engine = "e2".into();
         s.apply(&e);
         s.apply(&e); // duplicate delivery is harmless

@@ -21,7 +21,11 @@ pub struct TableLimits {
 
 impl Default for TableLimits {
     fn default() -> Self {
-        Self { idle_ttl_ms: 30 * 60 * 1000, call_timeout_ms: 60 * 60 * 1000, max_sessions: 1_000_000 }
+        Self {
+            idle_ttl_ms: 30 * 60 * 1000,
+            call_timeout_ms: 60 * 60 * 1000,
+            max_sessions: 1_000_000,
+        }
     }
 }
 
@@ -33,7 +37,10 @@ pub struct SessionTable {
 
 impl SessionTable {
     pub fn new(limits: TableLimits) -> Self {
-        Self { sessions: HashMap::new(), limits }
+        Self {
+            sessions: HashMap::new(),
+            limits,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -101,8 +108,11 @@ impl SessionTable {
     }
 
     fn evict_least_recent(&mut self, n: usize) -> Vec<SessionHash> {
-        let mut by_age: Vec<(u64, SessionHash)> =
-            self.sessions.iter().map(|(h, s)| (s.last_active_ms, *h)).collect();
+        let mut by_age: Vec<(u64, SessionHash)> = self
+            .sessions
+            .iter()
+            .map(|(h, s)| (s.last_active_ms, *h))
+            .collect();
         let n = n.min(by_age.len());
         if n == 0 {
             return Vec::new();
@@ -117,9 +127,17 @@ impl SessionTable {
 
     /// Up to `limit` records with hash greater than `after`, in hash order,
     /// and the cursor for the next page.
-    pub fn page(&self, after: Option<SessionHash>, limit: usize) -> (Vec<SessionRecord>, Option<SessionHash>) {
-        let mut keys: Vec<SessionHash> =
-            self.sessions.keys().copied().filter(|h| after.is_none_or(|a| *h > a)).collect();
+    pub fn page(
+        &self,
+        after: Option<SessionHash>,
+        limit: usize,
+    ) -> (Vec<SessionRecord>, Option<SessionHash>) {
+        let mut keys: Vec<SessionHash> = self
+            .sessions
+            .keys()
+            .copied()
+            .filter(|h| after.is_none_or(|a| *h > a))
+            .collect();
         let limit = limit.max(1);
         let more = keys.len() > limit;
         if more {
@@ -128,7 +146,10 @@ impl SessionTable {
         }
         keys.sort_unstable();
         let next = if more { keys.last().copied() } else { None };
-        let records = keys.iter().filter_map(|h| self.sessions.get(h).map(|s| s.record(*h))).collect();
+        let records = keys
+            .iter()
+            .filter_map(|h| self.sessions.get(h).map(|s| s.record(*h)))
+            .collect();
         (records, next)
     }
 }
@@ -171,12 +192,18 @@ mod tests {
 
     #[test]
     fn idle_eviction_removes_only_stale_sessions() {
-        let limits = TableLimits { idle_ttl_ms: 1000, ..TableLimits::default() };
+        let limits = TableLimits {
+            idle_ttl_ms: 1000,
+            ..TableLimits::default()
+        };
         let mut t = SessionTable::new(limits);
         t.apply(&event(1, 100), 1); // stale at now = 2000
         t.apply(&event(2, 1500), 2); // fresh
         let mut busy = event(3, 50); // stale but with a call in flight
-        busy.kind = EventKind::Dispatched { inherited_cst: 0.0, level: 0 };
+        busy.kind = EventKind::Dispatched {
+            inherited_cst: 0.0,
+            level: 0,
+        };
         t.apply(&busy, 3);
         let (evicted, _) = t.evict_idle(2000);
         assert_eq!(evicted, vec![1]);
@@ -185,10 +212,17 @@ mod tests {
 
     #[test]
     fn lost_calls_are_forgotten_after_the_call_timeout() {
-        let limits = TableLimits { idle_ttl_ms: 1000, call_timeout_ms: 5000, max_sessions: 0 };
+        let limits = TableLimits {
+            idle_ttl_ms: 1000,
+            call_timeout_ms: 5000,
+            max_sessions: 0,
+        };
         let mut t = SessionTable::new(limits);
         let mut busy = event(3, 50);
-        busy.kind = EventKind::Dispatched { inherited_cst: 0.0, level: 0 };
+        busy.kind = EventKind::Dispatched {
+            inherited_cst: 0.0,
+            level: 0,
+        };
         t.apply(&busy, 1);
         let (evicted, changed) = t.evict_idle(6000);
         assert_eq!(changed, Vec::<u64>::new());
@@ -197,7 +231,10 @@ mod tests {
 
     #[test]
     fn the_table_is_bounded() {
-        let limits = TableLimits { max_sessions: 32, ..TableLimits::default() };
+        let limits = TableLimits {
+            max_sessions: 32,
+            ..TableLimits::default()
+        };
         let mut t = SessionTable::new(limits);
         for s in 0..100u64 {
             t.apply(&event(s, 1000 + s), s);

@@ -26,7 +26,10 @@ pub struct AdminState {
 
 impl AdminState {
     pub fn new(registry: Registry) -> Self {
-        Self { registry: Arc::new(registry), ready: Arc::new(AtomicBool::new(false)) }
+        Self {
+            registry: Arc::new(registry),
+            ready: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -59,7 +62,10 @@ pub fn admin_router(state: AdminState) -> Router {
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.render_metrics(),
     )
 }

@@ -12,7 +12,11 @@ use std::ffi::OsString;
 /// clap (with `args_override_self`) lets the real flags win.
 pub fn args_with_config_file() -> anyhow::Result<Vec<OsString>> {
     let args: Vec<OsString> = std::env::args_os().collect();
-    merge(args, |k| std::env::var_os(k).is_some(), |p| std::fs::read_to_string(p))
+    merge(
+        args,
+        |k| std::env::var_os(k).is_some(),
+        |p| std::fs::read_to_string(p),
+    )
 }
 
 fn merge(
@@ -23,7 +27,9 @@ fn merge(
     let path = config_path(&args).or_else(|| std::env::var("TETHER_CONFIG").ok());
     let Some(path) = path else { return Ok(args) };
     let text = read(&path).map_err(|e| anyhow::anyhow!("cannot read config file {path}: {e}"))?;
-    let table: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("config file {path}: {e}"))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("config file {path}: {e}"))?;
     let mut out: Vec<OsString> = args.iter().take(1).cloned().collect();
     for (key, value) in table {
         let key = key.replace('_', "-");
@@ -70,21 +76,38 @@ mod tests {
 
     #[test]
     fn file_values_go_first_and_env_wins() {
-        let args = vec!["bin".into(), "--config".into(), "f.toml".into(), "--listen".into(), "x".into()];
-        let file = "nats_url = \"nats://a:1\"\nshards = 8\nheaders = [\"a\", \"b\"]\nprefix = \"p\"\n";
-        let merged = merge(args, |k| k == "TETHER_PREFIX", |_| Ok(file.to_owned())).unwrap_or_default();
-        let merged: Vec<String> = merged.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+        let args = vec![
+            "bin".into(),
+            "--config".into(),
+            "f.toml".into(),
+            "--listen".into(),
+            "x".into(),
+        ];
+        let file =
+            "nats_url = \"nats://a:1\"\nshards = 8\nheaders = [\"a\", \"b\"]\nprefix = \"p\"\n";
+        let merged =
+            merge(args, |k| k == "TETHER_PREFIX", |_| Ok(file.to_owned())).unwrap_or_default();
+        let merged: Vec<String> = merged
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(merged[0], "bin");
         assert!(merged.windows(2).any(|w| w == ["--nats-url", "nats://a:1"]));
         assert!(merged.windows(2).any(|w| w == ["--shards", "8"]));
         assert!(merged.windows(2).any(|w| w == ["--headers", "a,b"]));
         assert!(!merged.iter().any(|a| a == "--prefix"));
-        assert_eq!(merged[merged.len() - 2..], ["--listen".to_string(), "x".to_string()]);
+        assert_eq!(
+            merged[merged.len() - 2..],
+            ["--listen".to_string(), "x".to_string()]
+        );
     }
 
     #[test]
     fn no_file_no_change() {
         let args: Vec<OsString> = vec!["bin".into(), "--x".into()];
-        assert_eq!(merge(args.clone(), |_| false, |_| Ok(String::new())).unwrap_or_default(), args);
+        assert_eq!(
+            merge(args.clone(), |_| false, |_| Ok(String::new())).unwrap_or_default(),
+            args
+        );
     }
 }

@@ -17,10 +17,8 @@ pub struct TelemetryGuard {
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
-        if let Some(provider) = self.provider.take() {
-            if let Err(err) = provider.shutdown() {
-                eprintln!("telemetry: span exporter shutdown failed: {err}");
-            }
+        if let Some(Err(err)) = self.provider.take().map(|p| p.shutdown()) {
+            eprintln!("telemetry: span exporter shutdown failed: {err}");
         }
     }
 }
@@ -28,7 +26,9 @@ impl Drop for TelemetryGuard {
 /// Installs logging and, if configured, OTLP span export for `service`.
 pub fn init(service: &'static str) -> anyhow::Result<TelemetryGuard> {
     let provider = if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
-        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()?;
         Some(
             SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
@@ -60,7 +60,11 @@ fn install(
     let otel = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
-    tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()?;
     if let Some(p) = &provider {
         opentelemetry::global::set_tracer_provider(p.clone());
     }

@@ -44,7 +44,10 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> anyhow::Result<http::Response<Incoming>> {
-    let mut req = http::Request::builder().method(method).uri(url).header("content-type", "application/json");
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json");
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -62,13 +65,29 @@ pub async fn fetch(
     let resp = send(client, method, url, headers, body).await?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await?.to_bytes();
-    Ok(Reply { status: parts.status.as_u16(), headers: parts.headers, body })
+    Ok(Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    })
 }
 
 pub async fn get(client: &HttpClient, url: &str) -> anyhow::Result<Reply> {
     fetch(client, http::Method::GET, url, &[], Bytes::new()).await
 }
 
-pub async fn post_json(client: &HttpClient, url: &str, headers: &[(&str, &str)], body: &serde_json::Value) -> anyhow::Result<Reply> {
-    fetch(client, http::Method::POST, url, headers, serde_json::to_vec(body)?).await
+pub async fn post_json(
+    client: &HttpClient,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &serde_json::Value,
+) -> anyhow::Result<Reply> {
+    fetch(
+        client,
+        http::Method::POST,
+        url,
+        headers,
+        serde_json::to_vec(body)?,
+    )
+    .await
 }

@@ -32,7 +32,11 @@ impl NatsServer {
     pub fn start() -> anyhow::Result<Self> {
         let port = crate::free_port()?;
         let store = std::env::temp_dir().join(format!("tether-nats-{}-{port}", std::process::id()));
-        let mut s = Self { port, child: None, store };
+        let mut s = Self {
+            port,
+            child: None,
+            store,
+        };
         s.spawn()?;
         Ok(s)
     }
@@ -44,12 +48,24 @@ impl NatsServer {
     fn spawn(&mut self) -> anyhow::Result<()> {
         let bin = binary();
         let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(&self.store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting {} (run `just tools` to install nats-server)", bin.display()))?;
+            .with_context(|| {
+                format!(
+                    "starting {} (run `just tools` to install nats-server)",
+                    bin.display()
+                )
+            })?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
