@@ -32,4 +32,5 @@ lint:
 
 # Benchmarks: decision speed and memory, route round trip over NATS vs a bare echo.
 bench: tools
-    cargo run --release -p tether-bench --bin tether-bench
+    cargo bench --bench decide
+    cargo bench --bench route_rtt
