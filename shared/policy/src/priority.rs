@@ -84,6 +84,35 @@ pub fn starving(cfg: &PriorityConfig, service: f64, wait: f64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn mode() -> impl Strategy<Value = PriorityMode> {
+        prop_oneof![Just(PriorityMode::Atlas), Just(PriorityMode::Plas)]
+    }
+
+    proptest! {
+        /// More attained service never means a more urgent level (without
+        /// starvation in play).
+        #[test]
+        fn priority_is_monotone_in_service(m in mode(), a in 0.0f64..1e4, b in 0.0f64..1e4) {
+            let cfg = PriorityConfig { mode: m, starvation_ratio: 0.0, ..PriorityConfig::default() };
+            let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+            let s = |v: f64| SessionService { cst: v, attained: v, wait: 0.0 };
+            prop_assert!(level(&cfg, &s(lo)) <= level(&cfg, &s(hi)));
+        }
+
+        /// Once anti-starvation applies, the level is the top one, whatever the service.
+        #[test]
+        fn starvation_puts_a_session_on_top(m in mode(), service in 0.0f64..1e4, extra in 0.0f64..1e4) {
+            let cfg = PriorityConfig { mode: m, ..PriorityConfig::default() };
+            let wait = cfg.starvation_ratio * service.max(cfg.service_floor) + extra;
+            let s = SessionService { cst: service, attained: service, wait };
+            prop_assert_eq!(level(&cfg, &s), 0);
+            // And waiting longer never lowers the level.
+            let s2 = SessionService { wait: wait * 2.0, ..s };
+            prop_assert!(level(&cfg, &s2) <= level(&cfg, &s));
+        }
+    }
 
     fn svc(cst: f64) -> SessionService {
         SessionService {
