@@ -4,7 +4,7 @@
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use tether_policy::{PlacementConfig, PriorityConfig, PriorityMode};
+use tether_policy::{CacheAwareConfig, PlacementConfig, PriorityConfig, PriorityMode, Strategy};
 
 #[derive(Clone, Debug, Parser)]
 #[command(
@@ -32,9 +32,24 @@ pub struct Config {
     /// Address of the admin endpoint (/metrics, /health, /ready).
     #[arg(long, env = "TETHER_ADMIN_LISTEN", default_value = "127.0.0.1:9103")]
     pub admin_listen: SocketAddr,
-    /// Engine health-probe interval, ms.
-    #[arg(long, env = "TETHER_HEALTH_INTERVAL_MS", default_value_t = 500)]
-    pub health_interval_ms: u64,
+    /// Interval of the engines' metrics scrape (load signal and health), ms.
+    #[arg(long, env = "TETHER_SCRAPE_INTERVAL_MS", default_value_t = 100)]
+    pub scrape_interval_ms: u64,
+    /// Routing strategy: tether, cache-aware, least-loaded, session-hash or round-robin.
+    #[arg(long, env = "TETHER_STRATEGY", default_value = "tether", value_parser = Strategy::parse)]
+    pub strategy: Strategy,
+    /// cache-aware: the fleet is imbalanced when max − min load exceeds this …
+    #[arg(long, env = "TETHER_CACHE_BALANCE_ABS", default_value_t = 32.0)]
+    pub cache_balance_abs: f64,
+    /// … and max exceeds this times min.
+    #[arg(long, env = "TETHER_CACHE_BALANCE_REL", default_value_t = 1.5)]
+    pub cache_balance_rel: f64,
+    /// A prefix match counts when it covers more than this share of the prompt.
+    #[arg(long, env = "TETHER_CACHE_MATCH_THRESHOLD", default_value_t = 0.3)]
+    pub cache_match_threshold: f64,
+    /// Prompt blocks held by the prefix index (LRU).
+    #[arg(long, env = "TETHER_PREFIX_INDEX_BLOCKS", default_value_t = 1_000_000)]
+    pub prefix_index_blocks: usize,
     /// Session records per snapshot page when resynchronising.
     #[arg(long, env = "TETHER_SNAPSHOT_PAGE", default_value_t = 5000)]
     pub snapshot_page: u32,
@@ -88,6 +103,20 @@ impl Config {
             thresholds,
             starvation_ratio: self.starvation_ratio,
             service_floor: self.service_floor,
+        }
+    }
+
+    pub fn knobs(&self) -> crate::core::PolicyKnobs {
+        crate::core::PolicyKnobs {
+            strategy: self.strategy,
+            priority: self.priority(),
+            placement: self.placement(),
+            cache: CacheAwareConfig {
+                balance_abs: self.cache_balance_abs,
+                balance_rel: self.cache_balance_rel,
+                match_threshold: self.cache_match_threshold,
+            },
+            prefix_blocks: self.prefix_index_blocks,
         }
     }
 

@@ -8,8 +8,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_bus::{Bus, Subscriber};
-use tether_fleet::{FleetConfig, FleetHealth};
-use tether_policy::{EngineLoad, PlacementConfig, PriorityConfig, SessionService, level, place};
+use tether_fleet::{FleetConfig, FleetHealth, FleetLoad};
+use tether_policy::{
+    Affinity, CacheAwareConfig, EngineLoad, Inputs, PlacementConfig, PriorityConfig, SessionService, Strategy, choose,
+    freshness, level,
+};
 use tether_protocol::{
     EventKind, RequestEvent, RouteDecision, RouteReply, RouteRequest, StateDelta, now_ms,
     stable_hash,
@@ -18,54 +21,64 @@ use tether_telemetry::{AdminState, Shutdown};
 use tokio::sync::mpsc;
 
 use crate::load::EngineLoads;
+use crate::prefix::PrefixIndex;
 use crate::metrics::{Metrics, label};
 use crate::replica::{DeltaOutcome, Replica};
 use crate::resync::{ResyncMsg, spawn_resync};
+
+/// The policy's knobs, as configured.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyKnobs {
+    pub strategy: Strategy,
+    pub priority: PriorityConfig,
+    pub placement: PlacementConfig,
+    pub cache: CacheAwareConfig,
+    /// Blocks held by the prefix index.
+    pub prefix_blocks: usize,
+}
+
+/// KV-write marks count 64-token units.
+const MARK_UNIT: f64 = 64.0;
 
 /// Everything a decision reads, without the I/O around it (benchmarks and
 /// tests drive this directly).
 pub struct Decider {
     pub fleet: Arc<FleetConfig>,
     pub health: FleetHealth,
+    /// The engines' own reported load (scraped).
+    pub reported: FleetLoad,
     pub replica: Replica,
     pub loads: EngineLoads,
-    pub priority: PriorityConfig,
-    pub placement: PlacementConfig,
+    pub prefix: PrefixIndex,
+    pub knobs: PolicyKnobs,
+    /// KV tokens each engine has written (prefilled + generated), from events.
+    written: Vec<f64>,
     names: HashMap<String, usize>,
     name_hashes: Vec<u64>,
+    turn: u64,
     scratch: Vec<EngineLoad>,
+    ratios: Vec<f64>,
 }
 
 impl Decider {
-    pub fn new(
-        fleet: Arc<FleetConfig>,
-        health: FleetHealth,
-        shards: u16,
-        priority: PriorityConfig,
-        placement: PlacementConfig,
-    ) -> Self {
-        let names = fleet
-            .engines
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.name.clone(), i))
-            .collect();
-        let name_hashes = fleet
-            .engines
-            .iter()
-            .map(|e| stable_hash(e.name.as_bytes()))
-            .collect();
-        let loads = EngineLoads::new(fleet.engines.len());
+    pub fn new(fleet: Arc<FleetConfig>, health: FleetHealth, reported: FleetLoad, shards: u16, knobs: PolicyKnobs) -> Self {
+        let names = fleet.engines.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
+        let name_hashes = fleet.engines.iter().map(|e| stable_hash(e.name.as_bytes())).collect();
+        let n = fleet.engines.len();
         Self {
+            loads: EngineLoads::new(n),
+            prefix: PrefixIndex::new(knobs.prefix_blocks),
+            written: vec![0.0; n],
             fleet,
             health,
+            reported,
             replica: Replica::new(shards),
-            loads,
-            priority,
-            placement,
+            knobs,
             names,
             name_hashes,
+            turn: 0,
             scratch: Vec::new(),
+            ratios: Vec::new(),
         }
     }
 
@@ -73,62 +86,84 @@ impl Decider {
         self.names.get(name).copied()
     }
 
+    fn mark(&self, engine: usize) -> u32 {
+        let units = self.written.get(engine).copied().unwrap_or(0.0) / MARK_UNIT;
+        // Wraps after 2^32 units (2.7e11 tokens); freshness handles wrap as stale.
+        (units as u64 & u64::from(u32::MAX)) as u32
+    }
+
+    /// The load the policy sees for an engine: calls in flight as the system
+    /// counts them, or what the engine itself reports running and waiting
+    /// when that is more (it sees traffic Tether does not).
+    pub fn load(&self, engine: usize) -> f64 {
+        let s = self.reported.get(engine);
+        f64::from(self.loads.in_flight(engine)).max(s.running + s.waiting)
+    }
+
     /// Decides where and how urgently a call runs, and counts it as load.
     pub fn decide(&mut self, req: &RouteRequest, now_ms: u64) -> RouteReply {
         self.scratch.clear();
         for (i, e) in self.fleet.engines.iter().enumerate() {
-            let allowed = req.candidates.is_empty() || req.candidates.contains(&e.name);
+            let allowed = req.candidates.is_empty() || req.candidates.iter().any(|c| *c == e.name);
             self.scratch.push(EngineLoad {
                 healthy: allowed && self.health.is_healthy(i) && e.serves(&req.model),
-                load: f64::from(self.loads.in_flight(i)),
+                load: self.load(i),
                 id_hash: self.name_hashes[i],
             });
         }
         let session = self.replica.get(req.session_hash).copied();
         let service = session
-            .map(|s| SessionService {
-                cst: f64::from(s.cst),
-                attained: f64::from(s.attained),
-                wait: f64::from(s.wait),
-            })
+            .map(|s| SessionService { cst: f64::from(s.cst), attained: f64::from(s.attained), wait: f64::from(s.wait) })
             .unwrap_or_default();
-        let affinity = session.and_then(|s| s.affinity());
-        let Some(p) = place(&self.placement, &self.scratch, affinity, req.session_hash) else {
-            return RouteReply::NoEngine {
-                reason: format!("no healthy engine serves model {:?}", req.model),
-            };
+        let affinity = session.and_then(|s| {
+            let engine = s.affinity()?;
+            let since = f64::from(self.mark(engine).wrapping_sub(s.mark)) * MARK_UNIT;
+            let capacity = self.fleet.engines.get(engine)?.cache_tokens as f64;
+            Some(Affinity { engine, freshness: freshness(since, capacity) })
+        });
+        if req.block_hashes.is_empty() {
+            self.ratios.clear();
+        } else {
+            self.prefix.match_ratios(&req.block_hashes, self.scratch.len(), &mut self.ratios);
+        }
+        self.turn = self.turn.wrapping_add(1);
+        let inputs = Inputs {
+            engines: &self.scratch,
+            prefix_match: &self.ratios,
+            affinity,
+            session_hash: req.session_hash,
+            turn: self.turn,
+        };
+        let Some(p) = choose(self.knobs.strategy, &self.knobs.placement, &self.knobs.cache, &inputs) else {
+            return RouteReply::NoEngine { reason: format!("no healthy engine serves model {:?}", req.model) };
         };
         self.loads.start(req.call_id, p.engine, now_ms);
-        self.replica.note_affinity(
-            req.session_hash,
-            p.engine,
-            u32::try_from(now_ms / 1000).unwrap_or(u32::MAX),
-        );
+        let mark = self.mark(p.engine);
+        self.replica.note_placement(req.session_hash, p.engine, mark, u32::try_from(now_ms / 1000).unwrap_or(u32::MAX));
+        self.prefix.insert(&req.block_hashes, p.engine);
         RouteReply::Decision(RouteDecision {
             call_id: req.call_id,
             engine: self.fleet.engines[p.engine].name.clone(),
-            level: level(&self.priority, &service),
+            level: level(&self.knobs.priority, &service),
             inherited_cst: service.cst,
             reason: p.reason,
         })
     }
 
-    /// Counts load from a request event (decisions of other replicas, fallbacks).
+    /// Counts load and KV writes from a request event (decisions of other
+    /// replicas, fallbacks of the ingress).
     pub fn observe_event(&mut self, e: &RequestEvent) {
-        let Some(engine) = self.engine_index(&e.engine) else {
-            return;
-        };
-        match e.kind {
-            EventKind::Dispatched { .. } => {
-                self.loads.start(e.call_id, engine, e.at_ms);
-                self.replica.note_affinity(
-                    e.session_hash,
-                    engine,
-                    u32::try_from(e.at_ms / 1000).unwrap_or(u32::MAX),
-                );
+        let Some(engine) = self.engine_index(&e.engine) else { return };
+        match &e.kind {
+            EventKind::Dispatched { .. } => self.loads.start(e.call_id, engine, e.at_ms),
+            EventKind::Finished(f) => {
+                self.loads.finish(e.call_id);
+                let new_kv = f.prompt_tokens.saturating_sub(f.cached_tokens).saturating_add(f.completion_tokens);
+                self.written[engine] += f64::from(new_kv);
             }
-            EventKind::Finished(_) => self.loads.finish(e.call_id),
         }
+        let mark = self.mark(engine);
+        self.replica.note_placement(e.session_hash, engine, mark, u32::try_from(e.at_ms / 1000).unwrap_or(u32::MAX));
     }
 
     pub fn apply_delta(&mut self, d: &StateDelta) -> DeltaOutcome {

@@ -6,6 +6,7 @@
 //! - [`replica`] — the session replica: compact records merged by version,
 //!   per-shard sequence tracking and gap detection.
 //! - [`load`]    — calls in flight per engine, from decisions and request events.
+//! - [`prefix`]  — the approximate index of prompt blocks recently placed per engine.
 //! - [`resync`]  — fetching a shard's snapshot, page by page, off the actor.
 //! - [`core`]    — the scheduler actor: one task owns replica and load and
 //!   answers route requests, deltas and events in turn (no locks).
@@ -17,6 +18,7 @@ pub mod config;
 pub mod core;
 pub mod load;
 pub mod metrics;
+pub mod prefix;
 pub mod replica;
 pub mod resync;
 pub mod service;

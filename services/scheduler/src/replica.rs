@@ -23,6 +23,10 @@ pub struct Compact {
     pub in_flight: u16,
     /// Seconds since the Unix epoch.
     pub last_active_s: u32,
+    /// The affinity engine's KV-write counter (in 64-token units) at the
+    /// session's last call there: for the freshness estimate. Kept by the
+    /// scheduler itself (from events), not carried by deltas.
+    pub mark: u32,
 }
 
 impl Compact {
@@ -112,19 +116,22 @@ impl Replica {
             affinity,
             in_flight: u16::try_from(r.in_flight).unwrap_or(u16::MAX),
             last_active_s: u32::try_from(r.last_active_ms / 1000).unwrap_or(u32::MAX),
+            mark: 0,
         };
         match self.sessions.get_mut(&r.hash) {
             Some(held) if held.version > r.version => {}
-            Some(held) => *held = record,
+            Some(held) => *held = Compact { mark: held.mark, ..record },
             None => {
                 self.sessions.insert(r.hash, record);
             }
         }
     }
 
-    /// Notes where a session's call was just sent, before its delta arrives,
-    /// so that a session's quick follow-up calls stay together.
-    pub fn note_affinity(&mut self, hash: SessionHash, engine: usize, now_s: u32) {
+    /// Notes where a session's call was just sent or ran, and the engine's
+    /// KV-write mark then. The affinity is only set on provisional records
+    /// (before any delta arrives), so that a session's quick follow-up calls
+    /// stay together; real records get their affinity from deltas.
+    pub fn note_placement(&mut self, hash: SessionHash, engine: usize, mark: u32, now_s: u32) {
         let Ok(engine) = u16::try_from(engine) else {
             return;
         };
@@ -136,7 +143,9 @@ impl Replica {
             affinity: NO_ENGINE,
             in_flight: 0,
             last_active_s: now_s,
+            mark,
         });
+        held.mark = mark;
         if held.version == 0 {
             held.affinity = engine;
             held.last_active_s = now_s;
@@ -314,11 +323,13 @@ mod tests {
     #[test]
     fn provisional_affinity_yields_to_real_records() {
         let mut r = Replica::new(1);
-        r.note_affinity(7, 3, 1);
+        r.note_placement(7, 3, 11, 1);
         assert_eq!(r.get(7).and_then(Compact::affinity), Some(3));
         r.upsert(&rec(7, 1, 0.5), idx);
         assert_eq!(r.get(7).and_then(Compact::affinity), Some(1));
-        r.note_affinity(7, 3, 2);
+        assert_eq!(r.get(7).map(|c| c.mark), Some(11));
+        r.note_placement(7, 3, 12, 2);
         assert_eq!(r.get(7).and_then(Compact::affinity), Some(1));
+        assert_eq!(r.get(7).map(|c| c.mark), Some(12));
     }
 }

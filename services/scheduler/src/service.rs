@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_bus::{Bus, BusConfig};
-use tether_fleet::{FleetConfig, FleetHealth, HealthConfig, engine_client, spawn_prober};
+use tether_fleet::{FleetConfig, FleetHealth, FleetLoad, HealthConfig, engine_client, spawn_scraper};
 use tether_protocol::{Subjects, subjects::SCHEDULER_QUEUE_GROUP};
 use tether_telemetry::{AdminState, Shutdown, admin_router, serve_http};
 
@@ -53,12 +53,16 @@ pub async fn start_with_fleet(
     let admin = AdminState::new(registry);
 
     let health = FleetHealth::new(fleet.engines.len());
+    let reported = FleetLoad::new(fleet.engines.len());
     let health_cfg = HealthConfig {
-        interval: Duration::from_millis(config.health_interval_ms.max(10)),
+        interval: Duration::from_millis(config.scrape_interval_ms.max(10)),
+        fail_after: 3,
+        recover_after: 2,
         ..HealthConfig::default()
     };
-    let mut tasks = vec![spawn_prober(
+    let mut tasks = vec![spawn_scraper(
         fleet.clone(),
+        reported.clone(),
         health.clone(),
         engine_client(),
         health_cfg,
@@ -72,13 +76,7 @@ pub async fn start_with_fleet(
         state: bus.subscribe(bus.subjects.state_all()).await?,
         events: bus.subscribe(bus.subjects.events_all()).await?,
     };
-    let decider = Decider::new(
-        fleet,
-        health,
-        config.shards,
-        config.priority(),
-        config.placement(),
-    );
+    let decider = Decider::new(fleet, health, reported, config.shards, config.knobs());
     let core = Core::new(
         decider,
         bus,

@@ -120,3 +120,42 @@ mod tests {
         assert_eq!(shard_of(12345, 0), 0);
     }
 }
+
+/// Bytes of prompt text per prefix block (about 64 tokens of English text).
+pub const PROMPT_BLOCK_BYTES: usize = 256;
+/// Most blocks hashed per prompt (the first 128 KiB of text).
+pub const MAX_PROMPT_BLOCKS: usize = 512;
+
+/// Chained hashes of a prompt's text in fixed-size blocks: block `i` covers
+/// bytes `[256·i, 256·(i+1))` and its hash is
+/// `h_i = mix(h_{i−1}, stable_hash(block_i))` with `h_{−1} = 0`, so equal
+/// hashes mean equal prefixes. Only full blocks count (a partial last block
+/// is still being written by the conversation), at most 512 of them.
+pub fn prompt_blocks(text: &[u8]) -> Vec<u64> {
+    let mut out = Vec::with_capacity((text.len() / PROMPT_BLOCK_BYTES).min(MAX_PROMPT_BLOCKS));
+    let mut h = 0u64;
+    for block in text.chunks_exact(PROMPT_BLOCK_BYTES).take(MAX_PROMPT_BLOCKS) {
+        h = mix(h, stable_hash(block));
+        out.push(h);
+    }
+    out
+}
+
+#[cfg(test)]
+mod block_tests {
+    use super::*;
+
+    #[test]
+    fn blocks_chain_over_the_prefix() {
+        let a = vec![b'a'; 1000];
+        let mut b = a.clone();
+        b[600] = b'b';
+        let (ha, hb) = (prompt_blocks(&a), prompt_blocks(&b));
+        assert_eq!(ha.len(), 3);
+        assert_eq!(ha[..2], hb[..2]);
+        assert_ne!(ha[2], hb[2]);
+        // The same block content at another position hashes differently.
+        assert_ne!(ha[0], ha[1]);
+        assert!(prompt_blocks(&a[..255]).is_empty());
+    }
+}
