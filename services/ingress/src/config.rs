@@ -57,6 +57,18 @@ pub struct Config {
     /// Lifecycle events buffered for publishing before new ones are dropped (and counted).
     #[arg(long, env = "TETHER_EVENT_BUFFER", default_value_t = 65536)]
     pub event_buffer: usize,
+    /// Calls that may wait per engine when it is at its concurrency limit (429 beyond).
+    #[arg(long, env = "TETHER_MAX_QUEUE", default_value_t = 1024)]
+    pub max_queue: usize,
+    /// Ingress replicas sharing each engine's concurrency limit (each takes ⌈limit/replicas⌉).
+    #[arg(long, env = "TETHER_INGRESS_REPLICAS", default_value_t = 1)]
+    pub ingress_replicas: u32,
+    /// Anti-starvation β in the queue: a call waiting β·max(service, floor) is served as level 0 (0 disables).
+    #[arg(long, env = "TETHER_STARVATION_RATIO", default_value_t = 2.0)]
+    pub starvation_ratio: f64,
+    /// The service floor of the queue's starvation bound, seconds.
+    #[arg(long, env = "TETHER_SERVICE_FLOOR", default_value_t = 1.0)]
+    pub service_floor: f64,
     /// Service cost of one prefilled (uncached) prompt token, seconds.
     #[arg(long, env = "TETHER_COST_PREFILL_PER_TOKEN", default_value_t = 0.0001)]
     pub cost_prefill_per_token: f64,

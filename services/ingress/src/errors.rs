@@ -59,6 +59,17 @@ impl ApiError {
         e
     }
 
+    pub fn queue_full(engine: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "queue_full",
+            format!("engine {engine} is at its limit and its queue is full; retry later"),
+        );
+        e.retry_after = Some(1);
+        e
+    }
+
     pub fn engine_failed(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::BAD_GATEWAY,

@@ -95,6 +95,14 @@ async fn handle(
     let e = &app.fleet.engines[r.engine];
     span.record("engine", e.name.as_str());
     let body = call.engine_body(e.priority.then_some(i64::from(r.level)))?;
+    // Wait for a slot on the engine (priority queue when it is at its limit).
+    let permit = match app.gates[r.engine].acquire(r.level, r.service).await {
+        Ok(p) => p,
+        Err(crate::admission::Refused::QueueFull) => {
+            app.metrics.refused.inc();
+            return Err(ApiError::queue_full(&e.name));
+        }
+    };
     let waited = arrived.elapsed().as_secs_f64();
 
     app.events.emit(
@@ -125,6 +133,7 @@ async fn handle(
             prompt_estimate: u32::try_from(call.raw_len() / 4).unwrap_or(u32::MAX),
             span: span.clone(),
         },
+        permit,
     );
 
     let resp = match crate::proxy::forward(&app, r.engine, endpoint, body).await {

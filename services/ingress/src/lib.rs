@@ -8,6 +8,7 @@
 //! out on the bus off the request path ([`events`]).
 //!
 //! Module map:
+//! - [`admission`] — the per-engine priority queue (concurrency limits, anti-starvation).
 //! - [`config`]   — flags, environment and defaults.
 //! - [`errors`]   — OpenAI-style JSON errors.
 //! - [`request`]  — the request body, parsed once; what the ingress reads and changes in it.
@@ -22,6 +23,7 @@
 //! - [`service`]  — wiring and start-up.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod config;
 pub mod cost;
 pub mod errors;

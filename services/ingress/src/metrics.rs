@@ -21,6 +21,10 @@ pub struct Metrics {
     pub decisions: Family<Labels, Counter>,
     /// Calls in flight per engine, as this ingress counts them.
     pub in_flight: Family<Labels, Gauge>,
+    /// Calls refused because an engine's queue was full.
+    pub refused: Counter,
+    /// Calls waiting for a slot, per engine.
+    pub queued: Family<Labels, Gauge>,
     /// Route request round trip to the scheduler, seconds.
     pub route_seconds: Histogram,
     /// Arrival to first response byte from the engine, seconds.
@@ -37,6 +41,8 @@ impl Default for Metrics {
             fallbacks: Family::default(),
             decisions: Family::default(),
             in_flight: Family::default(),
+            refused: Counter::default(),
+            queued: Family::default(),
             route_seconds: Histogram::new(buckets),
             time_to_headers: Histogram::new([
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0,
@@ -67,6 +73,8 @@ impl Metrics {
             "Calls in flight per engine (this ingress)",
             self.in_flight.clone(),
         );
+        r.register("tether_ingress_queue_refused", "Calls refused (429) because an engine's queue was full", self.refused.clone());
+        r.register("tether_ingress_queued", "Calls waiting for an engine slot", self.queued.clone());
         r.register(
             "tether_ingress_route_seconds",
             "Route request round trip to the scheduler",

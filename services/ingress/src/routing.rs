@@ -19,6 +19,8 @@ pub struct Route {
     pub engine: usize,
     pub level: u8,
     pub inherited_cst: f64,
+    /// The service behind `level`, seconds.
+    pub service: f64,
     pub reason: RouteReason,
 }
 
@@ -54,7 +56,7 @@ pub async fn route(
         session_hash: key.hash(),
         model: body.model.clone(),
         prompt_tokens: u32::try_from(body.raw_len() / 4).unwrap_or(u32::MAX),
-        block_hashes: Vec::new(),
+        block_hashes: tether_protocol::prompt_blocks(body.prompt_text().as_bytes()),
         candidates: candidates
             .iter()
             .map(|i| app.fleet.engines[*i].name.clone())
@@ -83,6 +85,7 @@ pub async fn route(
                     engine,
                     level: d.level,
                     inherited_cst: d.inherited_cst,
+                    service: d.service,
                     reason: d.reason,
                 });
             }
@@ -119,6 +122,7 @@ fn fallback(app: &App, candidates: &[usize], key: &SessionKey) -> Route {
         engine: pick,
         level: 0,
         inherited_cst: 0.0,
+        service: 0.0,
         reason: RouteReason::Fallback,
     }
 }

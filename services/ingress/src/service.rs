@@ -16,6 +16,7 @@ use tether_fleet::{
 use tether_protocol::{Subjects, random_u64};
 use tether_telemetry::{AdminState, Shutdown, admin_router};
 
+use crate::admission::{AdmissionConfig, EngineGate};
 use crate::cost::CostModel;
 use crate::events::{EventSink, spawn_publisher};
 use crate::metrics::{Metrics, label};
@@ -38,6 +39,8 @@ pub struct App {
     pub max_body_bytes: usize,
     pub engine_timeout_secs: u64,
     in_flight: Vec<Gauge>,
+    /// Each engine's slots and waiting calls.
+    pub gates: Vec<EngineGate>,
     call_ids: AtomicU64,
 }
 
@@ -130,7 +133,19 @@ pub async fn start_with_fleet(
                 .clone()
         })
         .collect();
+    let admission = AdmissionConfig {
+        max_queue: config.max_queue,
+        starvation_ratio: config.starvation_ratio,
+        service_floor: config.service_floor,
+    };
+    let replicas = config.ingress_replicas.max(1);
+    let gates = fleet
+        .engines
+        .iter()
+        .map(|e| EngineGate::new(e.max_concurrency.div_ceil(replicas) as usize, admission))
+        .collect();
     let app = Arc::new(App {
+        gates,
         fleet,
         health,
         health_cfg,
@@ -177,6 +192,10 @@ pub async fn start_with_fleet(
             }
             let any = (0..ready_app.fleet.engines.len()).any(|i| ready_app.health.is_healthy(i));
             ready_admin.set_ready(any);
+            for (e, gate) in ready_app.fleet.engines.iter().zip(&ready_app.gates) {
+                let (_, waiting) = gate.usage();
+                ready_app.metrics.queued.get_or_create(&label("engine", &e.name)).set(waiting as i64);
+            }
         }
     }));
 

@@ -37,17 +37,20 @@ pub struct CallInfo {
 pub struct Tracker {
     app: Arc<App>,
     info: Option<CallInfo>,
+    /// The engine slot this call holds; freed when the call ends.
+    permit: Option<crate::admission::Permit>,
     tail: Vec<u8>,
     sse_events: u32,
 }
 
 impl Tracker {
     /// Starts tracking a dispatched call (counts it in flight).
-    pub fn new(app: Arc<App>, info: CallInfo) -> Self {
+    pub fn new(app: Arc<App>, info: CallInfo, permit: crate::admission::Permit) -> Self {
         app.in_flight_gauge(info.engine).inc();
         Self {
             app,
             info: Some(info),
+            permit: Some(permit),
             tail: Vec::new(),
             sse_events: 0,
         }
@@ -66,6 +69,7 @@ impl Tracker {
     /// Reports the call's end (once; later calls do nothing).
     pub fn finish(&mut self, outcome: Outcome) {
         let Some(info) = self.info.take() else { return };
+        self.permit = None;
         let wall = info.dispatched.elapsed().as_secs_f64();
         let work = self.work(&info);
         let executed = if outcome == Outcome::Ok || work.known {

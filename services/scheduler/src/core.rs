@@ -10,7 +10,7 @@ use std::time::Duration;
 use tether_bus::{Bus, Subscriber};
 use tether_fleet::{FleetConfig, FleetHealth, FleetLoad};
 use tether_policy::{
-    Affinity, CacheAwareConfig, EngineLoad, Inputs, PlacementConfig, PriorityConfig, SessionService, Strategy, choose,
+    Affinity, CacheAwareConfig, EngineLoad, Inputs, PlacementConfig, PriorityConfig, PriorityMode, SessionService, Strategy, choose,
     freshness, level,
 };
 use tether_protocol::{
@@ -146,6 +146,10 @@ impl Decider {
             engine: self.fleet.engines[p.engine].name.clone(),
             level: level(&self.knobs.priority, &service),
             inherited_cst: service.cst,
+            service: match self.knobs.priority.mode {
+                PriorityMode::Atlas => service.cst,
+                PriorityMode::Plas => service.attained,
+            },
             reason: p.reason,
         })
     }

@@ -154,6 +154,9 @@ pub struct RouteDecision {
     pub level: u8,
     /// The session's critical-path service at admission (ATLAS's `h`).
     pub inherited_cst: f64,
+    /// The service the level was computed from (critical-path under ATLAS,
+    /// total under PLAS), seconds: the gateway queue's starvation bound uses it.
+    pub service: f64,
     pub reason: RouteReason,
 }
 
