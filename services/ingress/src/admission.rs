@@ -229,4 +229,42 @@ mod tests {
         let _ = (old.await, fresh.await);
         assert_eq!(*order.lock().unwrap_or_else(|p| p.into_inner()), vec!["old-heavy", "fresh"]);
     }
+
+    /// A long-running session keeps calling while fresh short sessions keep
+    /// arriving; its call is still dispatched within the stated bound:
+    /// β·max(service, floor) plus one holder's service time.
+    #[tokio::test(start_paused = true)]
+    async fn a_heavy_session_is_not_starved_by_a_stream_of_fresh_ones() {
+        let beta = 2.0;
+        let gate = EngineGate::new(1, AdmissionConfig { starvation_ratio: beta, ..cfg() });
+        let hold = Duration::from_secs(1);
+        let start = Instant::now();
+        // Fresh level-0 calls arrive every 0.5 s forever, each holding the slot 1 s.
+        let g = gate.clone();
+        let stream = tokio::spawn(async move {
+            loop {
+                let g2 = g.clone();
+                tokio::spawn(async move {
+                    if let Ok(p) = g2.acquire(0, 0.0).await {
+                        tokio::time::sleep(hold).await;
+                        drop(p);
+                    }
+                });
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The heavy session's call: service 30 s, level 4.
+        let service = 30.0;
+        let queued_at = Instant::now();
+        let permit = gate.acquire(4, service).await;
+        let waited = queued_at.elapsed();
+        assert!(permit.is_ok());
+        let bound = Duration::from_secs_f64(beta * f64::max(service, 1.0)) + hold;
+        assert!(waited <= bound, "waited {waited:?}, bound {bound:?}");
+        // And it really had to wait for the promotion: fresh calls overtook it.
+        assert!(waited >= Duration::from_secs_f64(beta * service) - hold, "waited only {waited:?}");
+        assert!(start.elapsed() > waited);
+        stream.abort();
+    }
 }
