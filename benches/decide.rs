@@ -36,6 +36,7 @@ fn main() {
             kind: EngineKind::Vllm,
             priority: false,
             max_concurrency: 256,
+            cache_tokens: 450_000,
         })
         .collect();
     let fleet = Arc::new(FleetConfig { engines });

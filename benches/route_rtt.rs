@@ -108,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
             kind: EngineKind::Vllm,
             priority: false,
             max_concurrency: 256,
+            cache_tokens: 450_000,
         })
         .collect();
     let fleet = Arc::new(FleetConfig { engines });

@@ -31,11 +31,13 @@ pub struct Options {
     pub scheduler_args: Vec<String>,
     /// Extra flags for the ingress.
     pub ingress_args: Vec<String>,
+    /// Each engine's concurrency limit in the fleet file.
+    pub max_concurrency: u32,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { engines: 4, shards: 4, priority_engines: vec![], sim: |_, _| {}, scheduler_args: vec![], ingress_args: vec![] }
+        Self { engines: 4, shards: 4, priority_engines: vec![], sim: |_, _| {}, scheduler_args: vec![], ingress_args: vec![], max_concurrency: 256 }
     }
 }
 
@@ -81,7 +83,8 @@ impl Universe {
                 models: vec![MODEL.to_owned()],
                 kind: EngineKind::Vllm,
                 priority: opts.priority_engines.contains(&i),
-                max_concurrency: 256,
+                max_concurrency: opts.max_concurrency,
+                cache_tokens: 450_000,
             });
             engine_addrs.push(addr);
         }
