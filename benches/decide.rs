@@ -18,7 +18,11 @@ const DECISIONS: usize = 200_000;
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -41,7 +45,13 @@ fn main() {
         .collect();
     let fleet = Arc::new(FleetConfig { engines });
     let shards = 16u16;
-    let mut d = Decider::new(fleet, FleetHealth::new(ENGINES), shards, PriorityConfig::default(), PlacementConfig::default());
+    let mut d = Decider::new(
+        fleet,
+        FleetHealth::new(ENGINES),
+        shards,
+        PriorityConfig::default(),
+        PlacementConfig::default(),
+    );
 
     // Fill the replica through the same path a resync uses, one page at a time.
     let before = rss_bytes();
@@ -61,7 +71,13 @@ fn main() {
                 last_active_ms: 1_700_000_000_000,
             })
             .collect();
-        d.apply_page(&SnapshotPage { shard: 0, epoch: 1, seq: 1, sessions, next: None });
+        d.apply_page(&SnapshotPage {
+            shard: 0,
+            epoch: 1,
+            seq: 1,
+            sessions,
+            next: None,
+        });
         next += page_size;
     }
     let after = rss_bytes();
@@ -70,10 +86,21 @@ fn main() {
     // Decisions for known sessions (affinity) and unknown ones (least loaded),
     // with calls finishing so that loads stay realistic.
     let mut lat = Vec::with_capacity(DECISIONS);
-    let mut req = RouteRequest { call_id: 0, session_hash: 0, model: "m".into(), prompt_tokens: 100, block_hashes: vec![], candidates: vec![] };
+    let mut req = RouteRequest {
+        call_id: 0,
+        session_hash: 0,
+        model: "m".into(),
+        prompt_tokens: 100,
+        block_hashes: vec![],
+        candidates: vec![],
+    };
     for i in 0..DECISIONS as u64 {
         req.call_id = i;
-        req.session_hash = if i % 4 == 0 { stable_hash(&(i + SESSIONS).to_le_bytes()) } else { stable_hash(&(i * 7 % SESSIONS).to_le_bytes()) };
+        req.session_hash = if i % 4 == 0 {
+            stable_hash(&(i + SESSIONS).to_le_bytes())
+        } else {
+            stable_hash(&(i * 7 % SESSIONS).to_le_bytes())
+        };
         let t = Instant::now();
         let reply = d.decide(&req, 1_700_000_000_000);
         lat.push(t.elapsed().as_nanos() as u64);
@@ -84,9 +111,16 @@ fn main() {
     }
     lat.sort_unstable();
     println!("decide: {SESSIONS} sessions, {ENGINES} engines, {DECISIONS} decisions");
-    println!("  p50 {:.3} µs   p90 {:.3} µs   p99 {:.3} µs   max {:.1} µs",
-        percentile(&lat, 0.5) as f64 / 1000.0, percentile(&lat, 0.9) as f64 / 1000.0,
-        percentile(&lat, 0.99) as f64 / 1000.0, *lat.last().unwrap_or(&0) as f64 / 1000.0);
-    println!("  replica memory: {per_session:.1} bytes/session (RSS growth {:.1} MiB; record {} B)",
-        (after.saturating_sub(before)) as f64 / (1 << 20) as f64, std::mem::size_of::<tether_scheduler::replica::Compact>());
+    println!(
+        "  p50 {:.3} µs   p90 {:.3} µs   p99 {:.3} µs   max {:.1} µs",
+        percentile(&lat, 0.5) as f64 / 1000.0,
+        percentile(&lat, 0.9) as f64 / 1000.0,
+        percentile(&lat, 0.99) as f64 / 1000.0,
+        *lat.last().unwrap_or(&0) as f64 / 1000.0
+    );
+    println!(
+        "  replica memory: {per_session:.1} bytes/session (RSS growth {:.1} MiB; record {} B)",
+        (after.saturating_sub(before)) as f64 / (1 << 20) as f64,
+        std::mem::size_of::<tether_scheduler::replica::Compact>()
+    );
 }

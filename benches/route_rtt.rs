@@ -45,8 +45,13 @@ async fn once(bus: &Bus, echo: bool, i: u64) -> anyhow::Result<f64> {
         let payload = tether_protocol::encode(&req(i))?;
         bus.client.request("bench.echo", payload.into()).await?;
     } else {
-        let reply: RouteReply = bus.request(bus.subjects.route(), &req(i), Duration::from_secs(1)).await?;
-        anyhow::ensure!(matches!(reply, RouteReply::Decision(_)), "no decision: {reply:?}");
+        let reply: RouteReply = bus
+            .request(bus.subjects.route(), &req(i), Duration::from_secs(1))
+            .await?;
+        anyhow::ensure!(
+            matches!(reply, RouteReply::Decision(_)),
+            "no decision: {reply:?}"
+        );
     }
     Ok(t.elapsed().as_secs_f64() * 1e6)
 }
@@ -114,7 +119,11 @@ async fn main() -> anyhow::Result<()> {
     let fleet = Arc::new(FleetConfig { engines });
     let url = nats.url();
     let cfg = <tether_scheduler::Config as clap::Parser>::try_parse_from([
-        "x", "--nats-url", &url, "--admin-listen", "127.0.0.1:0",
+        "x",
+        "--nats-url",
+        &url,
+        "--admin-listen",
+        "127.0.0.1:0",
     ])?;
     let sched = tether_scheduler::start_with_fleet(cfg, fleet, shutdown.child_token()).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -123,7 +132,14 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // The echo responder, on its own connection as the scheduler has.
-    let echo_bus = Bus::connect(&BusConfig { url: url.clone(), name: "echo".into() }, Subjects::default()).await?;
+    let echo_bus = Bus::connect(
+        &BusConfig {
+            url: url.clone(),
+            name: "echo".into(),
+        },
+        Subjects::default(),
+    )
+    .await?;
     let mut echo_sub = echo_bus.client.subscribe("bench.echo").await?;
     let echo_client = echo_bus.client.clone();
     tokio::spawn(async move {
@@ -134,7 +150,14 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    let bus = Bus::connect(&BusConfig { url, name: "bench".into() }, Subjects::default()).await?;
+    let bus = Bus::connect(
+        &BusConfig {
+            url,
+            name: "bench".into(),
+        },
+        Subjects::default(),
+    )
+    .await?;
     while !bus.is_connected() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -149,11 +172,24 @@ async fn main() -> anyhow::Result<()> {
         let (echo, route) = if rate {
             (open_loop(&bus, true).await?, open_loop(&bus, false).await?)
         } else {
-            (sequential(&bus, true).await?, sequential(&bus, false).await?)
+            (
+                sequential(&bus, true).await?,
+                sequential(&bus, false).await?,
+            )
         };
-        let (e50, e99, r50, r99) = (pct(&echo, 0.5), pct(&echo, 0.99), pct(&route, 0.5), pct(&route, 0.99));
-        println!("  {regime:>18}: echo p50 {e50:7.1} µs p99 {e99:7.1} µs | route p50 {r50:7.1} µs p99 {r99:7.1} µs | ratio p50 {:.2}x p99 {:.2}x  (n={}/{})",
-            r50 / e50, r99 / e99, echo.len(), route.len());
+        let (e50, e99, r50, r99) = (
+            pct(&echo, 0.5),
+            pct(&echo, 0.99),
+            pct(&route, 0.5),
+            pct(&route, 0.99),
+        );
+        println!(
+            "  {regime:>18}: echo p50 {e50:7.1} µs p99 {e99:7.1} µs | route p50 {r50:7.1} µs p99 {r99:7.1} µs | ratio p50 {:.2}x p99 {:.2}x  (n={}/{})",
+            r50 / e50,
+            r99 / e99,
+            echo.len(),
+            route.len()
+        );
     }
     shutdown.cancel();
     sched.join().await;

@@ -46,17 +46,34 @@ async fn new_sessions_go_to_the_least_loaded_engine() -> anyhow::Result<()> {
     for i in 0..3 {
         let body = serde_json::json!({"model": MODEL, "max_tokens": 20000, "stream": true,
             "messages": [{"role": "user", "content": format!("long {i}")}]});
-        let resp = http::send(&u.http, http::Method::POST, &u.url("/v1/chat/completions"),
-            &[("x-session-id", &format!("long-{i}"))], serde_json::to_vec(&body)?).await?;
+        let resp = http::send(
+            &u.http,
+            http::Method::POST,
+            &u.url("/v1/chat/completions"),
+            &[("x-session-id", &format!("long-{i}"))],
+            serde_json::to_vec(&body)?,
+        )
+        .await?;
         assert_eq!(resp.status(), 200);
-        let engine = resp.headers().get("x-tether-engine").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-        assert!(busy.insert(engine.clone()), "two new sessions were put on {engine} while others were idle");
+        let engine = resp
+            .headers()
+            .get("x-tether-engine")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            busy.insert(engine.clone()),
+            "two new sessions were put on {engine} while others were idle"
+        );
         held.push(resp);
     }
     // A fourth new session must go to the one idle engine.
     let r = u.chat(Some("fresh"), "hi", 2).await?;
     let engine = engine_of(&r);
-    assert!(!busy.contains(&engine), "new session went to busy engine {engine}");
+    assert!(
+        !busy.contains(&engine),
+        "new session went to busy engine {engine}"
+    );
     assert_eq!(r.header("x-tether-route"), Some("least-loaded"));
     drop(held);
     Ok(())
@@ -67,7 +84,10 @@ async fn the_session_view_shows_what_the_events_carried() -> anyhow::Result<()> 
     let u = universe().await;
     // Events published straight onto the bus, as any ingress would.
     let bus = tether_bus::Bus::connect(
-        &tether_bus::BusConfig { url: u.nats.url(), name: "test".into() },
+        &tether_bus::BusConfig {
+            url: u.nats.url(),
+            name: "test".into(),
+        },
         Subjects::default(),
     )
     .await?;
@@ -81,14 +101,22 @@ async fn the_session_view_shows_what_the_events_carried() -> anyhow::Result<()> 
             at_ms: tether_protocol::now_ms(),
             engine: "sim-2".into(),
             kind: EventKind::Finished(Finished {
-                inherited_cst: h, executed: t, waited: w, wall: t,
-                prompt_tokens: 1, cached_tokens: 0, completion_tokens: 1, outcome: Outcome::Ok,
+                inherited_cst: h,
+                executed: t,
+                waited: w,
+                wall: t,
+                prompt_tokens: 1,
+                cached_tokens: 0,
+                completion_tokens: 1,
+                outcome: Outcome::Ok,
             }),
         };
         bus.publish(subject.clone(), &event).await?;
     }
     bus.client.flush().await?;
-    let v = u.session_until("carried", |v| v["critical_path_service_s"] == 8.0).await?;
+    let v = u
+        .session_until("carried", |v| v["critical_path_service_s"] == 8.0)
+        .await?;
     assert_eq!(v["wait_s"], 3.0);
     assert_eq!(v["attained_service_s"], 8.0);
     assert_eq!(v["affinity"], "sim-2");
@@ -96,7 +124,9 @@ async fn the_session_view_shows_what_the_events_carried() -> anyhow::Result<()> 
     // And a real call through the ingress is reflected too.
     let r = u.chat(Some("real"), "count me", 8).await?;
     let engine = engine_of(&r);
-    let v = u.session_until("real", |v| v["in_flight"] == 0 && v["requests"] == 1).await?;
+    let v = u
+        .session_until("real", |v| v["in_flight"] == 0 && v["requests"] == 1)
+        .await?;
     assert_eq!(v["affinity"], engine.as_str());
     let cst = v["critical_path_service_s"].as_f64().unwrap_or(-1.0);
     assert!(cst > 0.0, "service not measured: {v}");
@@ -115,29 +145,59 @@ async fn streams_pass_through_chunk_by_chunk() -> anyhow::Result<()> {
     let body = serde_json::json!({"model": MODEL, "max_tokens": 20000, "stream": true,
         "stream_options": {"include_usage": true},
         "messages": [{"role": "user", "content": "stream please"}]});
-    let resp = http::send(&u.http, http::Method::POST, &u.url("/v1/chat/completions"),
-        &[("x-session-id", "streamer")], serde_json::to_vec(&body)?).await?;
+    let resp = http::send(
+        &u.http,
+        http::Method::POST,
+        &u.url("/v1/chat/completions"),
+        &[("x-session-id", "streamer")],
+        serde_json::to_vec(&body)?,
+    )
+    .await?;
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().starts_with("text/event-stream"));
-    let engine = resp.headers().get("x-tether-engine").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    assert!(
+        resp.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .starts_with("text/event-stream")
+    );
+    let engine = resp
+        .headers()
+        .get("x-tether-engine")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let mut body = resp.into_body();
     let first: Bytes = loop {
-        let frame = body.frame().await.ok_or_else(|| anyhow::anyhow!("stream ended without data"))??;
+        let frame = body
+            .frame()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("stream ended without data"))??;
         if let Ok(data) = frame.into_data() {
             if !data.is_empty() {
                 break data;
             }
         }
     };
-    assert!(first.starts_with(b"data: {"), "first chunk: {:?}", String::from_utf8_lossy(&first));
+    assert!(
+        first.starts_with(b"data: {"),
+        "first chunk: {:?}",
+        String::from_utf8_lossy(&first)
+    );
     // The engine is still generating this answer: the chunk was not held back
     // until the end.
     let idx = u.fleet.index_of(&engine).unwrap_or(0);
-    let metrics = http::get(&u.http, &format!("http://{}/metrics", u.engine_addrs[idx])).await?.text();
-    assert!(metric_sum(&metrics, "vllm:num_requests_running", "") >= 1.0, "engine finished before the first chunk arrived");
+    let metrics = http::get(&u.http, &format!("http://{}/metrics", u.engine_addrs[idx]))
+        .await?
+        .text();
+    assert!(
+        metric_sum(&metrics, "vllm:num_requests_running", "") >= 1.0,
+        "engine finished before the first chunk arrived"
+    );
     drop(body);
     // The cancelled call ends up in the session as not in flight.
-    u.session_until("streamer", |v| v["in_flight"] == 0 && v["requests"] == 1).await?;
+    u.session_until("streamer", |v| v["in_flight"] == 0 && v["requests"] == 1)
+        .await?;
     Ok(())
 }
 
@@ -155,17 +215,27 @@ async fn keeps_serving_without_scheduler_or_nats() -> anyhow::Result<()> {
         engine_of(&r);
         assert_eq!(r.header("x-tether-route"), Some("fallback"));
     }
-    assert!(u.ingress_metric("tether_ingress_route_fallbacks", "reason=\"no_responders\"").await? >= 3.0);
+    assert!(
+        u.ingress_metric("tether_ingress_route_fallbacks", "reason=\"no_responders\"")
+            .await?
+            >= 3.0
+    );
 
     // NATS gone too.
     u.nats.stop();
-    let fallbacks_before = u.ingress_metric("tether_ingress_route_fallbacks", "").await?;
+    let fallbacks_before = u
+        .ingress_metric("tether_ingress_route_fallbacks", "")
+        .await?;
     for i in 0..3 {
         let r = u.chat(Some(&format!("n-{i}")), "no nats", 2).await?;
         engine_of(&r);
         assert_eq!(r.header("x-tether-route"), Some("fallback"));
     }
-    assert!(u.ingress_metric("tether_ingress_route_fallbacks", "").await? >= fallbacks_before + 3.0);
+    assert!(
+        u.ingress_metric("tether_ingress_route_fallbacks", "")
+            .await?
+            >= fallbacks_before + 3.0
+    );
 
     // Both come back; the system recovers by itself.
     u.nats.restart()?;
@@ -179,7 +249,10 @@ async fn keeps_serving_without_scheduler_or_nats() -> anyhow::Result<()> {
             assert_eq!(engine_of(&r), engine);
             break;
         }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "never recovered from the outage");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "never recovered from the outage"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
@@ -187,16 +260,30 @@ async fn keeps_serving_without_scheduler_or_nats() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_errors() -> anyhow::Result<()> {
-    let u = Universe::start(Options { ingress_args: vec!["--max-body-bytes".into(), "4096".into()], ..Options::default() }).await?;
+    let u = Universe::start(Options {
+        ingress_args: vec!["--max-body-bytes".into(), "4096".into()],
+        ..Options::default()
+    })
+    .await?;
     let url = u.url("/v1/chat/completions");
 
     let r = http::fetch(&u.http, http::Method::POST, &url, &[], "{not json").await?;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["type"], "invalid_request_error");
     assert_eq!(r.json()["error"]["code"], "invalid_json");
-    assert!(r.json()["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
 
-    let r = http::post_json(&u.http, &url, &[], &serde_json::json!({"messages": [{"role": "user", "content": "x"}]})).await?;
+    let r = http::post_json(
+        &u.http,
+        &url,
+        &[],
+        &serde_json::json!({"messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await?;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["code"], "missing_required_parameter");
 
@@ -216,20 +303,40 @@ async fn bad_input_gets_clear_errors() -> anyhow::Result<()> {
     assert_eq!(r.json()["error"]["code"], "model_not_found");
 
     // Garbage on an events subject is counted and dropped; the shard keeps working.
-    let raw = tether_bus::connect(&tether_bus::BusConfig { url: u.nats.url(), name: "garbage".into() }).await?.0;
+    let raw = tether_bus::connect(&tether_bus::BusConfig {
+        url: u.nats.url(),
+        name: "garbage".into(),
+    })
+    .await?
+    .0;
     let key = SessionKey::explicit("after-garbage")?;
     let shard = shard_of(key.hash(), u.shards);
-    raw.publish(Subjects::default().events(shard), Bytes::from_static(b"\x07garbage")).await?;
+    raw.publish(
+        Subjects::default().events(shard),
+        Bytes::from_static(b"\x07garbage"),
+    )
+    .await?;
     raw.flush().await?;
     let admin = format!("http://{}/metrics", u.session_state.admin_addr);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while metric_sum(&http::get(&u.http, &admin).await?.text(), "tether_bus_decode_errors", "kind=\"events\"") < 1.0 {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "garbage was not counted");
+    while metric_sum(
+        &http::get(&u.http, &admin).await?.text(),
+        "tether_bus_decode_errors",
+        "kind=\"events\"",
+    ) < 1.0
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "garbage was not counted"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let r = u.chat(Some("after-garbage"), "still there?", 2).await?;
     engine_of(&r);
-    u.session_until("after-garbage", |v| v["requests"] == 1 && v["in_flight"] == 0).await?;
+    u.session_until("after-garbage", |v| {
+        v["requests"] == 1 && v["in_flight"] == 0
+    })
+    .await?;
     Ok(())
 }
 
@@ -242,10 +349,13 @@ async fn models_and_implicit_sessions() -> anyhow::Result<()> {
 
     // No key: the conversation's opening makes one, the same for every turn.
     let turn = |n: usize| {
-        let mut messages = vec![serde_json::json!({"role": "system", "content": "be brief"}),
-                                serde_json::json!({"role": "user", "content": "first question"})];
+        let mut messages = vec![
+            serde_json::json!({"role": "system", "content": "be brief"}),
+            serde_json::json!({"role": "user", "content": "first question"}),
+        ];
         for i in 0..n {
-            messages.push(serde_json::json!({"role": "assistant", "content": format!("answer {i}")}));
+            messages
+                .push(serde_json::json!({"role": "assistant", "content": format!("answer {i}")}));
             messages.push(serde_json::json!({"role": "user", "content": format!("follow-up {i}")}));
         }
         serde_json::json!({"model": MODEL, "max_tokens": 2, "messages": messages})

@@ -10,7 +10,14 @@ use tether_universe::{MODEL, Options, Universe};
 /// Publishes finished calls for a session straight onto the bus, as an
 /// ingress would, so it has `executed` seconds of attained service.
 async fn give_service(u: &Universe, key: &str, executed: f64) -> anyhow::Result<()> {
-    let bus = tether_bus::Bus::connect(&tether_bus::BusConfig { url: u.nats.url(), name: "test".into() }, Subjects::default()).await?;
+    let bus = tether_bus::Bus::connect(
+        &tether_bus::BusConfig {
+            url: u.nats.url(),
+            name: "test".into(),
+        },
+        Subjects::default(),
+    )
+    .await?;
     let key = SessionKey::explicit(key)?;
     let event = RequestEvent {
         call_id: 1,
@@ -19,31 +26,50 @@ async fn give_service(u: &Universe, key: &str, executed: f64) -> anyhow::Result<
         at_ms: tether_protocol::now_ms(),
         engine: "sim-0".into(),
         kind: EventKind::Finished(Finished {
-            inherited_cst: 0.0, executed, waited: 0.0, wall: executed,
-            prompt_tokens: 0, cached_tokens: 0, completion_tokens: 0, outcome: Outcome::Ok,
+            inherited_cst: 0.0,
+            executed,
+            waited: 0.0,
+            wall: executed,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            outcome: Outcome::Ok,
         }),
     };
-    bus.publish(bus.subjects.events(shard_of(key.hash(), u.shards)), &event).await?;
+    bus.publish(bus.subjects.events(shard_of(key.hash(), u.shards)), &event)
+        .await?;
     bus.client.flush().await?;
     Ok(())
 }
 
 /// Waits until `cond` holds of the ingress's gate for engine 0.
-async fn until_gate(u: &Universe, what: &str, cond: impl Fn(usize, usize) -> bool) -> anyhow::Result<()> {
+async fn until_gate(
+    u: &Universe,
+    what: &str,
+    cond: impl Fn(usize, usize) -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (in_use, waiting) = u.ingress.app.gates[0].usage();
         if cond(in_use, waiting) {
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "{what}: in use {in_use}, waiting {waiting}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{what}: in use {in_use}, waiting {waiting}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_session_overtakes_a_heavy_one_in_the_gateway_queue() -> anyhow::Result<()> {
-    let u = Universe::start(Options { engines: 1, max_concurrency: 1, ..Options::default() }).await?;
+    let u = Universe::start(Options {
+        engines: 1,
+        max_concurrency: 1,
+        ..Options::default()
+    })
+    .await?;
     give_service(&u, "heavy", 100.0).await?;
     // The scheduler learns of it through session-state's deltas.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -53,15 +79,24 @@ async fn a_fresh_session_overtakes_a_heavy_one_in_the_gateway_queue() -> anyhow:
         if r.header("x-tether-priority") == Some("4") {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "heavy never reached the last level");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "heavy never reached the last level"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     // A long call holds the engine's only slot.
     let body = serde_json::json!({"model": MODEL, "max_tokens": 20000, "stream": true,
         "messages": [{"role": "user", "content": "hold the slot"}]});
-    let blocker = http::send(&u.http, http::Method::POST, &u.url("/v1/chat/completions"),
-        &[("x-session-id", "blocker")], serde_json::to_vec(&body)?).await?;
+    let blocker = http::send(
+        &u.http,
+        http::Method::POST,
+        &u.url("/v1/chat/completions"),
+        &[("x-session-id", "blocker")],
+        serde_json::to_vec(&body)?,
+    )
+    .await?;
     assert_eq!(blocker.status(), 200);
     until_gate(&u, "blocker holds the slot", |used, _| used == 1).await?;
 
@@ -90,9 +125,14 @@ async fn a_fresh_session_overtakes_a_heavy_one_in_the_gateway_queue() -> anyhow:
     let (heavy, fresh) = (heavy.await?, fresh.await?);
     assert_eq!(heavy.0.ok(), Some(200));
     assert_eq!(fresh.0.ok(), Some(200));
-    assert!(fresh.1 < heavy.1, "the heavy session's queued call ran before the fresh one");
+    assert!(
+        fresh.1 < heavy.1,
+        "the heavy session's queued call ran before the fresh one"
+    );
     // The time spent queued is the calls' wait.
-    let v = u.session_until("fresh", |v| v["in_flight"] == 0 && v["requests"] == 1).await?;
+    let v = u
+        .session_until("fresh", |v| v["in_flight"] == 0 && v["requests"] == 1)
+        .await?;
     assert!(v["wait_s"].as_f64().unwrap_or(0.0) > 0.0, "{v}");
     Ok(())
 }
@@ -116,18 +156,28 @@ async fn parallel_calls_raise_the_critical_path_by_the_longest() -> anyhow::Resu
         assert_eq!(r.status, 200, "{}", r.text());
         let usage = &r.json()["usage"];
         let prompt = usage["prompt_tokens"].as_f64().unwrap_or(0.0);
-        let cached = usage["prompt_tokens_details"]["cached_tokens"].as_f64().unwrap_or(0.0);
+        let cached = usage["prompt_tokens_details"]["cached_tokens"]
+            .as_f64()
+            .unwrap_or(0.0);
         let completion = usage["completion_tokens"].as_f64().unwrap_or(0.0);
         // The ingress's default cost model.
         executed.push(0.0001 * (prompt - cached) + 0.01 * completion);
     }
     let longest = executed.iter().copied().fold(0.0, f64::max);
     let sum: f64 = executed.iter().sum();
-    let v = u.session_until("fan-out", |v| v["requests"] == 4 && v["in_flight"] == 0).await?;
+    let v = u
+        .session_until("fan-out", |v| v["requests"] == 4 && v["in_flight"] == 0)
+        .await?;
     let cst = v["critical_path_service_s"].as_f64().unwrap_or(-1.0);
     let attained = v["attained_service_s"].as_f64().unwrap_or(-1.0);
-    assert!((cst - longest).abs() < 1e-9, "critical path {cst}, longest call {longest}, all {executed:?}");
-    assert!((attained - sum).abs() < 1e-9, "attained {attained}, sum {sum}");
+    assert!(
+        (cst - longest).abs() < 1e-9,
+        "critical path {cst}, longest call {longest}, all {executed:?}"
+    );
+    assert!(
+        (attained - sum).abs() < 1e-9,
+        "attained {attained}, sum {sum}"
+    );
     assert!(cst < attained);
     Ok(())
 }

@@ -10,7 +10,9 @@ use tether_universe::{Options, Universe};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_is_one_trace_across_services() -> anyhow::Result<()> {
     let exporter = InMemorySpanExporter::default();
-    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
     let _guard = tether_telemetry::init_with_provider("tether-tests", provider)?;
 
     let u = Universe::start(Options::default()).await?;
@@ -21,7 +23,11 @@ async fn one_request_is_one_trace_across_services() -> anyhow::Result<()> {
     loop {
         let spans = exporter.get_finished_spans()?;
         let trace_of = |name: &str| {
-            spans.iter().filter(|s| s.name == name).map(|s| s.span_context.trace_id()).collect::<Vec<_>>()
+            spans
+                .iter()
+                .filter(|s| s.name == name)
+                .map(|s| s.span_context.trace_id())
+                .collect::<Vec<_>>()
         };
         let ingress = trace_of("ingress.call");
         if let Some(trace) = ingress.first() {
@@ -36,7 +42,10 @@ async fn one_request_is_one_trace_across_services() -> anyhow::Result<()> {
         anyhow::ensure!(
             Instant::now() < deadline,
             "spans never formed one trace: {:?}",
-            spans.iter().map(|s| (s.name.to_string(), s.span_context.trace_id())).collect::<Vec<_>>()
+            spans
+                .iter()
+                .map(|s| (s.name.to_string(), s.span_context.trace_id()))
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

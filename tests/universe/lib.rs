@@ -37,7 +37,15 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { engines: 4, shards: 4, priority_engines: vec![], sim: |_, _| {}, scheduler_args: vec![], ingress_args: vec![], max_concurrency: 256 }
+        Self {
+            engines: 4,
+            shards: 4,
+            priority_engines: vec![],
+            sim: |_, _| {},
+            scheduler_args: vec![],
+            ingress_args: vec![],
+            max_concurrency: 256,
+        }
     }
 }
 
@@ -56,7 +64,10 @@ pub struct Universe {
 }
 
 fn args(base: &[&str], extra: &[String]) -> Vec<String> {
-    base.iter().map(|s| (*s).to_owned()).chain(extra.iter().cloned()).collect()
+    base.iter()
+        .map(|s| (*s).to_owned())
+        .chain(extra.iter().cloned())
+        .collect()
 }
 
 impl Universe {
@@ -73,7 +84,10 @@ impl Universe {
             (opts.sim)(i, &mut cfg);
             let stop = root.child_token();
             tokio::spawn(async move {
-                if let Err(err) = tether_engine_sim::serve(listener, cfg, async move { stop.cancelled().await }).await {
+                if let Err(err) =
+                    tether_engine_sim::serve(listener, cfg, async move { stop.cancelled().await })
+                        .await
+                {
                     eprintln!("engine-sim failed: {err}");
                 }
             });
@@ -95,7 +109,17 @@ impl Universe {
 
         let session_state = tether_session_state::start(
             <tether_session_state::Config as clap_parse::Parse>::parse(&args(
-                &["x", "--nats-url", &url, "--shards", &shards, "--admin-listen", "127.0.0.1:0", "--delta-interval-ms", "2"],
+                &[
+                    "x",
+                    "--nats-url",
+                    &url,
+                    "--shards",
+                    &shards,
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                    "--delta-interval-ms",
+                    "2",
+                ],
                 &[],
             ))?,
             root.child_token(),
@@ -103,11 +127,30 @@ impl Universe {
         .await?;
 
         let scheduler_stop = root.child_token();
-        let scheduler = Some(start_scheduler(&url, &shards, &opts.scheduler_args, fleet.clone(), scheduler_stop.clone()).await?);
+        let scheduler = Some(
+            start_scheduler(
+                &url,
+                &shards,
+                &opts.scheduler_args,
+                fleet.clone(),
+                scheduler_stop.clone(),
+            )
+            .await?,
+        );
 
         let ingress = tether_ingress::start_with_fleet(
             <tether_ingress::Config as clap_parse::Parse>::parse(&args(
-                &["x", "--nats-url", &url, "--shards", &shards, "--listen", "127.0.0.1:0", "--health-interval-ms", "100"],
+                &[
+                    "x",
+                    "--nats-url",
+                    &url,
+                    "--shards",
+                    &shards,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--health-interval-ms",
+                    "100",
+                ],
                 &opts.ingress_args,
             ))?,
             fleet.clone(),
@@ -141,7 +184,10 @@ impl Universe {
             if sched && ingress && engines_up {
                 return Ok(());
             }
-            anyhow::ensure!(Instant::now() < deadline, "universe not ready: scheduler {sched}, ingress {ingress}, engines {engines_up}");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "universe not ready: scheduler {sched}, ingress {ingress}, engines {engines_up}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -161,18 +207,35 @@ impl Universe {
     }
 
     /// A chat call with a session header.
-    pub async fn chat(&self, session: Option<&str>, content: &str, max_tokens: u32) -> anyhow::Result<Reply> {
+    pub async fn chat(
+        &self,
+        session: Option<&str>,
+        content: &str,
+        max_tokens: u32,
+    ) -> anyhow::Result<Reply> {
         let body = serde_json::json!({
             "model": MODEL,
             "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": content}],
         });
-        let headers: Vec<(&str, &str)> = session.map(|s| vec![("x-session-id", s)]).unwrap_or_default();
-        http::post_json(&self.http, &self.url("/v1/chat/completions"), &headers, &body).await
+        let headers: Vec<(&str, &str)> = session
+            .map(|s| vec![("x-session-id", s)])
+            .unwrap_or_default();
+        http::post_json(
+            &self.http,
+            &self.url("/v1/chat/completions"),
+            &headers,
+            &body,
+        )
+        .await
     }
 
     /// The system's view of a session, polled until `ready` accepts it.
-    pub async fn session_until(&self, key: &str, ready: impl Fn(&serde_json::Value) -> bool) -> anyhow::Result<serde_json::Value> {
+    pub async fn session_until(
+        &self,
+        key: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let r = http::get(&self.http, &self.url(&format!("/v1/tether/sessions/{key}"))).await?;
@@ -180,7 +243,12 @@ impl Universe {
             if r.status == 200 && ready(&v) {
                 return Ok(v);
             }
-            anyhow::ensure!(Instant::now() < deadline, "session {key} never reached the expected state; last: {} {}", r.status, r.text());
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "session {key} never reached the expected state; last: {} {}",
+                r.status,
+                r.text()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -203,16 +271,39 @@ impl Universe {
     /// Starts a scheduler again.
     pub async fn restart_scheduler(&mut self) -> anyhow::Result<()> {
         self.scheduler_stop = self.root.child_token();
-        let s = start_scheduler(&self.nats.url(), &self.shards.to_string(), &self.scheduler_args, self.fleet.clone(), self.scheduler_stop.clone()).await?;
+        let s = start_scheduler(
+            &self.nats.url(),
+            &self.shards.to_string(),
+            &self.scheduler_args,
+            self.fleet.clone(),
+            self.scheduler_stop.clone(),
+        )
+        .await?;
         self.scheduler = Some(s);
         self.wait_ready().await
     }
 }
 
-async fn start_scheduler(url: &str, shards: &str, extra: &[String], fleet: Arc<FleetConfig>, stop: Shutdown) -> anyhow::Result<tether_scheduler::Running> {
+async fn start_scheduler(
+    url: &str,
+    shards: &str,
+    extra: &[String],
+    fleet: Arc<FleetConfig>,
+    stop: Shutdown,
+) -> anyhow::Result<tether_scheduler::Running> {
     tether_scheduler::start_with_fleet(
         <tether_scheduler::Config as clap_parse::Parse>::parse(&args(
-            &["x", "--nats-url", url, "--shards", shards, "--admin-listen", "127.0.0.1:0", "--health-interval-ms", "100"],
+            &[
+                "x",
+                "--nats-url",
+                url,
+                "--shards",
+                shards,
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--health-interval-ms",
+                "100",
+            ],
             extra,
         ))?,
         fleet,

@@ -71,7 +71,15 @@ impl Drop for Permit {
 
 impl EngineGate {
     pub fn new(limit: usize, cfg: AdmissionConfig) -> Self {
-        Self { inner: Arc::new(Mutex::new(Gate { limit: limit.max(1), in_use: 0, waiting: Vec::new(), seq: 0 })), cfg }
+        Self {
+            inner: Arc::new(Mutex::new(Gate {
+                limit: limit.max(1),
+                in_use: 0,
+                waiting: Vec::new(),
+                seq: 0,
+            })),
+            cfg,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Gate> {
@@ -83,7 +91,10 @@ impl EngineGate {
     /// (in use, waiting) — for metrics and tests.
     pub fn usage(&self) -> (usize, usize) {
         let g = self.lock();
-        (g.in_use, g.waiting.iter().filter(|w| !w.tx.is_closed()).count())
+        (
+            g.in_use,
+            g.waiting.iter().filter(|w| !w.tx.is_closed()).count(),
+        )
     }
 
     /// Takes a slot, waiting in the queue if none is free. `service` is the
@@ -106,11 +117,20 @@ impl EngineGate {
             g.seq += 1;
             let seq = g.seq;
             let starving_after = if self.cfg.starvation_ratio > 0.0 {
-                Duration::from_secs_f64((self.cfg.starvation_ratio * service.max(self.cfg.service_floor)).clamp(0.0, 1e9))
+                Duration::from_secs_f64(
+                    (self.cfg.starvation_ratio * service.max(self.cfg.service_floor))
+                        .clamp(0.0, 1e9),
+                )
             } else {
                 Duration::MAX
             };
-            g.waiting.push(Waiter { level, seq, arrived: Instant::now(), starving_after, tx });
+            g.waiting.push(Waiter {
+                level,
+                seq,
+                arrived: Instant::now(),
+                starving_after,
+                tx,
+            });
             rx
         };
         match rx.await {
@@ -131,7 +151,11 @@ impl EngineGate {
                 .enumerate()
                 .filter(|(_, w)| !w.tx.is_closed())
                 .min_by_key(|(_, w)| {
-                    let level = if now.duration_since(w.arrived) >= w.starving_after { 0 } else { w.level };
+                    let level = if now.duration_since(w.arrived) >= w.starving_after {
+                        0
+                    } else {
+                        w.level
+                    };
                     (level, w.seq)
                 })
                 .map(|(i, _)| i);
@@ -153,7 +177,11 @@ mod tests {
     use super::*;
 
     fn cfg() -> AdmissionConfig {
-        AdmissionConfig { max_queue: 8, starvation_ratio: 0.0, service_floor: 1.0 }
+        AdmissionConfig {
+            max_queue: 8,
+            starvation_ratio: 0.0,
+            service_floor: 1.0,
+        }
     }
 
     async fn settle() {
@@ -183,13 +211,22 @@ mod tests {
         for t in tasks {
             let _ = t.await;
         }
-        assert_eq!(*order.lock().unwrap_or_else(|p| p.into_inner()), vec!["light-a", "light-b", "mid", "heavy"]);
+        assert_eq!(
+            *order.lock().unwrap_or_else(|p| p.into_inner()),
+            vec!["light-a", "light-b", "mid", "heavy"]
+        );
         assert_eq!(gate.usage(), (0, 0));
     }
 
     #[tokio::test]
     async fn a_full_queue_refuses_and_cancelled_waiters_hold_nothing() {
-        let gate = EngineGate::new(1, AdmissionConfig { max_queue: 1, ..cfg() });
+        let gate = EngineGate::new(
+            1,
+            AdmissionConfig {
+                max_queue: 1,
+                ..cfg()
+            },
+        );
         let held = gate.acquire(0, 0.0).await;
         assert!(held.is_ok());
         let g = gate.clone();
@@ -207,14 +244,22 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn starving_calls_are_promoted() {
-        let gate = EngineGate::new(1, AdmissionConfig { starvation_ratio: 2.0, ..cfg() });
+        let gate = EngineGate::new(
+            1,
+            AdmissionConfig {
+                starvation_ratio: 2.0,
+                ..cfg()
+            },
+        );
         let held = gate.acquire(0, 0.0).await;
         let order = Arc::new(Mutex::new(Vec::new()));
         // An old call of a heavy session (service 1 s → starving after 2 s)…
         let (g, o) = (gate.clone(), order.clone());
         let old = tokio::spawn(async move {
             let _p = g.acquire(4, 1.0).await;
-            o.lock().unwrap_or_else(|p| p.into_inner()).push("old-heavy");
+            o.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push("old-heavy");
         });
         settle().await;
         tokio::time::advance(Duration::from_secs(3)).await;
@@ -227,7 +272,10 @@ mod tests {
         settle().await;
         drop(held);
         let _ = (old.await, fresh.await);
-        assert_eq!(*order.lock().unwrap_or_else(|p| p.into_inner()), vec!["old-heavy", "fresh"]);
+        assert_eq!(
+            *order.lock().unwrap_or_else(|p| p.into_inner()),
+            vec!["old-heavy", "fresh"]
+        );
     }
 
     /// A long-running session keeps calling while fresh short sessions keep
@@ -236,7 +284,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_heavy_session_is_not_starved_by_a_stream_of_fresh_ones() {
         let beta = 2.0;
-        let gate = EngineGate::new(1, AdmissionConfig { starvation_ratio: beta, ..cfg() });
+        let gate = EngineGate::new(
+            1,
+            AdmissionConfig {
+                starvation_ratio: beta,
+                ..cfg()
+            },
+        );
         let hold = Duration::from_secs(1);
         let start = Instant::now();
         // Fresh level-0 calls arrive every 0.5 s forever, each holding the slot 1 s.
@@ -263,7 +317,10 @@ mod tests {
         let bound = Duration::from_secs_f64(beta * f64::max(service, 1.0)) + hold;
         assert!(waited <= bound, "waited {waited:?}, bound {bound:?}");
         // And it really had to wait for the promotion: fresh calls overtook it.
-        assert!(waited >= Duration::from_secs_f64(beta * service) - hold, "waited only {waited:?}");
+        assert!(
+            waited >= Duration::from_secs_f64(beta * service) - hold,
+            "waited only {waited:?}"
+        );
         assert!(start.elapsed() > waited);
         stream.abort();
     }

@@ -10,9 +10,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use opentelemetry::propagation::Extractor;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_protocol::{
-    EventKind, Outcome, RequestEvent, SessionKey, SessionQuery, SessionView, now_ms, shard_of,
-};
+use tether_protocol::{Outcome, SessionKey, SessionQuery, SessionView, shard_of};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -94,31 +92,7 @@ async fn handle(
     let r = route(&app, call_id, &key, &call).await?;
     let e = &app.fleet.engines[r.engine];
     span.record("engine", e.name.as_str());
-    let body = call.engine_body(e.priority.then_some(i64::from(r.level)))?;
-    // Wait for a slot on the engine (priority queue when it is at its limit).
-    let permit = match app.gates[r.engine].acquire(r.level, r.service).await {
-        Ok(p) => p,
-        Err(crate::admission::Refused::QueueFull) => {
-            app.metrics.refused.inc();
-            return Err(ApiError::queue_full(&e.name));
-        }
-    };
-    let waited = arrived.elapsed().as_secs_f64();
-
-    app.events.emit(
-        RequestEvent {
-            call_id,
-            session_hash: key.hash(),
-            session_key: key.as_str().to_owned(),
-            at_ms: now_ms(),
-            engine: e.name.clone(),
-            kind: EventKind::Dispatched {
-                inherited_cst: r.inherited_cst,
-                level: r.level,
-            },
-        },
-        span.clone(),
-    );
+    // From here the scheduler counts the call: every path reports its end.
     let mut tracker = Tracker::new(
         app.clone(),
         CallInfo {
@@ -127,14 +101,31 @@ async fn handle(
             session_key: key.as_str().to_owned(),
             engine: r.engine,
             inherited_cst: r.inherited_cst,
-            waited,
-            dispatched: Instant::now(),
+            level: r.level,
+            arrived,
             stream: call.stream,
             prompt_estimate: u32::try_from(call.raw_len() / 4).unwrap_or(u32::MAX),
             span: span.clone(),
         },
-        permit,
     );
+    let body = match call.engine_body(e.priority.then_some(i64::from(r.level))) {
+        Ok(b) => b,
+        Err(err) => {
+            tracker.finish(Outcome::EngineError);
+            return Err(err);
+        }
+    };
+    // Wait for a slot on the engine (priority queue when it is at its
+    // limit). A client that goes away meanwhile drops the tracker, which
+    // reports the call cancelled.
+    match app.gates[r.engine].acquire(r.level, r.service).await {
+        Ok(permit) => tracker.dispatch(permit),
+        Err(crate::admission::Refused::QueueFull) => {
+            app.metrics.refused.inc();
+            tracker.finish(Outcome::Refused);
+            return Err(ApiError::queue_full(&e.name));
+        }
+    }
 
     let resp = match crate::proxy::forward(&app, r.engine, endpoint, body).await {
         Ok(resp) => resp,

@@ -73,8 +73,16 @@ impl Metrics {
             "Calls in flight per engine (this ingress)",
             self.in_flight.clone(),
         );
-        r.register("tether_ingress_queue_refused", "Calls refused (429) because an engine's queue was full", self.refused.clone());
-        r.register("tether_ingress_queued", "Calls waiting for an engine slot", self.queued.clone());
+        r.register(
+            "tether_ingress_queue_refused",
+            "Calls refused (429) because an engine's queue was full",
+            self.refused.clone(),
+        );
+        r.register(
+            "tether_ingress_queued",
+            "Calls waiting for an engine slot",
+            self.queued.clone(),
+        );
         r.register(
             "tether_ingress_route_seconds",
             "Route request round trip to the scheduler",

@@ -194,7 +194,11 @@ pub async fn start_with_fleet(
             ready_admin.set_ready(any);
             for (e, gate) in ready_app.fleet.engines.iter().zip(&ready_app.gates) {
                 let (_, waiting) = gate.usage();
-                ready_app.metrics.queued.get_or_create(&label("engine", &e.name)).set(waiting as i64);
+                ready_app
+                    .metrics
+                    .queued
+                    .get_or_create(&label("engine", &e.name))
+                    .set(waiting as i64);
             }
         }
     }));

@@ -20,23 +20,31 @@ use crate::service::App;
 
 const TAIL_BYTES: usize = 16 * 1024;
 
-/// What is known of a call when it is dispatched.
+/// What is known of a call once it is routed.
 pub struct CallInfo {
     pub call_id: CallId,
     pub session_hash: u64,
     pub session_key: String,
     pub engine: usize,
     pub inherited_cst: f64,
-    pub waited: f64,
-    pub dispatched: Instant,
+    pub level: u8,
+    /// When the call reached the ingress.
+    pub arrived: Instant,
     pub stream: bool,
     pub prompt_estimate: u32,
     pub span: tracing::Span,
 }
 
+/// Follows one call from its routing decision to its end. A call that ends
+/// before it is dispatched (refused by a full queue, or its client gone while
+/// it waited) still reports its end, so that nobody counts it in flight.
 pub struct Tracker {
     app: Arc<App>,
     info: Option<CallInfo>,
+    /// Set once the call holds an engine slot and was sent.
+    dispatched: Option<Instant>,
+    /// Time from arrival to dispatch, seconds.
+    waited: f64,
     /// The engine slot this call holds; freed when the call ends.
     permit: Option<crate::admission::Permit>,
     tail: Vec<u8>,
@@ -44,16 +52,40 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Starts tracking a dispatched call (counts it in flight).
-    pub fn new(app: Arc<App>, info: CallInfo, permit: crate::admission::Permit) -> Self {
-        app.in_flight_gauge(info.engine).inc();
+    /// Starts tracking a routed call.
+    pub fn new(app: Arc<App>, info: CallInfo) -> Self {
         Self {
             app,
             info: Some(info),
-            permit: Some(permit),
+            dispatched: None,
+            waited: 0.0,
+            permit: None,
             tail: Vec::new(),
             sse_events: 0,
         }
+    }
+
+    /// The call got its engine slot and is sent now: counts it in flight and
+    /// publishes its `Dispatched` event.
+    pub fn dispatch(&mut self, permit: crate::admission::Permit) {
+        let Some(info) = &self.info else { return };
+        let now = Instant::now();
+        self.waited = now.duration_since(info.arrived).as_secs_f64();
+        self.dispatched = Some(now);
+        self.permit = Some(permit);
+        self.app.in_flight_gauge(info.engine).inc();
+        let event = RequestEvent {
+            call_id: info.call_id,
+            session_hash: info.session_hash,
+            session_key: info.session_key.clone(),
+            at_ms: now_ms(),
+            engine: self.app.fleet.engines[info.engine].name.clone(),
+            kind: EventKind::Dispatched {
+                inherited_cst: info.inherited_cst,
+                level: info.level,
+            },
+        };
+        self.app.events.emit(event, info.span.clone());
     }
 
     pub fn observe(&mut self, chunk: &[u8]) {
@@ -70,18 +102,24 @@ impl Tracker {
     pub fn finish(&mut self, outcome: Outcome) {
         let Some(info) = self.info.take() else { return };
         self.permit = None;
-        let wall = info.dispatched.elapsed().as_secs_f64();
-        let work = self.work(&info);
-        let executed = if outcome == Outcome::Ok || work.known {
+        let (wall, waited, work) = match self.dispatched {
+            Some(at) => {
+                self.app.in_flight_gauge(info.engine).dec();
+                (at.elapsed().as_secs_f64(), self.waited, self.work(&info))
+            }
+            // Never sent: all of its time was waiting.
+            None => (0.0, info.arrived.elapsed().as_secs_f64(), Work::default()),
+        };
+        let executed = if self.dispatched.is_some() && (outcome == Outcome::Ok || work.known) {
             self.app.cost.service(&work, wall)
         } else {
             0.0
         };
-        self.app.in_flight_gauge(info.engine).dec();
         let outcome_label = match outcome {
             Outcome::Ok => "ok",
             Outcome::EngineError => "engine_error",
             Outcome::Cancelled => "cancelled",
+            Outcome::Refused => "refused",
         };
         self.app
             .metrics
@@ -97,7 +135,7 @@ impl Tracker {
             kind: EventKind::Finished(Finished {
                 inherited_cst: info.inherited_cst,
                 executed,
-                waited: info.waited,
+                waited,
                 wall,
                 prompt_tokens: work.prompt_tokens,
                 cached_tokens: work.cached_tokens,

@@ -10,8 +10,8 @@ use std::time::Duration;
 use tether_bus::{Bus, Subscriber};
 use tether_fleet::{FleetConfig, FleetHealth, FleetLoad};
 use tether_policy::{
-    Affinity, CacheAwareConfig, EngineLoad, Inputs, PlacementConfig, PriorityConfig, PriorityMode, SessionService, Strategy, choose,
-    freshness, level,
+    Affinity, CacheAwareConfig, EngineLoad, Inputs, PlacementConfig, PriorityConfig, PriorityMode,
+    SessionService, Strategy, choose, freshness, level,
 };
 use tether_protocol::{
     EventKind, RequestEvent, RouteDecision, RouteReply, RouteRequest, StateDelta, now_ms,
@@ -21,8 +21,8 @@ use tether_telemetry::{AdminState, Shutdown};
 use tokio::sync::mpsc;
 
 use crate::load::EngineLoads;
-use crate::prefix::PrefixIndex;
 use crate::metrics::{Metrics, label};
+use crate::prefix::PrefixIndex;
 use crate::replica::{DeltaOutcome, Replica};
 use crate::resync::{ResyncMsg, spawn_resync};
 
@@ -61,9 +61,24 @@ pub struct Decider {
 }
 
 impl Decider {
-    pub fn new(fleet: Arc<FleetConfig>, health: FleetHealth, reported: FleetLoad, shards: u16, knobs: PolicyKnobs) -> Self {
-        let names = fleet.engines.iter().enumerate().map(|(i, e)| (e.name.clone(), i)).collect();
-        let name_hashes = fleet.engines.iter().map(|e| stable_hash(e.name.as_bytes())).collect();
+    pub fn new(
+        fleet: Arc<FleetConfig>,
+        health: FleetHealth,
+        reported: FleetLoad,
+        shards: u16,
+        knobs: PolicyKnobs,
+    ) -> Self {
+        let names = fleet
+            .engines
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
+        let name_hashes = fleet
+            .engines
+            .iter()
+            .map(|e| stable_hash(e.name.as_bytes()))
+            .collect();
         let n = fleet.engines.len();
         Self {
             loads: EngineLoads::new(n),
@@ -113,18 +128,26 @@ impl Decider {
         }
         let session = self.replica.get(req.session_hash).copied();
         let service = session
-            .map(|s| SessionService { cst: f64::from(s.cst), attained: f64::from(s.attained), wait: f64::from(s.wait) })
+            .map(|s| SessionService {
+                cst: f64::from(s.cst),
+                attained: f64::from(s.attained),
+                wait: f64::from(s.wait),
+            })
             .unwrap_or_default();
         let affinity = session.and_then(|s| {
             let engine = s.affinity()?;
             let since = f64::from(self.mark(engine).wrapping_sub(s.mark)) * MARK_UNIT;
             let capacity = self.fleet.engines.get(engine)?.cache_tokens as f64;
-            Some(Affinity { engine, freshness: freshness(since, capacity) })
+            Some(Affinity {
+                engine,
+                freshness: freshness(since, capacity),
+            })
         });
         if req.block_hashes.is_empty() {
             self.ratios.clear();
         } else {
-            self.prefix.match_ratios(&req.block_hashes, self.scratch.len(), &mut self.ratios);
+            self.prefix
+                .match_ratios(&req.block_hashes, self.scratch.len(), &mut self.ratios);
         }
         self.turn = self.turn.wrapping_add(1);
         let inputs = Inputs {
@@ -134,12 +157,24 @@ impl Decider {
             session_hash: req.session_hash,
             turn: self.turn,
         };
-        let Some(p) = choose(self.knobs.strategy, &self.knobs.placement, &self.knobs.cache, &inputs) else {
-            return RouteReply::NoEngine { reason: format!("no healthy engine serves model {:?}", req.model) };
+        let Some(p) = choose(
+            self.knobs.strategy,
+            &self.knobs.placement,
+            &self.knobs.cache,
+            &inputs,
+        ) else {
+            return RouteReply::NoEngine {
+                reason: format!("no healthy engine serves model {:?}", req.model),
+            };
         };
         self.loads.start(req.call_id, p.engine, now_ms);
         let mark = self.mark(p.engine);
-        self.replica.note_placement(req.session_hash, p.engine, mark, u32::try_from(now_ms / 1000).unwrap_or(u32::MAX));
+        self.replica.note_placement(
+            req.session_hash,
+            p.engine,
+            mark,
+            u32::try_from(now_ms / 1000).unwrap_or(u32::MAX),
+        );
         self.prefix.insert(&req.block_hashes, p.engine);
         RouteReply::Decision(RouteDecision {
             call_id: req.call_id,
@@ -157,17 +192,27 @@ impl Decider {
     /// Counts load and KV writes from a request event (decisions of other
     /// replicas, fallbacks of the ingress).
     pub fn observe_event(&mut self, e: &RequestEvent) {
-        let Some(engine) = self.engine_index(&e.engine) else { return };
+        let Some(engine) = self.engine_index(&e.engine) else {
+            return;
+        };
         match &e.kind {
             EventKind::Dispatched { .. } => self.loads.start(e.call_id, engine, e.at_ms),
             EventKind::Finished(f) => {
                 self.loads.finish(e.call_id);
-                let new_kv = f.prompt_tokens.saturating_sub(f.cached_tokens).saturating_add(f.completion_tokens);
+                let new_kv = f
+                    .prompt_tokens
+                    .saturating_sub(f.cached_tokens)
+                    .saturating_add(f.completion_tokens);
                 self.written[engine] += f64::from(new_kv);
             }
         }
         let mark = self.mark(engine);
-        self.replica.note_placement(e.session_hash, engine, mark, u32::try_from(e.at_ms / 1000).unwrap_or(u32::MAX));
+        self.replica.note_placement(
+            e.session_hash,
+            engine,
+            mark,
+            u32::try_from(e.at_ms / 1000).unwrap_or(u32::MAX),
+        );
     }
 
     pub fn apply_delta(&mut self, d: &StateDelta) -> DeltaOutcome {

@@ -18,7 +18,12 @@ pub struct PrefixIndex {
 
 impl PrefixIndex {
     pub fn new(capacity: usize) -> Self {
-        Self { blocks: HashMap::new(), order: VecDeque::new(), capacity, clock: 0 }
+        Self {
+            blocks: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+            clock: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -42,7 +47,9 @@ impl PrefixIndex {
             self.order.push_back((b, self.clock));
         }
         while self.blocks.len() > self.capacity || self.order.len() > 2 * self.capacity.max(1) {
-            let Some((b, stamp)) = self.order.pop_front() else { break };
+            let Some((b, stamp)) = self.order.pop_front() else {
+                break;
+            };
             if self.blocks.get(&b).is_some_and(|(_, s)| *s == stamp) {
                 self.blocks.remove(&b);
             }
@@ -57,7 +64,11 @@ impl PrefixIndex {
         if blocks.is_empty() {
             return;
         }
-        let mut alive: u64 = if engines >= 64 { u64::MAX } else { (1u64 << engines) - 1 };
+        let mut alive: u64 = if engines >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << engines) - 1
+        };
         let mut depth = 0usize;
         for &b in blocks {
             let mask = self.blocks.get(&b).map_or(0, |(m, _)| *m) & alive;

@@ -120,7 +120,12 @@ impl Replica {
         };
         match self.sessions.get_mut(&r.hash) {
             Some(held) if held.version > r.version => {}
-            Some(held) => *held = Compact { mark: held.mark, ..record },
+            Some(held) => {
+                *held = Compact {
+                    mark: held.mark,
+                    ..record
+                }
+            }
             None => {
                 self.sessions.insert(r.hash, record);
             }

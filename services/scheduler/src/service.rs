@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_bus::{Bus, BusConfig};
-use tether_fleet::{FleetConfig, FleetHealth, FleetLoad, HealthConfig, engine_client, spawn_scraper};
+use tether_fleet::{
+    FleetConfig, FleetHealth, FleetLoad, HealthConfig, engine_client, spawn_scraper,
+};
 use tether_protocol::{Subjects, subjects::SCHEDULER_QUEUE_GROUP};
 use tether_telemetry::{AdminState, Shutdown, admin_router, serve_http};
 

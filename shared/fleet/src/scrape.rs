@@ -36,7 +36,11 @@ pub fn parse(text: &str, kind: EngineKind) -> Option<EngineSample> {
             &["vllm:num_requests_waiting"],
             &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
         ),
-        EngineKind::Sglang => (&["sglang:num_running_reqs"], &["sglang:num_queue_reqs"], &["sglang:token_usage"]),
+        EngineKind::Sglang => (
+            &["sglang:num_running_reqs"],
+            &["sglang:num_queue_reqs"],
+            &["sglang:token_usage"],
+        ),
     };
     let mut s = EngineSample::default();
     let mut found = false;
@@ -44,9 +48,13 @@ pub fn parse(text: &str, kind: EngineKind) -> Option<EngineSample> {
         if line.starts_with('#') {
             continue;
         }
-        let Some((series, value)) = line.trim().rsplit_once(' ') else { continue };
+        let Some((series, value)) = line.trim().rsplit_once(' ') else {
+            continue;
+        };
         let name = series.split('{').next().unwrap_or_default();
-        let Ok(v) = value.parse::<f64>() else { continue };
+        let Ok(v) = value.parse::<f64>() else {
+            continue;
+        };
         if !v.is_finite() {
             continue;
         }
@@ -72,7 +80,13 @@ pub struct FleetLoad {
 
 impl FleetLoad {
     pub fn new(engines: usize) -> Self {
-        Self { samples: Arc::new((0..engines).map(|_| [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]).collect()) }
+        Self {
+            samples: Arc::new(
+                (0..engines)
+                    .map(|_| [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)])
+                    .collect(),
+            ),
+        }
     }
 
     pub fn get(&self, engine: usize) -> EngineSample {
@@ -115,8 +129,11 @@ pub fn spawn_scraper(
             }
             let mut handles = Vec::with_capacity(fleet.engines.len());
             for (i, e) in fleet.engines.iter().enumerate() {
-                let (client, url, kind, timeout) = (client.clone(), e.endpoint("/metrics"), e.kind, cfg.timeout);
-                handles.push(tokio::spawn(async move { (i, scrape(&client, &url, kind, timeout).await) }));
+                let (client, url, kind, timeout) =
+                    (client.clone(), e.endpoint("/metrics"), e.kind, cfg.timeout);
+                handles.push(tokio::spawn(async move {
+                    (i, scrape(&client, &url, kind, timeout).await)
+                }));
             }
             for h in handles {
                 let Ok((i, result)) = h.await else { continue };
@@ -132,13 +149,24 @@ pub fn spawn_scraper(
     })
 }
 
-async fn scrape(client: &EngineClient, url: &str, kind: EngineKind, timeout: Duration) -> Option<EngineSample> {
+async fn scrape(
+    client: &EngineClient,
+    url: &str,
+    kind: EngineKind,
+    timeout: Duration,
+) -> Option<EngineSample> {
     let req = http::Request::get(url).body(Full::new(Bytes::new())).ok()?;
-    let resp = tokio::time::timeout(timeout, client.request(req)).await.ok()?.ok()?;
+    let resp = tokio::time::timeout(timeout, client.request(req))
+        .await
+        .ok()?
+        .ok()?;
     if !resp.status().is_success() {
         return None;
     }
-    let body = tokio::time::timeout(timeout, Limited::new(resp.into_body(), 4 << 20).collect()).await.ok()?.ok()?;
+    let body = tokio::time::timeout(timeout, Limited::new(resp.into_body(), 4 << 20).collect())
+        .await
+        .ok()?
+        .ok()?;
     let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
     // A server without the known names is alive but tells nothing of its load.
     Some(parse(&text, kind).unwrap_or_default())
@@ -151,9 +179,23 @@ mod tests {
     #[test]
     fn parses_vllm_and_sglang() {
         let v = "# HELP x\nvllm:num_requests_running{model_name=\"m\"} 3\nvllm:num_requests_waiting{model_name=\"m\"} 2.0\nvllm:gpu_cache_usage_perc{model_name=\"m\"} 0.5\n";
-        assert_eq!(parse(v, EngineKind::Vllm), Some(EngineSample { running: 3.0, waiting: 2.0, kv_usage: 0.5 }));
+        assert_eq!(
+            parse(v, EngineKind::Vllm),
+            Some(EngineSample {
+                running: 3.0,
+                waiting: 2.0,
+                kv_usage: 0.5
+            })
+        );
         let s = "sglang:num_running_reqs{a=\"1\"} 4\nsglang:num_running_reqs{a=\"2\"} 1\nsglang:num_queue_reqs 7\nsglang:token_usage 0.25\n";
-        assert_eq!(parse(s, EngineKind::Sglang), Some(EngineSample { running: 5.0, waiting: 7.0, kv_usage: 0.25 }));
+        assert_eq!(
+            parse(s, EngineKind::Sglang),
+            Some(EngineSample {
+                running: 5.0,
+                waiting: 7.0,
+                kv_usage: 0.25
+            })
+        );
         assert_eq!(parse("other 1\n", EngineKind::Vllm), None);
     }
 }

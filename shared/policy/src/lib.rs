@@ -15,6 +15,8 @@ pub mod placement;
 pub mod priority;
 pub mod strategy;
 
-pub use placement::{EngineLoad, Placement, PlacementConfig, least_loaded, load_bound, place, rendezvous};
+pub use placement::{
+    EngineLoad, Placement, PlacementConfig, least_loaded, load_bound, place, rendezvous,
+};
 pub use priority::{PriorityConfig, PriorityMode, SessionService, level};
 pub use strategy::{Affinity, CacheAwareConfig, Inputs, Strategy, choose, freshness};

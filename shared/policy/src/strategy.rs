@@ -16,7 +16,9 @@
 use serde::{Deserialize, Serialize};
 use tether_protocol::RouteReason;
 
-use crate::placement::{EngineLoad, Placement, PlacementConfig, least_loaded, load_bound, rendezvous};
+use crate::placement::{
+    EngineLoad, Placement, PlacementConfig, least_loaded, load_bound, rendezvous,
+};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -58,7 +60,11 @@ pub struct CacheAwareConfig {
 
 impl Default for CacheAwareConfig {
     fn default() -> Self {
-        Self { balance_abs: 32.0, balance_rel: 1.5, match_threshold: 0.3 }
+        Self {
+            balance_abs: 32.0,
+            balance_rel: 1.5,
+            match_threshold: 0.3,
+        }
     }
 }
 
@@ -97,29 +103,53 @@ pub fn freshness(tokens_since: f64, capacity: f64) -> f64 {
 }
 
 /// Chooses an engine. None when no engine is healthy.
-pub fn choose(strategy: Strategy, placement: &PlacementConfig, cache: &CacheAwareConfig, x: &Inputs<'_>) -> Option<Placement> {
-    let healthy: Vec<usize> = x.engines.iter().enumerate().filter(|(_, e)| e.healthy).map(|(i, _)| i).collect();
+pub fn choose(
+    strategy: Strategy,
+    placement: &PlacementConfig,
+    cache: &CacheAwareConfig,
+    x: &Inputs<'_>,
+) -> Option<Placement> {
+    let healthy: Vec<usize> = x
+        .engines
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.healthy)
+        .map(|(i, _)| i)
+        .collect();
     if healthy.is_empty() {
         return None;
     }
-    let least = |reason| least_loaded(x.engines, x.session_hash).map(|engine| Placement { engine, reason });
+    let least =
+        |reason| least_loaded(x.engines, x.session_hash).map(|engine| Placement { engine, reason });
     match strategy {
         Strategy::RoundRobin => {
             let i = usize::try_from(x.turn % healthy.len() as u64).unwrap_or(0);
-            Some(Placement { engine: healthy[i], reason: RouteReason::Baseline })
+            Some(Placement {
+                engine: healthy[i],
+                reason: RouteReason::Baseline,
+            })
         }
         Strategy::LeastLoaded => least(RouteReason::LeastLoaded),
-        Strategy::SessionHash => rendezvous(x.engines, x.session_hash).map(|engine| Placement { engine, reason: RouteReason::Baseline }),
+        Strategy::SessionHash => rendezvous(x.engines, x.session_hash).map(|engine| Placement {
+            engine,
+            reason: RouteReason::Baseline,
+        }),
         Strategy::CacheAware => {
-            let (min, max) = healthy.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), i| {
-                let l = x.engines[*i].load;
-                (lo.min(l), hi.max(l))
-            });
+            let (min, max) =
+                healthy
+                    .iter()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), i| {
+                        let l = x.engines[*i].load;
+                        (lo.min(l), hi.max(l))
+                    });
             if max - min > cache.balance_abs && max > cache.balance_rel * min {
                 return least(RouteReason::LeastLoaded);
             }
             match best_match(x) {
-                Some((engine, ratio)) if ratio > cache.match_threshold => Some(Placement { engine, reason: RouteReason::PrefixMatch }),
+                Some((engine, ratio)) if ratio > cache.match_threshold => Some(Placement {
+                    engine,
+                    reason: RouteReason::PrefixMatch,
+                }),
                 _ => least(RouteReason::LeastLoaded),
             }
         }
@@ -129,9 +159,15 @@ pub fn choose(strategy: Strategy, placement: &PlacementConfig, cache: &CacheAwar
             {
                 // Affinity's allowance above the mean shrinks with freshness:
                 // a stale session is placed like a new one.
-                let scaled = PlacementConfig { epsilon: placement.epsilon * a.freshness, slack: placement.slack * a.freshness };
+                let scaled = PlacementConfig {
+                    epsilon: placement.epsilon * a.freshness,
+                    slack: placement.slack * a.freshness,
+                };
                 if e.load + 1.0 <= load_bound(&scaled, x.engines) {
-                    return Some(Placement { engine: a.engine, reason: RouteReason::Affinity });
+                    return Some(Placement {
+                        engine: a.engine,
+                        reason: RouteReason::Affinity,
+                    });
                 }
                 return least(RouteReason::Rebalanced);
             }
@@ -139,7 +175,10 @@ pub fn choose(strategy: Strategy, placement: &PlacementConfig, cache: &CacheAwar
                 && ratio > cache.match_threshold
                 && x.engines[engine].load + 1.0 <= load_bound(placement, x.engines)
             {
-                return Some(Placement { engine, reason: RouteReason::PrefixMatch });
+                return Some(Placement {
+                    engine,
+                    reason: RouteReason::PrefixMatch,
+                });
             }
             least(RouteReason::LeastLoaded)
         }
@@ -152,7 +191,10 @@ fn best_match(x: &Inputs<'_>) -> Option<(usize, f64)> {
         .iter()
         .enumerate()
         .filter(|(i, r)| **r > 0.0 && x.engines.get(*i).is_some_and(|e| e.healthy))
-        .max_by(|(a, ra), (b, rb)| ra.total_cmp(rb).then_with(|| x.engines[*b].load.total_cmp(&x.engines[*a].load)))
+        .max_by(|(a, ra), (b, rb)| {
+            ra.total_cmp(rb)
+                .then_with(|| x.engines[*b].load.total_cmp(&x.engines[*a].load))
+        })
         .map(|(i, r)| (i, *r))
 }
 
@@ -166,12 +208,26 @@ mod tests {
         loads
             .iter()
             .enumerate()
-            .map(|(i, l)| EngineLoad { healthy: true, load: *l, id_hash: tether_protocol::stable_hash(format!("e{i}").as_bytes()) })
+            .map(|(i, l)| EngineLoad {
+                healthy: true,
+                load: *l,
+                id_hash: tether_protocol::stable_hash(format!("e{i}").as_bytes()),
+            })
             .collect()
     }
 
-    fn inputs<'a>(engines: &'a [EngineLoad], prefix: &'a [f64], affinity: Option<Affinity>) -> Inputs<'a> {
-        Inputs { engines, prefix_match: prefix, affinity, session_hash: 42, turn: 0 }
+    fn inputs<'a>(
+        engines: &'a [EngineLoad],
+        prefix: &'a [f64],
+        affinity: Option<Affinity>,
+    ) -> Inputs<'a> {
+        Inputs {
+            engines,
+            prefix_match: prefix,
+            affinity,
+            session_hash: 42,
+            turn: 0,
+        }
     }
 
     #[test]
@@ -187,9 +243,33 @@ mod tests {
         let f = fleet(&[2.0, 0.0, 0.0]);
         let pc = PlacementConfig::default();
         let cc = CacheAwareConfig::default();
-        let fresh = choose(Strategy::Tether, &pc, &cc, &inputs(&f, &[], Some(Affinity { engine: 0, freshness: 1.0 })));
+        let fresh = choose(
+            Strategy::Tether,
+            &pc,
+            &cc,
+            &inputs(
+                &f,
+                &[],
+                Some(Affinity {
+                    engine: 0,
+                    freshness: 1.0,
+                }),
+            ),
+        );
         assert_eq!(fresh.map(|p| p.reason), Some(RouteReason::Affinity));
-        let stale = choose(Strategy::Tether, &pc, &cc, &inputs(&f, &[], Some(Affinity { engine: 0, freshness: 0.0 })));
+        let stale = choose(
+            Strategy::Tether,
+            &pc,
+            &cc,
+            &inputs(
+                &f,
+                &[],
+                Some(Affinity {
+                    engine: 0,
+                    freshness: 0.0,
+                }),
+            ),
+        );
         assert_eq!(stale.map(|p| p.reason), Some(RouteReason::LeastLoaded));
         assert_ne!(stale.map(|p| p.engine), Some(0));
     }
@@ -200,15 +280,48 @@ mod tests {
         let pc = PlacementConfig::default();
         // Balanced: best match wins.
         let f = fleet(&[10.0, 3.0, 5.0]);
-        let p = choose(Strategy::CacheAware, &pc, &cc, &inputs(&f, &[0.9, 0.0, 0.1], None));
-        assert_eq!(p, Some(Placement { engine: 0, reason: RouteReason::PrefixMatch }));
+        let p = choose(
+            Strategy::CacheAware,
+            &pc,
+            &cc,
+            &inputs(&f, &[0.9, 0.0, 0.1], None),
+        );
+        assert_eq!(
+            p,
+            Some(Placement {
+                engine: 0,
+                reason: RouteReason::PrefixMatch
+            })
+        );
         // Weak match: least loaded.
-        let p = choose(Strategy::CacheAware, &pc, &cc, &inputs(&f, &[0.2, 0.0, 0.1], None));
-        assert_eq!(p, Some(Placement { engine: 1, reason: RouteReason::LeastLoaded }));
+        let p = choose(
+            Strategy::CacheAware,
+            &pc,
+            &cc,
+            &inputs(&f, &[0.2, 0.0, 0.1], None),
+        );
+        assert_eq!(
+            p,
+            Some(Placement {
+                engine: 1,
+                reason: RouteReason::LeastLoaded
+            })
+        );
         // Imbalanced (40 − 2 > 32 and 40 > 1.5·2): least loaded despite the match.
         let f = fleet(&[40.0, 2.0, 5.0]);
-        let p = choose(Strategy::CacheAware, &pc, &cc, &inputs(&f, &[0.9, 0.0, 0.1], None));
-        assert_eq!(p, Some(Placement { engine: 1, reason: RouteReason::LeastLoaded }));
+        let p = choose(
+            Strategy::CacheAware,
+            &pc,
+            &cc,
+            &inputs(&f, &[0.9, 0.0, 0.1], None),
+        );
+        assert_eq!(
+            p,
+            Some(Placement {
+                engine: 1,
+                reason: RouteReason::LeastLoaded
+            })
+        );
     }
 
     #[test]
@@ -218,7 +331,18 @@ mod tests {
         let pc = PlacementConfig::default();
         let cc = CacheAwareConfig::default();
         let picks: Vec<usize> = (0..4)
-            .filter_map(|t| choose(Strategy::RoundRobin, &pc, &cc, &Inputs { turn: t, ..inputs(&f, &[], None) }).map(|p| p.engine))
+            .filter_map(|t| {
+                choose(
+                    Strategy::RoundRobin,
+                    &pc,
+                    &cc,
+                    &Inputs {
+                        turn: t,
+                        ..inputs(&f, &[], None)
+                    },
+                )
+                .map(|p| p.engine)
+            })
             .collect();
         assert_eq!(picks, vec![0, 2, 0, 2]);
     }

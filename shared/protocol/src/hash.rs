@@ -134,7 +134,10 @@ pub const MAX_PROMPT_BLOCKS: usize = 512;
 pub fn prompt_blocks(text: &[u8]) -> Vec<u64> {
     let mut out = Vec::with_capacity((text.len() / PROMPT_BLOCK_BYTES).min(MAX_PROMPT_BLOCKS));
     let mut h = 0u64;
-    for block in text.chunks_exact(PROMPT_BLOCK_BYTES).take(MAX_PROMPT_BLOCKS) {
+    for block in text
+        .chunks_exact(PROMPT_BLOCK_BYTES)
+        .take(MAX_PROMPT_BLOCKS)
+    {
         h = mix(h, stable_hash(block));
         out.push(h);
     }

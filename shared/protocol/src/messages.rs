@@ -58,8 +58,11 @@ pub enum Outcome {
     Ok,
     /// The engine answered with an error status or broke the stream.
     EngineError,
-    /// The client went away before the answer was complete.
+    /// The client went away before the answer was complete (or while the
+    /// call waited for a slot).
     Cancelled,
+    /// The call was refused before dispatch (the engine's queue was full).
+    Refused,
 }
 
 /// The state of one session as the session-state shard holds it.

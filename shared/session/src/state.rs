@@ -57,7 +57,10 @@ impl SessionState {
                 self.cst = self.cst.max(h + t);
                 self.attained += t;
                 self.wait += sane(done.waited);
-                self.affinity = Some(event.engine.clone());
+                // A call refused or abandoned before dispatch never ran there.
+                if done.wall > 0.0 {
+                    self.affinity = Some(event.engine.clone());
+                }
             }
         }
     }
