@@ -7,10 +7,9 @@
 
 use std::sync::Arc;
 use std::time::Instant;
-use tether_fleet::{EngineConfig, EngineKind, FleetConfig, FleetHealth};
-use tether_policy::{PlacementConfig, PriorityConfig};
+use tether_fleet::{EngineConfig, EngineKind, FleetConfig, FleetHealth, FleetLoad};
 use tether_protocol::{RouteRequest, SessionRecord, SnapshotPage, stable_hash};
-use tether_scheduler::core::Decider;
+use tether_scheduler::core::{Decider, PolicyKnobs};
 
 const SESSIONS: u64 = 1_000_000;
 const ENGINES: usize = 64;
@@ -45,12 +44,16 @@ fn main() {
         .collect();
     let fleet = Arc::new(FleetConfig { engines });
     let shards = 16u16;
+    let knobs = PolicyKnobs {
+        prefix_blocks: 1_000_000,
+        ..PolicyKnobs::default()
+    };
     let mut d = Decider::new(
         fleet,
         FleetHealth::new(ENGINES),
+        FleetLoad::new(ENGINES),
         shards,
-        PriorityConfig::default(),
-        PlacementConfig::default(),
+        knobs,
     );
 
     // Fill the replica through the same path a resync uses, one page at a time.

@@ -173,10 +173,10 @@ async fn streams_pass_through_chunk_by_chunk() -> anyhow::Result<()> {
             .frame()
             .await
             .ok_or_else(|| anyhow::anyhow!("stream ended without data"))??;
-        if let Ok(data) = frame.into_data() {
-            if !data.is_empty() {
-                break data;
-            }
+        if let Ok(data) = frame.into_data()
+            && !data.is_empty()
+        {
+            break data;
         }
     };
     assert!(

@@ -301,7 +301,7 @@ async fn start_scheduler(
                 shards,
                 "--admin-listen",
                 "127.0.0.1:0",
-                "--health-interval-ms",
+                "--scrape-interval-ms",
                 "100",
             ],
             extra,

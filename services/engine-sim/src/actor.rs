@@ -35,10 +35,22 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Submits a request; its events arrive on the returned receiver.
-    pub async fn submit(&self, request: Request) -> Result<mpsc::UnboundedReceiver<Event>, AddError> {
+    pub async fn submit(
+        &self,
+        request: Request,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, AddError> {
         let (events, rx) = mpsc::unbounded_channel();
         let (accepted, ok) = oneshot::channel();
-        if self.tx.send(Submit { request, events, accepted }).await.is_err() {
+        if self
+            .tx
+            .send(Submit {
+                request,
+                events,
+                accepted,
+            })
+            .await
+            .is_err()
+        {
             return Err(AddError::Stopped);
         }
         match ok.await {
@@ -55,8 +67,17 @@ pub fn spawn(cfg: SimConfig, metrics: Arc<Metrics>, shutdown: Shutdown) -> Engin
     EngineHandle { tx }
 }
 
-async fn run(cfg: SimConfig, metrics: Arc<Metrics>, mut rx: mpsc::Receiver<Submit>, shutdown: Shutdown) {
-    let scale = if cfg.time_scale.is_finite() && cfg.time_scale > 0.0 { cfg.time_scale } else { 1.0 };
+async fn run(
+    cfg: SimConfig,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<Submit>,
+    shutdown: Shutdown,
+) {
+    let scale = if cfg.time_scale.is_finite() && cfg.time_scale > 0.0 {
+        cfg.time_scale
+    } else {
+        1.0
+    };
     let mut engine = Engine::new(cfg);
     let mut sinks: HashMap<SeqId, mpsc::UnboundedSender<Event>> = HashMap::new();
     let start = Instant::now();
@@ -75,7 +96,11 @@ async fn run(cfg: SimConfig, metrics: Arc<Metrics>, mut rx: mpsc::Receiver<Submi
             accept(&mut engine, &mut sinks, submit, &metrics);
         }
         // Clients that went away.
-        let gone: Vec<SeqId> = sinks.iter().filter(|(_, tx)| tx.is_closed()).map(|(id, _)| *id).collect();
+        let gone: Vec<SeqId> = sinks
+            .iter()
+            .filter(|(_, tx)| tx.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
         for id in gone {
             sinks.remove(&id);
             engine.abort(id);
@@ -99,7 +124,10 @@ async fn run(cfg: SimConfig, metrics: Arc<Metrics>, mut rx: mpsc::Receiver<Submi
         for out in step.outputs {
             match out {
                 Output::Token { seq, word, .. } => {
-                    if sinks.get(&seq).is_some_and(|tx| tx.send(Event::Token(word)).is_err()) {
+                    if sinks
+                        .get(&seq)
+                        .is_some_and(|tx| tx.send(Event::Token(word)).is_err())
+                    {
                         sinks.remove(&seq);
                         engine.abort(seq);
                     }
@@ -116,7 +144,12 @@ async fn run(cfg: SimConfig, metrics: Arc<Metrics>, mut rx: mpsc::Receiver<Submi
     }
 }
 
-fn accept(engine: &mut Engine, sinks: &mut HashMap<SeqId, mpsc::UnboundedSender<Event>>, s: Submit, metrics: &Metrics) {
+fn accept(
+    engine: &mut Engine,
+    sinks: &mut HashMap<SeqId, mpsc::UnboundedSender<Event>>,
+    s: Submit,
+    metrics: &Metrics,
+) {
     match engine.add(s.request) {
         Ok(id) => {
             sinks.insert(id, s.events);
@@ -130,5 +163,10 @@ fn accept(engine: &mut Engine, sinks: &mut HashMap<SeqId, mpsc::UnboundedSender<
 }
 
 fn publish(engine: &Engine, metrics: &Metrics) {
-    metrics.set_engine(engine.num_running(), engine.num_waiting(), engine.kv_usage(), engine.stats);
+    metrics.set_engine(
+        engine.num_running(),
+        engine.num_waiting(),
+        engine.kv_usage(),
+        engine.stats,
+    );
 }

@@ -21,13 +21,22 @@ pub struct SimConfig {
     #[arg(long, env = "TETHER_SIM_NAME", default_value = "sim")]
     pub name: String,
     /// Models served (comma-separated); any model is accepted when empty.
-    #[arg(long, env = "TETHER_SIM_MODELS", value_delimiter = ',', default_value = "tether-sim")]
+    #[arg(
+        long,
+        env = "TETHER_SIM_MODELS",
+        value_delimiter = ',',
+        default_value = "tether-sim"
+    )]
     pub models: Vec<String>,
     /// Sequences running at once (vLLM `--max-num-seqs`).
     #[arg(long, env = "TETHER_SIM_MAX_NUM_SEQS", default_value_t = 256)]
     pub max_num_seqs: usize,
     /// Tokens per step shared by decode and chunked prefill (vLLM `--max-num-batched-tokens`).
-    #[arg(long, env = "TETHER_SIM_MAX_NUM_BATCHED_TOKENS", default_value_t = 8192)]
+    #[arg(
+        long,
+        env = "TETHER_SIM_MAX_NUM_BATCHED_TOKENS",
+        default_value_t = 8192
+    )]
     pub max_num_batched_tokens: usize,
     /// Longest prompt + completion, tokens (vLLM `--max-model-len`).
     #[arg(long, env = "TETHER_SIM_MAX_MODEL_LEN", default_value_t = 131_072)]
@@ -48,7 +57,11 @@ pub struct SimConfig {
     #[arg(long, env = "TETHER_SIM_PER_DECODE_SEQ", default_value_t = 0.000_1)]
     pub per_decode_seq: f64,
     /// Cost per token of context held by running sequences, seconds (KV reads).
-    #[arg(long, env = "TETHER_SIM_PER_CONTEXT_TOKEN", default_value_t = 0.000_000_04)]
+    #[arg(
+        long,
+        env = "TETHER_SIM_PER_CONTEXT_TOKEN",
+        default_value_t = 0.000_000_04
+    )]
     pub per_context_token: f64,
     /// Waiting-queue policy (vLLM `--scheduling-policy`).
     #[arg(long, env = "TETHER_SIM_SCHEDULING_POLICY", value_enum, default_value_t = SchedulingPolicy::Fcfs)]
@@ -85,7 +98,10 @@ impl Default for SimConfig {
 impl SimConfig {
     /// The defaults, under a name.
     pub fn named(name: &str) -> Self {
-        Self { name: name.to_owned(), ..Self::default() }
+        Self {
+            name: name.to_owned(),
+            ..Self::default()
+        }
     }
 
     pub fn serves(&self, model: &str) -> bool {

@@ -27,8 +27,14 @@ pub type SeqId = u64;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AddError {
-    #[error("prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's length of {limit} tokens")]
-    TooLong { prompt: usize, max_tokens: usize, limit: usize },
+    #[error(
+        "prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's length of {limit} tokens"
+    )]
+    TooLong {
+        prompt: usize,
+        max_tokens: usize,
+        limit: usize,
+    },
     #[error("request needs {needed} KV blocks; the cache holds {capacity}")]
     TooBig { needed: usize, capacity: usize },
     #[error("the prompt is empty")]
@@ -49,8 +55,16 @@ pub struct Request {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {
     /// Token number `index` (0-based) of the answer.
-    Token { seq: SeqId, index: usize, word: &'static str },
-    Finished { seq: SeqId, usage: Usage, timing: Timing },
+    Token {
+        seq: SeqId,
+        index: usize,
+        word: &'static str,
+    },
+    Finished {
+        seq: SeqId,
+        usage: Usage,
+        timing: Timing,
+    },
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -170,7 +184,11 @@ impl Engine {
     }
 
     pub fn kv_usage(&self) -> f64 {
-        if self.kv.capacity() == 0 { 0.0 } else { self.kv.in_use() as f64 / self.kv.capacity() as f64 }
+        if self.kv.capacity() == 0 {
+            0.0
+        } else {
+            self.kv.in_use() as f64 / self.kv.capacity() as f64
+        }
     }
 
     pub fn is_idle(&self) -> bool {
@@ -187,16 +205,25 @@ impl Engine {
         }
         let total = req.prompt.len() + req.max_tokens;
         if total > self.cfg.max_model_len {
-            return Err(AddError::TooLong { prompt: req.prompt.len(), max_tokens: req.max_tokens, limit: self.cfg.max_model_len });
+            return Err(AddError::TooLong {
+                prompt: req.prompt.len(),
+                max_tokens: req.max_tokens,
+                limit: self.cfg.max_model_len,
+            });
         }
         let needed = total.div_ceil(self.cfg.block_size.max(1));
         if needed > self.kv.capacity() {
-            return Err(AddError::TooBig { needed, capacity: self.kv.capacity() });
+            return Err(AddError::TooBig {
+                needed,
+                capacity: self.kv.capacity(),
+            });
         }
         let id = self.next_id;
         self.next_id += 1;
         self.next_order += 1;
-        let seed = req.prompt.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, t| (h ^ u64::from(*t)).wrapping_mul(0x100_0000_01b3));
+        let seed = req.prompt.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, t| {
+            (h ^ u64::from(*t)).wrapping_mul(0x100_0000_01b3)
+        });
         let target = req.prompt.len();
         let hashes = block_hashes(&req.prompt, self.cfg.block_size);
         self.seqs.insert(
@@ -246,10 +273,18 @@ impl Engine {
     fn next_waiting(&self) -> Option<usize> {
         let key = |id: &SeqId| {
             let s = &self.seqs[id];
-            let p = if self.cfg.scheduling_policy == SchedulingPolicy::Priority { s.priority } else { 0 };
+            let p = if self.cfg.scheduling_policy == SchedulingPolicy::Priority {
+                s.priority
+            } else {
+                0
+            };
             (p, s.order)
         };
-        self.waiting.iter().enumerate().min_by_key(|(_, id)| key(id)).map(|(i, _)| i)
+        self.waiting
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, id)| key(id))
+            .map(|(i, _)| i)
     }
 
     /// Preempts the newest running sequence; returns its id.
@@ -274,7 +309,9 @@ impl Engine {
     /// cache cannot make room.
     fn grow(&mut self, id: SeqId, tokens: usize) -> bool {
         let bs = self.cfg.block_size.max(1);
-        let Some(s) = self.seqs.get(&id) else { return false };
+        let Some(s) = self.seqs.get(&id) else {
+            return false;
+        };
         let need = tokens.div_ceil(bs).saturating_sub(s.blocks_held());
         if need == 0 {
             return true;
@@ -306,7 +343,9 @@ impl Engine {
     /// Registers the full prompt blocks computed so far as shared cache blocks.
     fn publish_blocks(&mut self, id: SeqId) {
         let bs = self.cfg.block_size.max(1);
-        let Some(s) = self.seqs.get_mut(&id) else { return };
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
+        };
         let full = (s.computed / bs).min(s.hashes.len());
         while s.pinned.len() < full && s.private > 0 {
             let h = s.hashes[s.pinned.len()];
@@ -421,7 +460,12 @@ impl Engine {
 
         // The step's cost.
         let prefill_tokens: usize = prefilling.iter().map(|(_, c)| c).sum();
-        let context_tokens: usize = self.running.iter().filter_map(|id| self.seqs.get(id)).map(|s| s.computed).sum();
+        let context_tokens: usize = self
+            .running
+            .iter()
+            .filter_map(|id| self.seqs.get(id))
+            .map(|s| s.computed)
+            .sum();
         let duration = self.cfg.step_overhead
             + self.cfg.per_prefill_token * prefill_tokens as f64
             + self.cfg.per_decode_seq * decoding.len() as f64
@@ -446,27 +490,47 @@ impl Engine {
             }
             self.sample(*id, &mut outputs);
         }
-        Some(Step { duration, prefill_tokens, decode_seqs: decoding.len(), context_tokens, outputs })
+        Some(Step {
+            duration,
+            prefill_tokens,
+            decode_seqs: decoding.len(),
+            context_tokens,
+            outputs,
+        })
     }
 
     /// Samples the next token of a sequence whose context is computed.
     fn sample(&mut self, id: SeqId, outputs: &mut Vec<Output>) {
         let now = self.now;
-        let Some(s) = self.seqs.get_mut(&id) else { return };
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
+        };
         let w = word(s.seed, s.generated);
-        outputs.push(Output::Token { seq: id, index: s.generated, word: w });
+        outputs.push(Output::Token {
+            seq: id,
+            index: s.generated,
+            word: w,
+        });
         s.generated += 1;
         s.tokens.push(fnv32(w.as_bytes()));
         s.first_token_at.get_or_insert(now);
         self.stats.generation_tokens += 1;
         if s.generated >= s.max_tokens {
-            let usage = Usage { prompt_tokens: s.prompt_len, completion_tokens: s.generated, cached_tokens: s.cached_tokens };
+            let usage = Usage {
+                prompt_tokens: s.prompt_len,
+                completion_tokens: s.generated,
+                cached_tokens: s.cached_tokens,
+            };
             let timing = Timing {
                 queue: s.scheduled_at.unwrap_or(now) - s.arrival,
                 ttft: s.first_token_at.unwrap_or(now) - s.arrival,
                 e2e: now - s.arrival,
             };
-            outputs.push(Output::Finished { seq: id, usage, timing });
+            outputs.push(Output::Finished {
+                seq: id,
+                usage,
+                timing,
+            });
             self.stats.finished += 1;
             if let Some(mut s) = self.seqs.remove(&id) {
                 self.release(&mut s);
@@ -515,7 +579,12 @@ mod tests {
     #[test]
     fn prefill_only_step_matches_the_model() {
         let mut e = Engine::new(cfg());
-        e.add(Request { prompt: prompt(40, 1), max_tokens: 1, priority: 0 }).ok();
+        e.add(Request {
+            prompt: prompt(40, 1),
+            max_tokens: 1,
+            priority: 0,
+        })
+        .ok();
         let s = e.step().unwrap_or_default();
         assert_eq!(s.prefill_tokens, 40);
         assert_eq!(s.decode_seqs, 0);
@@ -527,7 +596,12 @@ mod tests {
     fn decode_steps_match_the_model() {
         let mut e = Engine::new(cfg());
         for salt in 0..3 {
-            e.add(Request { prompt: prompt(8, salt), max_tokens: 5, priority: 0 }).ok();
+            e.add(Request {
+                prompt: prompt(8, salt),
+                max_tokens: 5,
+                priority: 0,
+            })
+            .ok();
         }
         let first = e.step().unwrap_or_default();
         assert_eq!((first.prefill_tokens, first.decode_seqs), (24, 0));
@@ -540,8 +614,15 @@ mod tests {
     #[test]
     fn chunked_prefill_respects_the_budget() {
         let mut e = Engine::new(cfg());
-        e.add(Request { prompt: prompt(150, 1), max_tokens: 2, priority: 0 }).ok();
-        let chunks: Vec<usize> = std::iter::from_fn(|| e.step()).map(|s| s.prefill_tokens).collect();
+        e.add(Request {
+            prompt: prompt(150, 1),
+            max_tokens: 2,
+            priority: 0,
+        })
+        .ok();
+        let chunks: Vec<usize> = std::iter::from_fn(|| e.step())
+            .map(|s| s.prefill_tokens)
+            .collect();
         assert_eq!(chunks, vec![64, 64, 22, 0]);
     }
 
@@ -549,12 +630,24 @@ mod tests {
     fn a_repeated_prompt_prefills_only_its_new_suffix() {
         let mut e = Engine::new(cfg());
         let base = prompt(40, 1);
-        let a = e.add(Request { prompt: base.clone(), max_tokens: 1, priority: 0 }).unwrap_or(0);
+        let a = e
+            .add(Request {
+                prompt: base.clone(),
+                max_tokens: 1,
+                priority: 0,
+            })
+            .unwrap_or(0);
         let out = run(&mut e);
         assert_eq!(finished(&out, a).map(|(u, _)| u.cached_tokens), Some(0));
         let mut longer = base;
         longer.extend(prompt(10, 2));
-        let b = e.add(Request { prompt: longer, max_tokens: 1, priority: 0 }).unwrap_or(0);
+        let b = e
+            .add(Request {
+                prompt: longer,
+                max_tokens: 1,
+                priority: 0,
+            })
+            .unwrap_or(0);
         let s = e.step().unwrap_or_default();
         assert_eq!(s.prefill_tokens, 10, "only the new suffix is prefilled");
         let out = s.outputs;
@@ -567,28 +660,60 @@ mod tests {
     fn a_fully_cached_prompt_still_computes_one_token() {
         let mut e = Engine::new(cfg());
         let p = prompt(16, 1);
-        e.add(Request { prompt: p.clone(), max_tokens: 1, priority: 0 }).ok();
+        e.add(Request {
+            prompt: p.clone(),
+            max_tokens: 1,
+            priority: 0,
+        })
+        .ok();
         run(&mut e);
-        let b = e.add(Request { prompt: p, max_tokens: 1, priority: 0 }).unwrap_or(0);
+        let b = e
+            .add(Request {
+                prompt: p,
+                max_tokens: 1,
+                priority: 0,
+            })
+            .unwrap_or(0);
         let s = e.step().unwrap_or_default();
         assert_eq!(s.prefill_tokens, 4);
-        assert_eq!(finished(&s.outputs, b).map(|(u, _)| u.cached_tokens), Some(12));
+        assert_eq!(
+            finished(&s.outputs, b).map(|(u, _)| u.cached_tokens),
+            Some(12)
+        );
     }
 
     #[test]
     fn eviction_is_least_recently_used() {
         // Room for 6 blocks of 4 tokens.
-        let mut e = Engine::new(SimConfig { kv_cache_tokens: 24, ..cfg() });
+        let mut e = Engine::new(SimConfig {
+            kv_cache_tokens: 24,
+            ..cfg()
+        });
         let (a, b) = (prompt(8, 1), prompt(8, 2));
         for p in [&a, &b] {
-            e.add(Request { prompt: p.clone(), max_tokens: 1, priority: 0 }).ok();
+            e.add(Request {
+                prompt: p.clone(),
+                max_tokens: 1,
+                priority: 0,
+            })
+            .ok();
             run(&mut e);
         }
         // Touch a again so b is the least recently used.
-        e.add(Request { prompt: a.clone(), max_tokens: 1, priority: 0 }).ok();
+        e.add(Request {
+            prompt: a.clone(),
+            max_tokens: 1,
+            priority: 0,
+        })
+        .ok();
         run(&mut e);
         // A new prompt needing 4 blocks evicts b's blocks, not a's.
-        e.add(Request { prompt: prompt(13, 3), max_tokens: 1, priority: 0 }).ok();
+        e.add(Request {
+            prompt: prompt(13, 3),
+            max_tokens: 1,
+            priority: 0,
+        })
+        .ok();
         run(&mut e);
         let a_hashes = block_hashes(&a, 4);
         let b_hashes = block_hashes(&b, 4);
@@ -598,10 +723,32 @@ mod tests {
 
     #[test]
     fn priority_orders_the_waiting_queue() {
-        let mut e = Engine::new(SimConfig { max_num_seqs: 1, scheduling_policy: SchedulingPolicy::Priority, ..cfg() });
-        let low = e.add(Request { prompt: prompt(4, 1), max_tokens: 1, priority: 5 }).unwrap_or(0);
-        let high = e.add(Request { prompt: prompt(4, 2), max_tokens: 1, priority: 0 }).unwrap_or(0);
-        let high2 = e.add(Request { prompt: prompt(4, 3), max_tokens: 1, priority: 0 }).unwrap_or(0);
+        let mut e = Engine::new(SimConfig {
+            max_num_seqs: 1,
+            scheduling_policy: SchedulingPolicy::Priority,
+            ..cfg()
+        });
+        let low = e
+            .add(Request {
+                prompt: prompt(4, 1),
+                max_tokens: 1,
+                priority: 5,
+            })
+            .unwrap_or(0);
+        let high = e
+            .add(Request {
+                prompt: prompt(4, 2),
+                max_tokens: 1,
+                priority: 0,
+            })
+            .unwrap_or(0);
+        let high2 = e
+            .add(Request {
+                prompt: prompt(4, 3),
+                max_tokens: 1,
+                priority: 0,
+            })
+            .unwrap_or(0);
         let order: Vec<SeqId> = run(&mut e)
             .into_iter()
             .filter_map(|o| match o {
@@ -611,9 +758,24 @@ mod tests {
             .collect();
         assert_eq!(order, vec![high, high2, low]);
         // FCFS ignores priority.
-        let mut e = Engine::new(SimConfig { max_num_seqs: 1, ..cfg() });
-        let a = e.add(Request { prompt: prompt(4, 1), max_tokens: 1, priority: 5 }).unwrap_or(0);
-        let b = e.add(Request { prompt: prompt(4, 2), max_tokens: 1, priority: 0 }).unwrap_or(0);
+        let mut e = Engine::new(SimConfig {
+            max_num_seqs: 1,
+            ..cfg()
+        });
+        let a = e
+            .add(Request {
+                prompt: prompt(4, 1),
+                max_tokens: 1,
+                priority: 5,
+            })
+            .unwrap_or(0);
+        let b = e
+            .add(Request {
+                prompt: prompt(4, 2),
+                max_tokens: 1,
+                priority: 0,
+            })
+            .unwrap_or(0);
         let order: Vec<SeqId> = run(&mut e)
             .into_iter()
             .filter_map(|o| match o {
@@ -627,9 +789,24 @@ mod tests {
     #[test]
     fn the_newest_sequence_is_preempted_when_blocks_run_out() {
         // 4 blocks of 4 tokens; two sequences of 6-token prompts each want 4 blocks by the end.
-        let mut e = Engine::new(SimConfig { kv_cache_tokens: 16, ..cfg() });
-        let old = e.add(Request { prompt: prompt(6, 1), max_tokens: 8, priority: 0 }).unwrap_or(0);
-        let new = e.add(Request { prompt: prompt(6, 2), max_tokens: 8, priority: 0 }).unwrap_or(0);
+        let mut e = Engine::new(SimConfig {
+            kv_cache_tokens: 16,
+            ..cfg()
+        });
+        let old = e
+            .add(Request {
+                prompt: prompt(6, 1),
+                max_tokens: 8,
+                priority: 0,
+            })
+            .unwrap_or(0);
+        let new = e
+            .add(Request {
+                prompt: prompt(6, 2),
+                max_tokens: 8,
+                priority: 0,
+            })
+            .unwrap_or(0);
         let out = run(&mut e);
         assert!(e.stats.preemptions >= 1);
         // Both finish with all their tokens, each token index once.
@@ -644,21 +821,49 @@ mod tests {
             assert_eq!(idx, (0..8).collect::<Vec<_>>());
         }
         // The older one finished first: the newer was the one preempted.
-        let pos = |id| out.iter().position(|o| matches!(o, Output::Finished { seq, .. } if *seq == id));
+        let pos = |id| {
+            out.iter()
+                .position(|o| matches!(o, Output::Finished { seq, .. } if *seq == id))
+        };
         assert!(pos(old) < pos(new));
     }
 
     #[test]
     fn max_num_seqs_is_respected_and_requests_too_big_are_refused() {
-        let mut e = Engine::new(SimConfig { max_num_seqs: 2, ..cfg() });
+        let mut e = Engine::new(SimConfig {
+            max_num_seqs: 2,
+            ..cfg()
+        });
         for salt in 0..5 {
-            e.add(Request { prompt: prompt(4, salt), max_tokens: 3, priority: 0 }).ok();
+            e.add(Request {
+                prompt: prompt(4, salt),
+                max_tokens: 3,
+                priority: 0,
+            })
+            .ok();
         }
         while let Some(_s) = e.step() {
             assert!(e.num_running() <= 2);
         }
-        let mut e = Engine::new(SimConfig { kv_cache_tokens: 16, ..cfg() });
-        assert!(matches!(e.add(Request { prompt: prompt(20, 1), max_tokens: 1, priority: 0 }), Err(AddError::TooBig { .. })));
-        assert_eq!(e.add(Request { prompt: vec![], max_tokens: 1, priority: 0 }), Err(AddError::EmptyPrompt));
+        let mut e = Engine::new(SimConfig {
+            kv_cache_tokens: 16,
+            ..cfg()
+        });
+        assert!(matches!(
+            e.add(Request {
+                prompt: prompt(20, 1),
+                max_tokens: 1,
+                priority: 0
+            }),
+            Err(AddError::TooBig { .. })
+        ));
+        assert_eq!(
+            e.add(Request {
+                prompt: vec![],
+                max_tokens: 1,
+                priority: 0
+            }),
+            Err(AddError::EmptyPrompt)
+        );
     }
 }

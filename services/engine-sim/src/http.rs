@@ -52,16 +52,26 @@ pub async fn serve(
         shutdown.await;
         trip.cancel();
     });
-    let model = config.models.first().cloned().unwrap_or_else(|| "tether-sim".into());
+    let model = config
+        .models
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "tether-sim".into());
     let metrics = Arc::new(Metrics::new(&config.name, &model, config.max_num_seqs));
     let engine = spawn(config.clone(), metrics.clone(), stop.clone());
-    let app = Arc::new(App { cfg: config, engine, metrics, ids: AtomicU64::new(1) });
+    let app = Arc::new(App {
+        cfg: config,
+        engine,
+        metrics,
+        ids: AtomicU64::new(1),
+    });
     tether_telemetry::serve_http(listener, router(app), stop).await?;
     Ok(())
 }
 
 fn router(app: Arc<App>) -> Router {
-    let name = HeaderValue::from_str(&app.cfg.name).unwrap_or_else(|_| HeaderValue::from_static("sim"));
+    let name =
+        HeaderValue::from_str(&app.cfg.name).unwrap_or_else(|_| HeaderValue::from_static("sim"));
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
@@ -94,7 +104,10 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
 }
 
 async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {
@@ -108,16 +121,20 @@ async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
 fn content_text(v: Option<&Value>) -> String {
     match v {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join(" "),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
         _ => String::new(),
     }
 }
 
-fn prompt_of(kind: Kind, req: &Value) -> Result<String, Response> {
+fn prompt_of(kind: Kind, req: &Value) -> Result<String, &'static str> {
     match kind {
         Kind::Chat => {
             let Some(messages) = req.get("messages").and_then(Value::as_array) else {
-                return Err(error(StatusCode::BAD_REQUEST, "missing_required_parameter", "`messages` must be an array"));
+                return Err("`messages` must be an array");
             };
             let mut text = String::new();
             for m in messages {
@@ -128,8 +145,12 @@ fn prompt_of(kind: Kind, req: &Value) -> Result<String, Response> {
         }
         Kind::Completion => match req.get("prompt") {
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(Value::Array(a)) => Ok(a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("\n")),
-            _ => Err(error(StatusCode::BAD_REQUEST, "missing_required_parameter", "`prompt` must be a string")),
+            Some(Value::Array(a)) => Ok(a
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("\n")),
+            _ => Err("`prompt` must be a string"),
         },
     }
 }
@@ -137,44 +158,92 @@ fn prompt_of(kind: Kind, req: &Value) -> Result<String, Response> {
 async fn complete(app: Arc<App>, kind: Kind, body: Bytes) -> Response {
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
-        Ok(_) => return error(StatusCode::BAD_REQUEST, "invalid_json", "body must be a JSON object"),
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", format!("invalid JSON: {e}")),
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "body must be a JSON object",
+            );
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("invalid JSON: {e}"),
+            );
+        }
     };
-    let model = req.get("model").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     if !app.cfg.serves(&model) {
-        return error(StatusCode::NOT_FOUND, "model_not_found", format!("model {model:?} is not served here"));
+        return error(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("model {model:?} is not served here"),
+        );
     }
     let prompt = match prompt_of(kind, &req) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, "missing_required_parameter", msg),
     };
     let max_tokens = req
         .get("max_completion_tokens")
         .or_else(|| req.get("max_tokens"))
         .and_then(Value::as_u64)
-        .map_or(app.cfg.default_max_tokens, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        .map_or(app.cfg.default_max_tokens, |n| {
+            usize::try_from(n).unwrap_or(usize::MAX)
+        });
     if max_tokens == 0 {
-        return error(StatusCode::BAD_REQUEST, "invalid_value", "max_tokens must be at least 1");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            "max_tokens must be at least 1",
+        );
     }
     let priority = req.get("priority").and_then(Value::as_i64).unwrap_or(0);
     app.metrics.count_priority(priority);
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let include_usage = req.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = req
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
 
-    let request = Request { prompt: tokenize(&prompt), max_tokens, priority };
+    let request = Request {
+        prompt: tokenize(&prompt),
+        max_tokens,
+        priority,
+    };
     let rx = match app.engine.submit(request).await {
         Ok(rx) => rx,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
     };
-    let id = format!("{}-{}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, app.ids.fetch_add(1, Ordering::Relaxed));
+    let id = format!(
+        "{}-{}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        app.ids.fetch_add(1, Ordering::Relaxed)
+    );
     let meta = Meta {
         id,
-        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         model,
         engine: app.cfg.name.clone(),
         kind,
     };
-    if stream { stream_response(meta, rx, include_usage) } else { whole_response(meta, rx).await }
+    if stream {
+        stream_response(meta, rx, include_usage)
+    } else {
+        whole_response(meta, rx).await
+    }
 }
 
 struct Meta {
@@ -212,10 +281,16 @@ async fn whole_response(meta: Meta, mut rx: mpsc::UnboundedReceiver<Event>) -> R
         }
     }
     let Some(usage) = usage else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "engine_stopped", "the engine stopped");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "engine_stopped",
+            "the engine stopped",
+        );
     };
     let choice = match meta.kind {
-        Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}),
+        Kind::Chat => {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
+        }
         Kind::Completion => json!({"index": 0, "text": text, "finish_reason": "length"}),
     };
     Json(json!({
@@ -231,22 +306,38 @@ async fn whole_response(meta: Meta, mut rx: mpsc::UnboundedReceiver<Event>) -> R
 }
 
 fn chunk(meta: &Meta, index: usize, word: &str, finish: bool) -> Bytes {
-    let text = if index == 0 { word.to_owned() } else { format!(" {word}") };
+    let text = if index == 0 {
+        word.to_owned()
+    } else {
+        format!(" {word}")
+    };
     let finish_reason = if finish { json!("length") } else { Value::Null };
     let choice = match meta.kind {
         Kind::Chat => {
-            let delta = if index == 0 { json!({"role": "assistant", "content": text}) } else { json!({"content": text}) };
+            let delta = if index == 0 {
+                json!({"role": "assistant", "content": text})
+            } else {
+                json!({"content": text})
+            };
             json!({"index": 0, "delta": delta, "finish_reason": finish_reason})
         }
         Kind::Completion => json!({"index": 0, "text": text, "finish_reason": finish_reason}),
     };
-    let object = if meta.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+    let object = if meta.kind == Kind::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let body = json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model,
         "system_fingerprint": meta.engine, "choices": [choice]});
     Bytes::from(format!("data: {body}\n\n"))
 }
 
-fn stream_response(meta: Meta, rx: mpsc::UnboundedReceiver<Event>, include_usage: bool) -> Response {
+fn stream_response(
+    meta: Meta,
+    rx: mpsc::UnboundedReceiver<Event>,
+    include_usage: bool,
+) -> Response {
     // One token is held back so that the last one can carry finish_reason.
     struct S {
         meta: Meta,
@@ -256,7 +347,14 @@ fn stream_response(meta: Meta, rx: mpsc::UnboundedReceiver<Event>, include_usage
         done: bool,
         include_usage: bool,
     }
-    let state = S { meta, rx, held: None, index: 0, done: false, include_usage };
+    let state = S {
+        meta,
+        rx,
+        held: None,
+        index: 0,
+        done: false,
+        include_usage,
+    };
     let stream = futures::stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
@@ -276,7 +374,11 @@ fn stream_response(meta: Meta, rx: mpsc::UnboundedReceiver<Event>, include_usage
                         out.extend_from_slice(&chunk(&s.meta, s.index, last, true));
                     }
                     if s.include_usage {
-                        let object = if s.meta.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+                        let object = if s.meta.kind == Kind::Chat {
+                            "chat.completion.chunk"
+                        } else {
+                            "text_completion"
+                        };
                         let body = json!({"id": s.meta.id, "object": object, "created": s.meta.created, "model": s.meta.model,
                             "system_fingerprint": s.meta.engine, "choices": [], "usage": usage_json(&u)});
                         out.extend_from_slice(format!("data: {body}\n\n").as_bytes());
@@ -290,7 +392,11 @@ fn stream_response(meta: Meta, rx: mpsc::UnboundedReceiver<Event>, include_usage
         }
     });
     let mut resp = Response::new(Body::from_stream(stream));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
 }

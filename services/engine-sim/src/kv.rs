@@ -29,7 +29,15 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(capacity_blocks: usize) -> Self {
-        Self { capacity: capacity_blocks, blocks: HashMap::new(), lru: BTreeMap::new(), pinned: 0, private: 0, tick: 0, evictions: 0 }
+        Self {
+            capacity: capacity_blocks,
+            blocks: HashMap::new(),
+            lru: BTreeMap::new(),
+            pinned: 0,
+            private: 0,
+            tick: 0,
+            evictions: 0,
+        }
     }
 
     pub fn capacity(&self) -> usize {
@@ -52,7 +60,10 @@ impl KvCache {
 
     /// How many of `hashes`, from the start, are cached.
     pub fn cached_prefix(&self, hashes: &[u64]) -> usize {
-        hashes.iter().take_while(|h| self.blocks.contains_key(h)).count()
+        hashes
+            .iter()
+            .take_while(|h| self.blocks.contains_key(h))
+            .count()
     }
 
     fn used(&self) -> usize {
@@ -62,7 +73,9 @@ impl KvCache {
     /// Evicts unpinned blocks, least recently used first, until `n` more fit.
     fn make_room(&mut self, n: usize) -> bool {
         while self.used() + n > self.capacity {
-            let Some((&tick, &hash)) = self.lru.iter().next() else { return false };
+            let Some((&tick, &hash)) = self.lru.iter().next() else {
+                return false;
+            };
             self.lru.remove(&tick);
             self.blocks.remove(&hash);
             self.evictions += 1;
@@ -72,7 +85,9 @@ impl KvCache {
 
     /// Pins a cached block. False if it is not cached.
     pub fn pin(&mut self, hash: u64) -> bool {
-        let Some(b) = self.blocks.get_mut(&hash) else { return false };
+        let Some(b) = self.blocks.get_mut(&hash) else {
+            return false;
+        };
         if b.refs == 0 {
             self.lru.remove(&b.tick);
             self.pinned += 1;

@@ -8,9 +8,18 @@ use std::sync::Mutex;
 
 use crate::engine::{Stats, Timing};
 
-const TTFT: &[f64] = &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0];
-const TPOT: &[f64] = &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
-const LONG: &[f64] = &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0];
+const TTFT: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0,
+];
+const TPOT: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+const LONG: &[f64] = &[
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
+];
 
 #[derive(Debug, Clone)]
 struct Histogram {
@@ -22,7 +31,12 @@ struct Histogram {
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
-        Self { bounds, counts: vec![0; bounds.len()], sum: 0.0, count: 0 }
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
     }
 
     fn observe(&mut self, v: f64) {
@@ -106,7 +120,8 @@ impl Metrics {
         s.e2e.observe(t.e2e);
         s.queue.observe(t.queue);
         if completion_tokens > 1 {
-            s.tpot.observe((t.e2e - t.ttft) / (completion_tokens - 1) as f64);
+            s.tpot
+                .observe((t.e2e - t.ttft) / (completion_tokens - 1) as f64);
         }
     }
 
@@ -119,28 +134,100 @@ impl Metrics {
         let l = &self.labels;
         let mut out = String::new();
         let mut gauge = |name: &str, help: &str, v: f64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{l}}} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{l}}} {v}"
+            );
         };
-        gauge("vllm:num_requests_running", "Requests in the running batch.", s.running as f64);
-        gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.waiting as f64);
-        gauge("vllm:kv_cache_usage_perc", "KV cache usage (1 = 100%).", s.kv_usage);
-        gauge("tether_sim_max_num_seqs", "The engine's max-num-seqs limit.", self.max_num_seqs as f64);
+        gauge(
+            "vllm:num_requests_running",
+            "Requests in the running batch.",
+            s.running as f64,
+        );
+        gauge(
+            "vllm:num_requests_waiting",
+            "Requests waiting to be scheduled.",
+            s.waiting as f64,
+        );
+        gauge(
+            "vllm:kv_cache_usage_perc",
+            "KV cache usage (1 = 100%).",
+            s.kv_usage,
+        );
+        gauge(
+            "tether_sim_max_num_seqs",
+            "The engine's max-num-seqs limit.",
+            self.max_num_seqs as f64,
+        );
         let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}_total{{{l}}} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}_total{{{l}}} {v}"
+            );
         };
-        counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.stats.prefix_queries);
-        counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.stats.prefix_hits);
-        counter("vllm:prompt_tokens", "Prompt tokens of admitted requests.", s.stats.prompt_tokens);
-        counter("vllm:generation_tokens", "Tokens generated.", s.stats.generation_tokens);
-        counter("vllm:num_preemptions", "Sequences preempted.", s.stats.preemptions);
-        counter("vllm:request_success", "Requests finished.", s.stats.finished);
-        s.ttft.render(&mut out, "vllm:time_to_first_token_seconds", "Time to first token (simulated s).", l);
-        s.tpot.render(&mut out, "vllm:time_per_output_token_seconds", "Time per output token (simulated s).", l);
-        s.e2e.render(&mut out, "vllm:e2e_request_latency_seconds", "End-to-end latency (simulated s).", l);
-        s.queue.render(&mut out, "vllm:request_queue_time_seconds", "Time waiting before first scheduled (simulated s).", l);
-        let _ = writeln!(out, "# HELP tether_sim_requests_by_priority Requests received, by their priority field.\n# TYPE tether_sim_requests_by_priority counter");
+        counter(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            s.stats.prefix_queries,
+        );
+        counter(
+            "vllm:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache.",
+            s.stats.prefix_hits,
+        );
+        counter(
+            "vllm:prompt_tokens",
+            "Prompt tokens of admitted requests.",
+            s.stats.prompt_tokens,
+        );
+        counter(
+            "vllm:generation_tokens",
+            "Tokens generated.",
+            s.stats.generation_tokens,
+        );
+        counter(
+            "vllm:num_preemptions",
+            "Sequences preempted.",
+            s.stats.preemptions,
+        );
+        counter(
+            "vllm:request_success",
+            "Requests finished.",
+            s.stats.finished,
+        );
+        s.ttft.render(
+            &mut out,
+            "vllm:time_to_first_token_seconds",
+            "Time to first token (simulated s).",
+            l,
+        );
+        s.tpot.render(
+            &mut out,
+            "vllm:time_per_output_token_seconds",
+            "Time per output token (simulated s).",
+            l,
+        );
+        s.e2e.render(
+            &mut out,
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end latency (simulated s).",
+            l,
+        );
+        s.queue.render(
+            &mut out,
+            "vllm:request_queue_time_seconds",
+            "Time waiting before first scheduled (simulated s).",
+            l,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tether_sim_requests_by_priority Requests received, by their priority field.\n# TYPE tether_sim_requests_by_priority counter"
+        );
         for (p, n) in &s.by_priority {
-            let _ = writeln!(out, "tether_sim_requests_by_priority_total{{{l},priority=\"{p}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "tether_sim_requests_by_priority_total{{{l},priority=\"{p}\"}} {n}"
+            );
         }
         out
     }
@@ -153,13 +240,30 @@ mod tests {
     #[test]
     fn renders_vllm_names() {
         let m = Metrics::new("sim-1", "m", 8);
-        m.set_engine(2, 1, 0.5, Stats { prefix_hits: 3, ..Stats::default() });
-        m.observe_finished(&Timing { queue: 0.1, ttft: 0.2, e2e: 1.2 }, 11);
+        m.set_engine(
+            2,
+            1,
+            0.5,
+            Stats {
+                prefix_hits: 3,
+                ..Stats::default()
+            },
+        );
+        m.observe_finished(
+            &Timing {
+                queue: 0.1,
+                ttft: 0.2,
+                e2e: 1.2,
+            },
+            11,
+        );
         m.count_priority(4);
         let text = m.render();
         assert!(text.contains("vllm:num_requests_running{model_name=\"m\",engine=\"sim-1\"} 2"));
         assert!(text.contains("vllm:prefix_cache_hits_total{model_name=\"m\",engine=\"sim-1\"} 3"));
-        assert!(text.contains("vllm:time_per_output_token_seconds_count{model_name=\"m\",engine=\"sim-1\"} 1"));
+        assert!(text.contains(
+            "vllm:time_per_output_token_seconds_count{model_name=\"m\",engine=\"sim-1\"} 1"
+        ));
         assert!(text.contains("tether_sim_requests_by_priority_total{model_name=\"m\",engine=\"sim-1\",priority=\"4\"} 1"));
     }
 }

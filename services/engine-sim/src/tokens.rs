@@ -15,7 +15,9 @@ pub fn fnv32(bytes: &[u8]) -> u32 {
 }
 
 pub fn tokenize(text: &str) -> Vec<u32> {
-    text.split_whitespace().map(|w| fnv32(w.as_bytes())).collect()
+    text.split_whitespace()
+        .map(|w| fnv32(w.as_bytes()))
+        .collect()
 }
 
 /// Hashes of the full blocks of a token sequence, chained: block `i`'s hash
@@ -36,9 +38,38 @@ pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
 }
 
 const WORDS: [&str; 32] = [
-    "the", "model", "answers", "with", "a", "simulated", "token", "stream", "of", "plain", "words", "that",
-    "carry", "no", "meaning", "but", "arrive", "at", "the", "pace", "an", "engine", "would", "keep",
-    "under", "load", "and", "so", "let", "schedulers", "be", "measured",
+    "the",
+    "model",
+    "answers",
+    "with",
+    "a",
+    "simulated",
+    "token",
+    "stream",
+    "of",
+    "plain",
+    "words",
+    "that",
+    "carry",
+    "no",
+    "meaning",
+    "but",
+    "arrive",
+    "at",
+    "the",
+    "pace",
+    "an",
+    "engine",
+    "would",
+    "keep",
+    "under",
+    "load",
+    "and",
+    "so",
+    "let",
+    "schedulers",
+    "be",
+    "measured",
 ];
 
 /// The `i`-th generated word of an answer to a prompt with hash `seed`.

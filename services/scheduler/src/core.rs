@@ -119,7 +119,7 @@ impl Decider {
     pub fn decide(&mut self, req: &RouteRequest, now_ms: u64) -> RouteReply {
         self.scratch.clear();
         for (i, e) in self.fleet.engines.iter().enumerate() {
-            let allowed = req.candidates.is_empty() || req.candidates.iter().any(|c| *c == e.name);
+            let allowed = req.candidates.is_empty() || req.candidates.contains(&e.name);
             self.scratch.push(EngineLoad {
                 healthy: allowed && self.health.is_healthy(i) && e.serves(&req.model),
                 load: self.load(i),
