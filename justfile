@@ -23,7 +23,7 @@ up: tools build
 
 # Run every test (unit, property and end-to-end over a real nats-server).
 test: tools
-    cargo test --workspace --all-targets
+    cargo test --workspace --lib --bins --tests
 
 # Formatting and lints, as CI wants them.
 lint:

@@ -97,12 +97,14 @@ async fn main() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
     let shutdown = Shutdown::new();
 
-    // Engines must look healthy: one tiny /health server stands for all 64.
+    // Engines must look healthy: one tiny server answering /health and
+    // /metrics stands for all 64.
     let health = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let health_addr = health.local_addr()?;
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        let app = axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }));
+        let app = axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }))
+            .route("/metrics", axum::routing::get(|| async { "" }));
         let _ = tether_telemetry::serve_http(health, app, stop).await;
     });
     let engines = (0..ENGINES)
