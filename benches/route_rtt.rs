@@ -103,7 +103,8 @@ async fn main() -> anyhow::Result<()> {
     let health_addr = health.local_addr()?;
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        let app = axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }))
+        let app = axum::Router::new()
+            .route("/health", axum::routing::get(|| async { "ok" }))
             .route("/metrics", axum::routing::get(|| async { "" }));
         let _ = tether_telemetry::serve_http(health, app, stop).await;
     });

@@ -54,6 +54,10 @@ pub struct Decider {
     /// KV tokens each engine has written (prefilled + generated), from events.
     written: Vec<f64>,
     names: HashMap<String, usize>,
+    /// Per model, which engines serve it; `serving_any` for models no engine
+    /// lists (served by the engines that list none).
+    serving: HashMap<String, Vec<bool>>,
+    serving_any: Vec<bool>,
     name_hashes: Vec<u64>,
     turn: u64,
     scratch: Vec<EngineLoad>,
@@ -68,6 +72,15 @@ impl Decider {
         shards: u16,
         knobs: PolicyKnobs,
     ) -> Self {
+        let serving = fleet
+            .models()
+            .into_iter()
+            .map(|m| {
+                let mask = fleet.engines.iter().map(|e| e.serves(&m)).collect();
+                (m, mask)
+            })
+            .collect();
+        let serving_any = fleet.engines.iter().map(|e| e.models.is_empty()).collect();
         let names = fleet
             .engines
             .iter()
@@ -90,6 +103,8 @@ impl Decider {
             replica: Replica::new(shards),
             knobs,
             names,
+            serving,
+            serving_any,
             name_hashes,
             turn: 0,
             scratch: Vec::new(),
@@ -118,10 +133,11 @@ impl Decider {
     /// Decides where and how urgently a call runs, and counts it as load.
     pub fn decide(&mut self, req: &RouteRequest, now_ms: u64) -> RouteReply {
         self.scratch.clear();
+        let serving = self.serving.get(&req.model).unwrap_or(&self.serving_any);
         for (i, e) in self.fleet.engines.iter().enumerate() {
             let allowed = req.candidates.is_empty() || req.candidates.contains(&e.name);
             self.scratch.push(EngineLoad {
-                healthy: allowed && self.health.is_healthy(i) && e.serves(&req.model),
+                healthy: allowed && serving[i] && self.health.is_healthy(i),
                 load: self.load(i),
                 id_hash: self.name_hashes[i],
             });

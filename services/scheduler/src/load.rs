@@ -9,16 +9,17 @@
 
 use std::collections::HashMap;
 use tether_protocol::CallId;
+use tether_protocol::hash::BuildU64Hasher;
 
 pub struct EngineLoads {
-    calls: HashMap<CallId, (usize, u64)>,
+    calls: HashMap<CallId, (usize, u64), BuildU64Hasher>,
     in_flight: Vec<u32>,
 }
 
 impl EngineLoads {
     pub fn new(engines: usize) -> Self {
         Self {
-            calls: HashMap::new(),
+            calls: HashMap::default(),
             in_flight: vec![0; engines],
         }
     }

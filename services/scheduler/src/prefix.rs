@@ -8,9 +8,10 @@
 //! Engines past the 64th are not indexed.
 
 use std::collections::{HashMap, VecDeque};
+use tether_protocol::hash::BuildU64Hasher;
 
 pub struct PrefixIndex {
-    blocks: HashMap<u64, (u64, u64)>,
+    blocks: HashMap<u64, (u64, u64), BuildU64Hasher>,
     order: VecDeque<(u64, u64)>,
     capacity: usize,
     clock: u64,
@@ -19,7 +20,7 @@ pub struct PrefixIndex {
 impl PrefixIndex {
     pub fn new(capacity: usize) -> Self {
         Self {
-            blocks: HashMap::new(),
+            blocks: HashMap::default(),
             order: VecDeque::new(),
             capacity,
             clock: 0,

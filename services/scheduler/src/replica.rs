@@ -4,6 +4,7 @@
 //! pages may arrive in any order and duplicates are harmless.
 
 use std::collections::HashMap;
+use tether_protocol::hash::BuildU64Hasher;
 use tether_protocol::{SessionHash, SessionRecord, SnapshotPage, StateDelta, shard_of};
 
 /// No affinity.
@@ -57,7 +58,7 @@ pub enum DeltaOutcome {
 }
 
 pub struct Replica {
-    sessions: HashMap<SessionHash, Compact>,
+    sessions: HashMap<SessionHash, Compact, BuildU64Hasher>,
     shards: Vec<ShardSync>,
     /// The epoch of each shard's records held here, whether synced or not.
     epochs: Vec<Option<u64>>,
@@ -68,7 +69,7 @@ impl Replica {
     pub fn new(shard_count: u16) -> Self {
         let n = usize::from(shard_count.max(1));
         Self {
-            sessions: HashMap::new(),
+            sessions: HashMap::default(),
             shards: vec![ShardSync::Unsynced; n],
             epochs: vec![None; n],
             shard_count: shard_count.max(1),

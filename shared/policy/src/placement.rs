@@ -90,10 +90,13 @@ pub fn least_loaded(engines: &[EngineLoad], session_hash: u64) -> Option<usize> 
         .iter()
         .enumerate()
         .filter(|(_, e)| e.healthy)
-        .min_by(|(_, a), (_, b)| {
-            a.load
-                .total_cmp(&b.load)
-                .then_with(|| mix(b.id_hash, session_hash).cmp(&mix(a.id_hash, session_hash)))
+        // Loads are non-negative, so their bit patterns order like the
+        // numbers; each engine's key is computed once.
+        .min_by_key(|(_, e)| {
+            (
+                e.load.max(0.0).to_bits(),
+                u64::MAX - mix(e.id_hash, session_hash),
+            )
         })
         .map(|(i, _)| i)
 }

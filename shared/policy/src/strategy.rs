@@ -109,23 +109,24 @@ pub fn choose(
     cache: &CacheAwareConfig,
     x: &Inputs<'_>,
 ) -> Option<Placement> {
-    let healthy: Vec<usize> = x
-        .engines
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| e.healthy)
-        .map(|(i, _)| i)
-        .collect();
-    if healthy.is_empty() {
+    let healthy = x.engines.iter().filter(|e| e.healthy).count();
+    if healthy == 0 {
         return None;
     }
     let least =
         |reason| least_loaded(x.engines, x.session_hash).map(|engine| Placement { engine, reason });
     match strategy {
         Strategy::RoundRobin => {
-            let i = usize::try_from(x.turn % healthy.len() as u64).unwrap_or(0);
+            let nth = usize::try_from(x.turn % healthy as u64).unwrap_or(0);
+            let engine = x
+                .engines
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.healthy)
+                .nth(nth)?
+                .0;
             Some(Placement {
-                engine: healthy[i],
+                engine,
                 reason: RouteReason::Baseline,
             })
         }
@@ -135,13 +136,13 @@ pub fn choose(
             reason: RouteReason::Baseline,
         }),
         Strategy::CacheAware => {
-            let (min, max) =
-                healthy
-                    .iter()
-                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), i| {
-                        let l = x.engines[*i].load;
-                        (lo.min(l), hi.max(l))
-                    });
+            let (min, max) = x
+                .engines
+                .iter()
+                .filter(|e| e.healthy)
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), e| {
+                    (lo.min(e.load), hi.max(e.load))
+                });
             if max - min > cache.balance_abs && max > cache.balance_rel * min {
                 return least(RouteReason::LeastLoaded);
             }

@@ -162,3 +162,26 @@ mod block_tests {
         assert!(prompt_blocks(&a[..255]).is_empty());
     }
 }
+
+/// A `Hasher` for maps keyed by `u64`s (session hashes, call ids): one
+/// `fmix64` instead of SipHash. Not DoS-resistant, so only for keys the
+/// system derives itself, never raw client input.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct U64Hasher(u64);
+
+impl std::hash::Hasher for U64Hasher {
+    fn finish(&self) -> u64 {
+        fmix64(self.0)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = fnv1a64_update(self.0 ^ FNV_OFFSET, bytes);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// Builds [`U64Hasher`]s.
+pub type BuildU64Hasher = std::hash::BuildHasherDefault<U64Hasher>;
