@@ -208,17 +208,35 @@ async fn keeps_serving_without_scheduler_or_nats() -> anyhow::Result<()> {
     let engine = engine_of(&r);
     assert_ne!(r.header("x-tether-route"), Some("fallback"));
 
-    // Scheduler gone: NATS answers "no responders" at once.
+    // Scheduler gone: once the server has seen it unsubscribe, NATS answers
+    // "no responders" at once (until then a request may time out instead).
     u.stop_scheduler().await;
+    let no_responders = "reason=\"no_responders\"";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while u
+        .ingress_metric("tether_ingress_route_fallbacks", no_responders)
+        .await?
+        < 1.0
+    {
+        let r = u.chat(Some("settle"), "no scheduler", 2).await?;
+        engine_of(&r);
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no-responders never seen"
+        );
+    }
+    let before = u
+        .ingress_metric("tether_ingress_route_fallbacks", no_responders)
+        .await?;
     for i in 0..3 {
         let r = u.chat(Some(&format!("s-{i}")), "no scheduler", 2).await?;
         engine_of(&r);
         assert_eq!(r.header("x-tether-route"), Some("fallback"));
     }
-    assert!(
-        u.ingress_metric("tether_ingress_route_fallbacks", "reason=\"no_responders\"")
-            .await?
-            >= 3.0
+    assert_eq!(
+        u.ingress_metric("tether_ingress_route_fallbacks", no_responders)
+            .await?,
+        before + 3.0
     );
 
     // NATS gone too.
