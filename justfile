@@ -15,7 +15,7 @@ tools:
 
 # Build the release binaries.
 build:
-    cargo build --release --bins
+    cargo build --release --workspace --bins
 
 # Run the whole system locally: nats-server, 4 engine-sims, session-state, scheduler, ingress.
 up: tools build

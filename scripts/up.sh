@@ -16,7 +16,9 @@ export TETHER_FLEET="${TETHER_FLEET:-$root/deploy/local/fleet.toml}"
 export RUST_LOG="${RUST_LOG:-info}"
 
 pids=()
+stopping=0
 cleanup() {
+  stopping=1
   trap - INT TERM EXIT
   echo; echo "stopping..."
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -74,4 +76,4 @@ Try:
 Ctrl-C stops everything.
 MSG
 wait -n "${pids[@]}" || true
-echo "a process exited; see $run/logs/" >&2
+if [ "$stopping" = 0 ]; then echo "a process exited; see $run/logs/" >&2; fi

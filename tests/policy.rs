@@ -181,3 +181,42 @@ async fn parallel_calls_raise_the_critical_path_by_the_longest() -> anyhow::Resu
     assert!(cst < attained);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_priority_field_reaches_a_priority_capable_engine() -> anyhow::Result<()> {
+    let u = Universe::start(Options {
+        engines: 1,
+        priority_engines: vec![0],
+        ..Options::default()
+    })
+    .await?;
+    give_service(&u, "long-runner", 100.0).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = u.chat(Some("long-runner"), "probe", 1).await?;
+        assert_eq!(r.status, 200, "{}", r.text());
+        if r.header("x-tether-priority") == Some("4") {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never reached the last level");
+    }
+    let r = u.chat(Some("newcomer"), "hello", 1).await?;
+    assert_eq!(r.header("x-tether-priority"), Some("0"));
+    // The engine counts the requests by the priority field it received.
+    let text = http::get(&u.http, &format!("http://{}/metrics", u.engine_addrs[0]))
+        .await?
+        .text();
+    let by = |p: &str| {
+        tether_universe::metric_sum(
+            &text,
+            "tether_sim_requests_by_priority",
+            &format!("priority=\"{p}\""),
+        )
+    };
+    assert!(
+        by("4") >= 1.0,
+        "no request reached the engine with priority 4:\n{text}"
+    );
+    assert!(by("0") >= 1.0);
+    Ok(())
+}
