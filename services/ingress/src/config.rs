@@ -19,15 +19,8 @@ pub struct Config {
     /// HTTP listen address (the OpenAI API, /metrics, /health, /ready).
     #[arg(long, env = "TETHER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "TETHER_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// Prefix of every subject.
-    #[arg(long, env = "TETHER_PREFIX", default_value = "tether")]
-    pub prefix: String,
-    /// Number of shards in the whole system (must match every service).
-    #[arg(long, env = "TETHER_SHARDS", default_value_t = 16)]
-    pub shards: u16,
+    #[command(flatten)]
+    pub bus: tether_bus::BusArgs,
     /// The fleet file (engines: name, url, models, capabilities).
     #[arg(long, env = "TETHER_FLEET", default_value = "deploy/local/fleet.toml")]
     pub fleet: PathBuf,

@@ -9,12 +9,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tether_bus::{Bus, BusConfig};
+use tether_bus::Bus;
 use tether_fleet::{
     EngineClient, FleetConfig, FleetHealth, HealthConfig, engine_client, spawn_prober,
 };
-use tether_protocol::{Subjects, random_u64};
-use tether_telemetry::{AdminState, Shutdown, admin_router};
+use tether_protocol::random_u64;
+use tether_telemetry::{AdminState, Shutdown, admin_router, spawn_server};
 
 use crate::admission::{AdmissionConfig, EngineGate};
 use crate::cost::CostModel;
@@ -82,14 +82,7 @@ pub async fn start_with_fleet(
     shutdown: Shutdown,
 ) -> anyhow::Result<Running> {
     anyhow::ensure!(!fleet.engines.is_empty(), "the fleet has no engines");
-    let bus = Bus::connect(
-        &BusConfig {
-            url: config.nats_url.clone(),
-            name: "tether-ingress".into(),
-        },
-        Subjects::new(&config.prefix),
-    )
-    .await?;
+    let bus = config.bus.connect("tether-ingress").await?;
     let metrics = Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -97,7 +90,7 @@ pub async fn start_with_fleet(
     let mut tasks = Vec::new();
     let (events, publisher) = spawn_publisher(
         bus.clone(),
-        config.shards,
+        config.bus.shards,
         config.event_buffer,
         shutdown.clone(),
     );
@@ -157,7 +150,7 @@ pub async fn start_with_fleet(
             prefill_per_token: config.cost_prefill_per_token,
             decode_per_token: config.cost_decode_per_token,
         },
-        shards: config.shards,
+        shards: config.bus.shards,
         session_headers: config
             .session_headers
             .iter()
@@ -203,15 +196,10 @@ pub async fn start_with_fleet(
         }
     }));
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let (addr, server) = spawn_server(config.listen, router, shutdown)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    tasks.push(tokio::spawn(async move {
-        if let Err(err) = tether_telemetry::serve_http(listener, router, shutdown).await {
-            tracing::error!(%err, "HTTP server failed");
-        }
-    }));
+    tasks.push(server);
     tracing::info!(%addr, "ingress listening");
     Ok(Running {
         addr,

@@ -17,15 +17,8 @@ pub struct Config {
     /// Optional TOML file with values for any of these flags.
     #[arg(long, env = "TETHER_CONFIG")]
     pub config: Option<PathBuf>,
-    /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "TETHER_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// Prefix of every subject.
-    #[arg(long, env = "TETHER_PREFIX", default_value = "tether")]
-    pub prefix: String,
-    /// Number of shards in the whole system (must match every service).
-    #[arg(long, env = "TETHER_SHARDS", default_value_t = 16)]
-    pub shards: u16,
+    #[command(flatten)]
+    pub bus: tether_bus::BusArgs,
     /// The fleet file (engines: name, url, models, capabilities).
     #[arg(long, env = "TETHER_FLEET", default_value = "deploy/local/fleet.toml")]
     pub fleet: PathBuf,

@@ -5,12 +5,11 @@ use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_bus::{Bus, BusConfig};
 use tether_fleet::{
     FleetConfig, FleetHealth, FleetLoad, HealthConfig, engine_client, spawn_scraper,
 };
-use tether_protocol::{Subjects, subjects::SCHEDULER_QUEUE_GROUP};
-use tether_telemetry::{AdminState, Shutdown, admin_router, serve_http};
+use tether_protocol::subjects::SCHEDULER_QUEUE_GROUP;
+use tether_telemetry::{AdminState, Shutdown, admin_router, spawn_server};
 
 use crate::core::{Core, Decider, Subscriptions};
 use crate::{Config, metrics::Metrics};
@@ -40,14 +39,7 @@ pub async fn start_with_fleet(
     shutdown: Shutdown,
 ) -> anyhow::Result<Running> {
     anyhow::ensure!(!fleet.engines.is_empty(), "the fleet has no engines");
-    let bus = Bus::connect(
-        &BusConfig {
-            url: config.nats_url.clone(),
-            name: "tether-scheduler".into(),
-        },
-        Subjects::new(&config.prefix),
-    )
-    .await?;
+    let bus = config.bus.connect("tether-scheduler").await?;
     let metrics = Metrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -78,28 +70,26 @@ pub async fn start_with_fleet(
         state: bus.subscribe(bus.subjects.state_all()).await?,
         events: bus.subscribe(bus.subjects.events_all()).await?,
     };
-    let decider = Decider::new(fleet, health, reported, config.shards, config.knobs());
+    let decider = Decider::new(fleet, health, reported, config.bus.shards, config.knobs());
     let core = Core::new(
         decider,
         bus,
         metrics,
         admin.clone(),
-        config.shards,
+        config.bus.shards,
         config.snapshot_page,
         Duration::from_secs(config.call_timeout_secs),
     );
     tasks.push(tokio::spawn(core.run(subs, shutdown.clone())));
 
-    let listener = tokio::net::TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("binding the admin endpoint on {}", config.admin_listen))?;
-    let admin_addr = listener.local_addr()?;
-    let router = admin_router(admin.clone());
-    tasks.push(tokio::spawn(async move {
-        if let Err(err) = serve_http(listener, router, shutdown).await {
-            tracing::error!(%err, "admin endpoint failed");
-        }
-    }));
+    let (admin_addr, server) = spawn_server(
+        config.admin_listen,
+        admin_router(admin.clone()),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("binding the admin endpoint on {}", config.admin_listen))?;
+    tasks.push(server);
     tracing::info!(%admin_addr, "scheduler running");
     Ok(Running {
         admin_addr,

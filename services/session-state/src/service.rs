@@ -5,10 +5,8 @@ use anyhow::Context;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tether_bus::{Bus, BusConfig};
-use tether_protocol::Subjects;
 use tether_session::TableLimits;
-use tether_telemetry::{AdminState, Shutdown, admin_router, serve_http};
+use tether_telemetry::{AdminState, Shutdown, admin_router, spawn_server};
 
 use crate::actor::{ActorConfig, ShardActor};
 use crate::{Config, intake, metrics::Metrics, responders, shards};
@@ -31,15 +29,8 @@ impl Running {
 }
 
 pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
-    let owned = shards::parse(&config.owned_shards, config.shards)?;
-    let bus = Bus::connect(
-        &BusConfig {
-            url: config.nats_url.clone(),
-            name: "tether-session-state".into(),
-        },
-        Subjects::new(&config.prefix),
-    )
-    .await?;
+    let owned = shards::parse(&config.owned_shards, config.bus.shards)?;
+    let bus = config.bus.connect("tether-session-state").await?;
 
     let metrics = Metrics::default();
     let mut registry = Registry::default();
@@ -53,7 +44,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         (config.max_sessions / owned.len()).max(1)
     };
     let actor_cfg = ActorConfig {
-        shards: config.shards,
+        shards: config.bus.shards,
         limits: TableLimits {
             idle_ttl_ms: config.idle_ttl_secs.saturating_mul(1000),
             call_timeout_ms: config.call_timeout_secs.saturating_mul(1000),
@@ -73,17 +64,14 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         tasks.push(responders::spawn_responders(&bus, shard, mailbox, shutdown.clone()).await?);
     }
 
-    let listener = tokio::net::TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| format!("binding the admin endpoint on {}", config.admin_listen))?;
-    let admin_addr = listener.local_addr()?;
-    let router = admin_router(admin.clone());
-    let stop = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(err) = serve_http(listener, router, stop).await {
-            tracing::error!(%err, "admin endpoint failed");
-        }
-    }));
+    let (admin_addr, server) = spawn_server(
+        config.admin_listen,
+        admin_router(admin.clone()),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("binding the admin endpoint on {}", config.admin_listen))?;
+    tasks.push(server);
     // Ready once subscribed; the subscriptions are registered with the client
     // and re-established by it after a reconnect.
     admin.set_ready(true);

@@ -1,6 +1,7 @@
 //! The NATS bus as Tether's services use it.
 //!
 //! Module map:
+//! - [`args`]    — the bus flags every service shares (NATS URL, prefix, shards).
 //! - [`connect`] — connect with retry (a service may start before NATS), and
 //!   the [`BusStats`] counters fed by the client's events (slow consumers,
 //!   disconnects): dropped messages are counted, never ignored.
@@ -8,10 +9,12 @@
 //! - [`typed`]   — [`Bus`]: typed publish / request / respond over the protocol codec.
 #![forbid(unsafe_code)]
 
+pub mod args;
 pub mod connect;
 pub mod trace;
 pub mod typed;
 
+pub use args::BusArgs;
 pub use async_nats::{Client, Message, Subscriber};
 pub use connect::{BusConfig, BusStats, connect};
 pub use trace::{extract_context, follow, inject_context};

@@ -92,3 +92,20 @@ pub async fn serve_http(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
+
+/// Binds `addr` and serves `router` there in a task until `shutdown`.
+/// Returns the bound address (useful with port 0) and the task.
+pub async fn spawn_server(
+    addr: std::net::SocketAddr,
+    router: Router,
+    shutdown: Shutdown,
+) -> std::io::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(err) = serve_http(listener, router, shutdown).await {
+            tracing::error!(%err, %bound, "HTTP server failed");
+        }
+    });
+    Ok((bound, task))
+}
