@@ -34,3 +34,8 @@ lint:
 bench: tools
     cargo bench --bench decide
     cargo bench --bench route_rtt
+
+# Compare routing policies on 4 engine-sims: writes docs/results/comparison.md.
+compare: tools
+    cargo build --release --workspace --bins
+    python3 scripts/compare.py

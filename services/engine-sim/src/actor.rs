@@ -117,9 +117,14 @@ async fn run(
             continue;
         };
         let deadline = start + Duration::from_secs_f64(engine.now() / scale);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(deadline) => {}
+        if deadline > Instant::now() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        } else {
+            // Behind schedule (a fast time scale, or a busy machine): catch up.
+            tokio::task::yield_now().await;
         }
         for out in step.outputs {
             match out {
