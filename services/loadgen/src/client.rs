@@ -160,10 +160,10 @@ pub async fn call(
             error_body.chars().take(200).collect::<String>()
         ));
     }
-    if let (Some(ttft), n) = (rec.ttft, rec.completion_tokens) {
-        if n > 1 {
-            rec.tpot = Some((rec.e2e - ttft) / (n - 1) as f64);
-        }
+    if let (Some(ttft), n) = (rec.ttft, rec.completion_tokens)
+        && n > 1
+    {
+        rec.tpot = Some((rec.e2e - ttft) / (n - 1) as f64);
     }
     rec
 }

@@ -54,3 +54,9 @@ impl Plan {
             .sum()
     }
 }
+
+impl PartialEq for Plan {
+    fn eq(&self, other: &Self) -> bool {
+        self.sessions == other.sessions && self.pacing == other.pacing
+    }
+}

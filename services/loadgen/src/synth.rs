@@ -69,8 +69,11 @@ pub fn agent(c: &SynthConfig, steps: usize, fanout: usize) -> Plan {
     let mut sessions = Vec::with_capacity(c.sessions);
     for s in 0..c.sessions {
         t += rng.exp(1.0 / c.rate.max(1e-9));
+        // Program lengths are heavy-tailed: a bounded Pareto (α = 1.2) over
+        // 1..=steps, so most programs are short and a few are long.
+        let n_steps = bounded_pareto(&mut rng, 1.2, steps.max(1));
         let mut plan_steps = Vec::new();
-        for _ in 0..steps.max(1) {
+        for _ in 0..n_steps {
             let mut calls = Vec::new();
             for b in 0..fanout.max(1) {
                 let n = rng.range(c.prompt_words.0, c.prompt_words.1);
@@ -94,6 +97,14 @@ pub fn agent(c: &SynthConfig, steps: usize, fanout: usize) -> Plan {
     }
 }
 
+/// A draw from a Pareto distribution with shape `alpha` and minimum 1,
+/// truncated to `1..=max`.
+fn bounded_pareto(rng: &mut Rng, alpha: f64, max: usize) -> usize {
+    let u = 1.0 - rng.unit();
+    let x = u.powf(-1.0 / alpha).floor();
+    (x as usize).clamp(1, max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,18 +126,18 @@ mod tests {
         assert_eq!(a, agent(&cfg(), 2, 3));
         assert_eq!(a.sessions.len(), 3);
         assert!(
-            a.sessions
-                .iter()
-                .all(|s| s.steps.len() == 2 && s.steps.iter().all(|st| st.calls.len() == 3))
+            a.sessions.iter().all(|s| (1..=2).contains(&s.steps.len())
+                && s.steps.iter().all(|st| st.calls.len() == 3))
         );
+        let mut rng = Rng::new(3);
+        let draws: Vec<usize> = (0..10_000)
+            .map(|_| bounded_pareto(&mut rng, 1.2, 12))
+            .collect();
+        assert!(draws.iter().all(|d| (1..=12).contains(d)));
+        let short = draws.iter().filter(|d| **d <= 2).count();
+        assert!(short > 5_000 && draws.contains(&12), "short {short}");
         let c = chat(&cfg(), 4);
         assert_eq!(c.calls(), 12);
         assert!(c.sessions.windows(2).all(|w| w[0].start <= w[1].start));
-    }
-}
-
-impl PartialEq for Plan {
-    fn eq(&self, other: &Self) -> bool {
-        self.sessions == other.sessions && self.pacing == other.pacing
     }
 }
