@@ -28,6 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
 OUT = ROOT / "docs" / "results"
 POLICIES = ["round-robin", "least-loaded", "session-hash", "cache-aware", "tether"]
+OTHER_ROUTERS = ["sglang-router", "vllm-router"]
 
 
 def free_port():
@@ -193,9 +194,22 @@ def main():
     ap.add_argument("--small-time-scale", type=float, default=10.0)
     ap.add_argument("--max-requests", type=int, default=2000)
     ap.add_argument("--trace", default=str(ROOT.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"))
-    ap.add_argument("--closed-speedups", default="1,2,3,4,6")
+    ap.add_argument("--closed-speedups", default="1,1.1,1.2,1.3,1.5,2")
     ap.add_argument("--quick", action="store_true", help="a few hundred requests, for trying the script")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-render the report from the last run's records (docs/results/comparison.json and runs/)")
     a = ap.parse_args()
+    if a.report_only:
+        saved = json.loads((OUT / "comparison.json").read_text())
+        for regime, rows in saved["results"].items():
+            for r in rows:
+                calls = OUT / "runs" / r["label"] / "calls.jsonl"
+                recs = [json.loads(l) for l in calls.read_text().splitlines() if l.strip()] if calls.exists() else []
+                r["ttfts"] = sorted(c["ttft"] for c in recs if c.get("ttft") is not None)
+        for k, v in saved.get("args", {}).items():
+            setattr(a, k, v)
+        write_report(a, saved["results"], saved["unloaded_ttft"], saved["closed_speedup"], saved.get("elapsed", 0.0))
+        return
     if a.quick:
         a.max_requests = 300
     nats = os.environ.get("TETHER_NATS_SERVER") or str(ROOT / ".tools" / "venv" / "bin" / "nats-server")
@@ -233,8 +247,10 @@ def main():
         results[regime] = []
         for p in POLICIES:
             if regime == "closed" and p == "round-robin":
+                # The calibration run at the chosen load is this run.
                 rr = dict(rr)
                 rr["label"] = "closed/round-robin"
+                shutil.copytree(runs / f"calibrate-x{chosen:g}", runs / "closed" / "round-robin")
                 results[regime].append(rr)
                 continue
             with Stack(nats, p, F, priority=(p == "tether")) as s:
@@ -266,6 +282,26 @@ def main():
     write_report(a, results, unloaded, chosen, time.time() - started)
 
 
+def trace_stats(path, n):
+    """What the replayed slice of the trace offers: continuations of earlier
+    requests (the session rule), requests sharing any prefix block with an
+    earlier one, and the hit rate of an ideal, infinite, shared cache."""
+    reqs = [json.loads(l) for l in pathlib.Path(path).read_text().splitlines() if l.strip()][:n]
+    reqs.sort(key=lambda r: r["timestamp"])
+    full, prefixes = set(), set()
+    cont = shared = hit = total = 0
+    for r in reqs:
+        ids = tuple(r["hash_ids"])
+        best = next((k for k in range(len(ids), 0, -1) if ids[:k] in prefixes), 0)
+        shared += best > 0
+        cont += any(ids[:k] in full for k in range(1, len(ids) + 1))
+        hit += best
+        total += len(ids)
+        prefixes.update(ids[:k] for k in range(1, len(ids) + 1))
+        full.add(ids)
+    return {"requests": len(reqs), "continuations": cont, "sharing": shared, "ideal_hit": hit / max(1, total)}
+
+
 def write_report(a, results, unloaded, chosen, elapsed):
     def by(regime, name):
         return next(r for r in results[regime] if r["label"].endswith("/" + name))
@@ -278,6 +314,7 @@ def write_report(a, results, unloaded, chosen, elapsed):
                  [(r["label"].split("/")[-1], r.get("cache_hit_rate") or 0.0) for r in results[regime]], "{:.1%}")
     svg_cdf(OUT / "ttft-cdf-overload.svg", "TTFT CDF, overload", [(r["label"].split("/")[-1], r["ttfts"]) for r in results["overload"]], "TTFT (simulated s)")
 
+    ts = trace_stats(a.trace, a.max_requests)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     t, ll, ca = by("closed", "tether"), by("closed", "least-loaded"), by("closed", "cache-aware")
@@ -291,7 +328,9 @@ def write_report(a, results, unloaded, chosen, elapsed):
     checks = [
         ("closed: mean session completion ≤ 0.5× least-loaded", f"{t['session_completion']['mean']:.2f} s vs {ll['session_completion']['mean']:.2f} s ({t['session_completion']['mean'] / ll['session_completion']['mean']:.2f}×)", verdict(t['session_completion']['mean'] <= 0.5 * ll['session_completion']['mean'])),
         ("closed: mean session completion ≤ cache-aware", f"{t['session_completion']['mean']:.2f} s vs {ca['session_completion']['mean']:.2f} s", verdict(t['session_completion']['mean'] <= ca['session_completion']['mean'])),
-        ("closed: hit rate within 5 % of the ideal shared cache (≈ 64 %)", f"{(t.get('cache_hit_rate') or 0):.1%}", verdict((t.get('cache_hit_rate') or 0) >= 0.59)),
+        ("closed: hit rate within 5 % of the ideal shared cache (≈ 64 % over the whole trace)",
+         f"{(t.get('cache_hit_rate') or 0):.1%} (ideal for the replayed slice: {ts['ideal_hit']:.1%})",
+         verdict((t.get('cache_hit_rate') or 0) >= ts['ideal_hit'] - 0.05)),
         ("open: mean TTFT ≤ 0.9× least-loaded", f"{ot['ttft']['mean']:.3f} s vs {oll['ttft']['mean']:.3f} s ({ot['ttft']['mean'] / oll['ttft']['mean']:.2f}×)", verdict(ot['ttft']['mean'] <= 0.9 * oll['ttft']['mean'])),
         ("open: mean TTFT ≤ cache-aware", f"{ot['ttft']['mean']:.3f} s vs {oca['ttft']['mean']:.3f} s", verdict(ot['ttft']['mean'] <= oca['ttft']['mean'])),
         ("overload: ATLAS mean TTFT ≤ 0.5× FCFS", f"{at['ttft']['mean']:.3f} s vs {fc['ttft']['mean']:.3f} s ({at['ttft']['mean'] / fc['ttft']['mean']:.2f}×)", verdict(at['ttft']['mean'] <= 0.5 * fc['ttft']['mean'])),
@@ -324,6 +363,18 @@ def write_report(a, results, unloaded, chosen, elapsed):
         "|---|---|---|",
     ] + [f"| {c} | {m} | {v} |" for c, m, v in checks] + [
         "",
+        "## Reading the results",
+        "",
+        f"What the replayed slice offers a router: of its {ts['requests']} requests, {ts['continuations']} continue an earlier "
+        f"request (the later-turn rule of loadgen.md: session affinity can only help those), {ts['sharing']} share at least one "
+        f"prefix block with an earlier request, and an ideal, infinite cache shared by the whole fleet would serve "
+        f"{ts['ideal_hit']:.1%} of the prompt blocks. Each engine-sim holds 400,000 tokens of KV; at this trace's rate "
+        "(mean prompt ≈ 15,000 tokens) an engine's cache turns over within tens of seconds, so reuse further apart than "
+        "that is lost whatever the router does — which bounds every policy's hit rate far below the ideal. With "
+        "almost every session a single call, a least-attained-service order has nothing to tell calls apart by: they "
+        "all start at level 0, so priority queues cannot beat FCFS here; the agent workload, whose programs have "
+        "several steps, is where the session's attained service carries information.",
+        "",
         "## Closed loop",
         "",
         table(results["closed"], "Mooncake trace, closed loop (seconds)"),
@@ -354,12 +405,19 @@ def write_report(a, results, unloaded, chosen, elapsed):
         "",
         table(results["small-scale"], f"Closed loop at time scale {a.small_time_scale:g} (seconds)"),
         "",
-        "Raw records: `docs/results/runs/<run>/{calls,sessions}.jsonl` and `summary.json` (regenerated, not committed).",
+        "Raw records: `docs/results/runs/<run>/{calls,sessions}.jsonl` and `summary.json` (regenerated, not committed); "
+        "`comparison.json` holds the summaries.",
+        "",
+        "Other routers: " + ("; ".join(f"`{r}` found but not yet driven by this script" for r in OTHER_ROUTERS if shutil.which(r))
+                              or "neither `sglang-router` nor `vllm-router` is installed here, so they have no columns.")
+        + " (Both are on PyPI; when present the recipe should start them on the same fleet.)",
         "",
     ]
     (OUT / "comparison.md").write_text("\n".join(lines))
     summary = {k: [{kk: vv for kk, vv in r.items() if kk != "ttfts"} for r in v] for k, v in results.items()}
-    (OUT / "comparison.json").write_text(json.dumps({"unloaded_ttft": unloaded, "closed_speedup": chosen, "results": summary}, indent=1))
+    args = {"time_scale": a.time_scale, "small_time_scale": a.small_time_scale, "max_requests": a.max_requests, "trace": a.trace}
+    (OUT / "comparison.json").write_text(json.dumps({"unloaded_ttft": unloaded, "closed_speedup": chosen, "elapsed": elapsed,
+                                                     "args": args, "results": summary}, indent=1))
     print(f"wrote {OUT / 'comparison.md'}")
 
 
