@@ -375,6 +375,15 @@ def write_report(a, results, unloaded, chosen, elapsed):
         "all start at level 0, so priority queues cannot beat FCFS here; the agent workload, whose programs have "
         "several steps, is where the session's attained service carries information.",
         "",
+        "What would close the gaps: (1) cache hit rate — more KV per engine relative to traffic, or a KV tier shared "
+        "across engines (Mooncake's own answer), since the router can only choose among caches that still hold the "
+        "prefix; a longer-memory prefix index helps only if the engines keep the blocks; (2) session completion and "
+        "TTFT against least-loaded — workloads whose sessions really continue (the agent workload below, or a trace "
+        "reconstructed with a looser turn rule); (3) overload — a signal that separates level-0 calls: the prompt's "
+        "prefill cost is known at arrival (non-clairvoyant about outputs, as ATLAS requires) and could seed the "
+        "level, and preemptive priority inside the engine (vLLM's priority policy preempts running lower-priority "
+        "requests; engine-sim only orders its waiting queue).",
+        "",
         "## Closed loop",
         "",
         table(results["closed"], "Mooncake trace, closed loop (seconds)"),
