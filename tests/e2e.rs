@@ -387,3 +387,53 @@ async fn models_and_implicit_sessions() -> anyhow::Result<()> {
     assert_eq!(engine_of(&a), engine_of(&b));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_replicas_share_the_work_and_each_holds_every_session() -> anyhow::Result<()> {
+    let mut u = universe().await;
+    let second = u.extra_scheduler().await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !second.admin.is_ready() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "second replica never ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = u.chat(Some("replicated"), "turn one", 2).await?;
+    let engine = engine_of(&first);
+    // The session reaches the second replica through session-state's deltas.
+    u.session_until("replicated", |v| v["requests"] == 1 && v["in_flight"] == 0)
+        .await?;
+    // Both replicas answer route requests (one queue group)...
+    let decisions = |m: &str| metric_sum(m, "tether_scheduler_decisions", "");
+    for i in 0..20 {
+        engine_of(&u.chat(Some(&format!("spread-{i}")), "hi", 1).await?);
+    }
+    let second_metrics = http::get(&u.http, &format!("http://{}/metrics", second.admin_addr))
+        .await?
+        .text();
+    assert!(
+        decisions(&second_metrics) >= 1.0,
+        "the second replica took no route request"
+    );
+    // ...and each holds every session: with the first gone, the second keeps
+    // the session on its engine.
+    u.stop_scheduler().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = u.chat(Some("replicated"), "turn two", 2).await?;
+        if r.header("x-tether-route") == Some("affinity") {
+            assert_eq!(engine_of(&r), engine);
+            break;
+        }
+        // Until the server has seen the first replica leave, a request may
+        // still go to it and fall back.
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the second replica never routed by affinity"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

@@ -260,6 +260,18 @@ impl Universe {
         Ok(metric_sum(&text, name, labels))
     }
 
+    /// Starts one more scheduler replica (same queue group), stopped with the universe.
+    pub async fn extra_scheduler(&self) -> anyhow::Result<tether_scheduler::Running> {
+        start_scheduler(
+            &self.nats.url(),
+            &self.shards.to_string(),
+            &self.scheduler_args,
+            self.fleet.clone(),
+            self.root.child_token(),
+        )
+        .await
+    }
+
     /// Stops the scheduler (its route subscription goes away).
     pub async fn stop_scheduler(&mut self) {
         self.scheduler_stop.cancel();
