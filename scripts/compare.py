@@ -53,8 +53,9 @@ def wait_http(url, timeout=30.0):
 class Stack:
     """nats-server, 4 engine-sims, session-state, scheduler and ingress."""
 
-    def __init__(self, nats, strategy, time_scale, priority=False, mode="atlas", engines=4, log_dir=None):
+    def __init__(self, nats, strategy, time_scale, priority=False, mode="atlas", engines=4, log_dir=None, scheduler_args=()):
         self.nats_bin, self.strategy, self.scale = nats, strategy, time_scale
+        self.scheduler_args = list(scheduler_args)
         self.priority, self.mode, self.n = priority, mode, engines
         self.procs = []
         self.tmp = pathlib.Path(tempfile.mkdtemp(prefix="tether-compare-"))
@@ -89,7 +90,7 @@ class Stack:
         scrape = max(10, int(100 / self.scale))
         self.spawn("scheduler", [BIN / "tether-scheduler", "--admin-listen", f"127.0.0.1:{sc}",
                                  "--strategy", self.strategy, "--priority-mode", self.mode,
-                                 "--scrape-interval-ms", str(scrape)], env)
+                                 "--scrape-interval-ms", str(scrape)] + self.scheduler_args, env)
         wait_http(f"http://127.0.0.1:{sc}/ready")
         port = free_port()
         self.ingress = f"http://127.0.0.1:{port}"
@@ -259,8 +260,10 @@ def main():
     # 3. Overload: 1.5× the closed-loop load; tether placement, priority queues vs FCFS.
     print("overload", flush=True)
     results["overload"] = []
-    for label, prio, mode in [("tether FCFS", False, "atlas"), ("tether ATLAS", True, "atlas"), ("tether PLAS", True, "plas")]:
-        with Stack(nats, "tether", F, priority=prio, mode=mode) as s:
+    variants = [("tether FCFS", False, "atlas", []), ("tether ATLAS", True, "atlas", []), ("tether PLAS", True, "plas", []),
+                ("tether ATLAS + prompt cost", True, "atlas", ["--level-prompt-cost", "0.0001"])]
+    for label, prio, mode, extra in variants:
+        with Stack(nats, "tether", F, priority=prio, mode=mode, scheduler_args=extra) as s:
             results["overload"].append(loadgen(s, f"overload/{label}", moon("closed", chosen * 1.5), F, runs))
 
     # 4. Agent programs (fan-out/join).
@@ -320,7 +323,8 @@ def write_report(a, results, unloaded, chosen, elapsed):
     t, ll, ca = by("closed", "tether"), by("closed", "least-loaded"), by("closed", "cache-aware")
     ot, oll, oca = by("open", "tether"), by("open", "least-loaded"), by("open", "cache-aware")
     fc = next(r for r in results["overload"] if "FCFS" in r["label"])
-    at = next(r for r in results["overload"] if "ATLAS" in r["label"])
+    at = next(r for r in results["overload"] if r["label"].endswith("ATLAS"))
+    ap_ = next((r for r in results["overload"] if "prompt cost" in r["label"]), None)
 
     def verdict(ok):
         return "met" if ok else "**missed**"
@@ -334,8 +338,15 @@ def write_report(a, results, unloaded, chosen, elapsed):
         ("open: mean TTFT ≤ 0.9× least-loaded", f"{ot['ttft']['mean']:.3f} s vs {oll['ttft']['mean']:.3f} s ({ot['ttft']['mean'] / oll['ttft']['mean']:.2f}×)", verdict(ot['ttft']['mean'] <= 0.9 * oll['ttft']['mean'])),
         ("open: mean TTFT ≤ cache-aware", f"{ot['ttft']['mean']:.3f} s vs {oca['ttft']['mean']:.3f} s", verdict(ot['ttft']['mean'] <= oca['ttft']['mean'])),
         ("overload: ATLAS mean TTFT ≤ 0.5× FCFS", f"{at['ttft']['mean']:.3f} s vs {fc['ttft']['mean']:.3f} s ({at['ttft']['mean'] / fc['ttft']['mean']:.2f}×)", verdict(at['ttft']['mean'] <= 0.5 * fc['ttft']['mean'])),
+    ]
+    checks += [
         ("overload: ATLAS p99 TTFT ≤ 1.5× FCFS", f"{at['ttft']['p99']:.3f} s vs {fc['ttft']['p99']:.3f} s ({at['ttft']['p99'] / fc['ttft']['p99']:.2f}×)", verdict(at['ttft']['p99'] <= 1.5 * fc['ttft']['p99'])),
     ]
+    if ap_ is not None:
+        checks += [
+            ("overload, ATLAS with the prompt's cost in the level: mean TTFT ≤ 0.5× FCFS", f"{ap_['ttft']['mean']:.3f} s vs {fc['ttft']['mean']:.3f} s ({ap_['ttft']['mean'] / fc['ttft']['mean']:.2f}×)", verdict(ap_['ttft']['mean'] <= 0.5 * fc['ttft']['mean'])),
+            ("overload, ATLAS with the prompt's cost in the level: p99 TTFT ≤ 1.5× FCFS", f"{ap_['ttft']['p99']:.3f} s vs {fc['ttft']['p99']:.3f} s ({ap_['ttft']['p99'] / fc['ttft']['p99']:.2f}×)", verdict(ap_['ttft']['p99'] <= 1.5 * fc['ttft']['p99'])),
+        ]
     lines = [
         "# Policy comparison",
         "",

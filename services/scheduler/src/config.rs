@@ -63,6 +63,9 @@ pub struct Config {
     /// Anti-starvation β: promote to level 0 when wait / max(service, floor) ≥ β (0 disables).
     #[arg(long, env = "TETHER_STARVATION_RATIO", default_value_t = 2.0)]
     pub starvation_ratio: f64,
+    /// Seconds of service each prompt token adds to a call's level (0 disables; 0.0001 matches the ingress's prefill cost).
+    #[arg(long, env = "TETHER_LEVEL_PROMPT_COST", default_value_t = 0.0)]
+    pub level_prompt_cost: f64,
     /// The service floor of the starvation ratio, seconds.
     #[arg(long, env = "TETHER_SERVICE_FLOOR", default_value_t = 1.0)]
     pub service_floor: f64,
@@ -96,6 +99,7 @@ impl Config {
             thresholds,
             starvation_ratio: self.starvation_ratio,
             service_floor: self.service_floor,
+            prompt_cost: self.level_prompt_cost,
         }
     }
 

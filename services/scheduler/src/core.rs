@@ -11,7 +11,7 @@ use tether_bus::{Bus, Subscriber};
 use tether_fleet::{FleetConfig, FleetHealth, FleetLoad};
 use tether_policy::{
     Affinity, CacheAwareConfig, EngineLoad, Inputs, PlacementConfig, PriorityConfig, PriorityMode,
-    SessionService, Strategy, choose, freshness, level,
+    SessionService, Strategy, call_level, choose, freshness,
 };
 use tether_protocol::{
     EventKind, RequestEvent, RouteDecision, RouteReply, RouteRequest, StateDelta, now_ms,
@@ -195,7 +195,7 @@ impl Decider {
         RouteReply::Decision(RouteDecision {
             call_id: req.call_id,
             engine: self.fleet.engines[p.engine].name.clone(),
-            level: level(&self.knobs.priority, &service),
+            level: call_level(&self.knobs.priority, &service, req.prompt_tokens),
             inherited_cst: service.cst,
             service: match self.knobs.priority.mode {
                 PriorityMode::Atlas => service.cst,

@@ -18,5 +18,5 @@ pub mod strategy;
 pub use placement::{
     EngineLoad, Placement, PlacementConfig, least_loaded, load_bound, place, rendezvous,
 };
-pub use priority::{PriorityConfig, PriorityMode, SessionService, level};
+pub use priority::{PriorityConfig, PriorityMode, SessionService, call_level, level};
 pub use strategy::{Affinity, CacheAwareConfig, Inputs, Strategy, choose, freshness};

@@ -32,6 +32,11 @@ pub struct PriorityConfig {
     pub starvation_ratio: f64,
     /// The service floor in the starvation ratio, seconds.
     pub service_floor: f64,
+    /// Seconds of service each prompt token of the call adds to the measure
+    /// its level is taken from (0 disables). The prompt is known when the
+    /// call arrives, so this stays non-clairvoyant about outputs; it orders a
+    /// fresh session's long-prompt call behind its short-prompt peers.
+    pub prompt_cost: f64,
 }
 
 impl Default for PriorityConfig {
@@ -39,6 +44,7 @@ impl Default for PriorityConfig {
         Self {
             mode: PriorityMode::Atlas,
             thresholds: vec![1.0, 4.0, 16.0, 64.0],
+            prompt_cost: 0.0,
             starvation_ratio: 2.0,
             service_floor: 1.0,
         }
@@ -58,6 +64,13 @@ pub struct SessionService {
 
 /// The queue level of a call of a session (0 most urgent).
 pub fn level(cfg: &PriorityConfig, s: &SessionService) -> u8 {
+    call_level(cfg, s, 0)
+}
+
+/// The queue level of a call with `prompt_tokens` of prompt: as [`level`],
+/// with `prompt_cost · prompt_tokens` added to the session's service.
+/// Anti-starvation looks at the session's own service only.
+pub fn call_level(cfg: &PriorityConfig, s: &SessionService, prompt_tokens: u32) -> u8 {
     let service = match cfg.mode {
         PriorityMode::Atlas => s.cst,
         PriorityMode::Plas => s.attained,
@@ -65,6 +78,7 @@ pub fn level(cfg: &PriorityConfig, s: &SessionService) -> u8 {
     if starving(cfg, service, s.wait) {
         return 0;
     }
+    let service = service + cfg.prompt_cost.max(0.0) * f64::from(prompt_tokens);
     let service = if service.is_finite() {
         service.max(0.0)
     } else {
@@ -144,6 +158,26 @@ mod tests {
         assert_eq!(level(&cfg, &s), 4);
         let s = SessionService { wait: 200.0, ..s };
         assert_eq!(level(&cfg, &s), 0);
+    }
+
+    #[test]
+    fn the_prompt_counts_only_when_asked() {
+        let off = PriorityConfig::default();
+        let on = PriorityConfig {
+            prompt_cost: 0.0001,
+            ..PriorityConfig::default()
+        };
+        let fresh = SessionService::default();
+        assert_eq!(call_level(&off, &fresh, 50_000), 0);
+        assert_eq!(call_level(&on, &fresh, 5_000), 0);
+        assert_eq!(call_level(&on, &fresh, 15_000), 1);
+        assert_eq!(call_level(&on, &fresh, 50_000), 2);
+        // Starvation still promotes a long-prompt call of a waiting session.
+        let waited = SessionService {
+            wait: 10.0,
+            ..fresh
+        };
+        assert_eq!(call_level(&on, &waited, 50_000), 0);
     }
 
     #[test]
