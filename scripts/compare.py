@@ -376,6 +376,10 @@ def write_report(a, results, unloaded, chosen, elapsed):
         "",
         "## Reading the results",
         "",
+        "Each figure is a single run. On this 2-core machine, which also runs the engines, the services and the replayer, "
+        "repeated runs of one configuration have differed by up to about 15 % in mean TTFT under overload and by a few "
+        "per cent in the other regimes, so smaller differences between policies are not significant.",
+        "",
         f"What the replayed slice offers a router: of its {ts['requests']} requests, {ts['continuations']} continue an earlier "
         f"request (the later-turn rule of loadgen.md: session affinity can only help those), {ts['sharing']} share at least one "
         f"prefix block with an earlier request, and an ideal, infinite cache shared by the whole fleet would serve "
