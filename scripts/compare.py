@@ -28,6 +28,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
 OUT = ROOT / "docs" / "results"
 POLICIES = ["round-robin", "least-loaded", "session-hash", "cache-aware", "tether"]
+
+
+def sglang_router():
+    """The Python that runs sglang-router, if it is installed (on PATH, or in .tools/routers)."""
+    for script in [shutil.which("sglang-router"), str(ROOT / ".tools" / "routers" / "bin" / "sglang-router")]:
+        if script and pathlib.Path(script).exists():
+            python = pathlib.Path(script).parent / "python"
+            if python.exists():
+                return str(python)
+    return None
 OTHER_ROUTERS = ["sglang-router", "vllm-router"]
 
 
@@ -53,9 +63,12 @@ def wait_http(url, timeout=30.0):
 class Stack:
     """nats-server, 4 engine-sims, session-state, scheduler and ingress."""
 
-    def __init__(self, nats, strategy, time_scale, priority=False, mode="atlas", engines=4, log_dir=None, scheduler_args=()):
+    def __init__(self, nats, strategy, time_scale, priority=False, mode="atlas", engines=4, log_dir=None, scheduler_args=(),
+                 external=None):
         self.nats_bin, self.strategy, self.scale = nats, strategy, time_scale
         self.scheduler_args = list(scheduler_args)
+        # (python, policy): run sglang-router in front of the engines instead of Tether.
+        self.external = external
         self.priority, self.mode, self.n = priority, mode, engines
         self.procs = []
         self.tmp = pathlib.Path(tempfile.mkdtemp(prefix="tether-compare-"))
@@ -83,6 +96,14 @@ class Stack:
         (self.tmp / "fleet.toml").write_text("\n".join(fleet))
         for url in self.engine_urls:
             wait_http(url + "/health")
+        if self.external:
+            python, policy = self.external
+            port = free_port()
+            self.ingress = f"http://127.0.0.1:{port}"
+            self.spawn("sglang-router", [python, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+                                         "--worker-urls", *self.engine_urls, "--policy", policy, "--log-level", "warn"])
+            wait_http(self.ingress + "/v1/models", timeout=60)
+            return self
         env = {"TETHER_NATS_URL": f"nats://127.0.0.1:{nats_port}", "TETHER_FLEET": str(self.tmp / "fleet.toml")}
         ss, sc = free_port(), free_port()
         self.spawn("session-state", [BIN / "tether-session-state", "--admin-listen", f"127.0.0.1:{ss}"], env)
@@ -243,6 +264,7 @@ def main():
     print(f"closed-loop speed-up {chosen:g}", flush=True)
 
     results = {}
+    sgl = sglang_router()
     for regime, pacing, sp in [("closed", "closed", chosen), ("open", "open", 1.0)]:
         print(regime, flush=True)
         results[regime] = []
@@ -256,6 +278,9 @@ def main():
                 continue
             with Stack(nats, p, F, priority=(p == "tether")) as s:
                 results[regime].append(loadgen(s, f"{regime}/{p}", moon(pacing, sp), F, runs))
+        if sgl:
+            with Stack(nats, "-", F, external=(sgl, "cache_aware")) as s:
+                results[regime].append(loadgen(s, f"{regime}/sglang-router", moon(pacing, sp), F, runs))
 
     # 3. Overload: 1.5× the closed-loop load; tether placement, priority queues vs FCFS.
     print("overload", flush=True)
@@ -274,6 +299,9 @@ def main():
     for p in POLICIES:
         with Stack(nats, p, F, priority=(p == "tether")) as s:
             results["agent"].append(loadgen(s, f"agent/{p}", agent, F, runs))
+    if sgl:
+        with Stack(nats, "-", F, external=(sgl, "cache_aware")) as s:
+            results["agent"].append(loadgen(s, "agent/sglang-router", agent, F, runs))
 
     # 5. A smaller time scale: the closed-loop result for the two headline policies.
     print(f"time scale {a.small_time_scale:g}", flush=True)
@@ -432,9 +460,12 @@ def write_report(a, results, unloaded, chosen, elapsed):
         "Raw records: `docs/results/runs/<run>/{calls,sessions}.jsonl` and `summary.json` (regenerated, not committed); "
         "`comparison.json` holds the summaries.",
         "",
-        "Other routers: " + ("; ".join(f"`{r}` found but not yet driven by this script" for r in OTHER_ROUTERS if shutil.which(r))
-                              or "neither `sglang-router` nor `vllm-router` is installed here, so they have no columns.")
-        + " (Both are on PyPI; when present the recipe should start them on the same fleet.)",
+        "Other routers: " + ("`sglang-router` (its `cache_aware` policy, default thresholds) was found and runs on the same fleet "
+                             "and workloads as the row `sglang-router`; it does not see sessions, only prompts. "
+                             if any(r["label"].endswith("/sglang-router") for rs in results.values() for r in rs)
+                             else "`sglang-router` is not installed here, so it has no row. ")
+        + "`vllm-router` is not driven by this script yet. (Both are on PyPI; the recipe looks for `sglang-router` on PATH "
+        "and in `.tools/routers`.)",
         "",
     ]
     (OUT / "comparison.md").write_text("\n".join(lines))

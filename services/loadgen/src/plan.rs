@@ -2,19 +2,41 @@
 //! step one or more calls sent together (a fan-out) whose answers are
 //! awaited together (the join).
 
+use crate::prompt::block_text;
+
+/// The text of a call's new user message, made when the call is sent (a
+/// whole trace held as text would take gigabytes).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    /// A trace prompt: 512-word blocks from hash ids ([`block_text`]).
+    Blocks { hash_ids: Vec<u64>, words: u64 },
+}
+
+impl Prompt {
+    pub fn render(&self) -> String {
+        match self {
+            Self::Text(t) => t.clone(),
+            Self::Blocks { hash_ids, words } => block_text(hash_ids, *words),
+        }
+    }
+}
+
 /// One call.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Call {
-    /// The user message (the whole prompt for a trace call).
-    pub prompt: String,
+    /// The new user message (the whole prompt for a trace call).
+    pub prompt: Prompt,
     pub max_tokens: u32,
+    /// The request's line in the trace (sorted by timestamp), if any.
+    pub trace_index: Option<usize>,
 }
 
 /// A step: calls sent at once.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Step {
-    /// When to send, seconds: after the previous step's answers (closed
-    /// loop), or after the session's start (open loop).
+    /// When to send, simulated seconds: after the previous step's answers
+    /// (closed loop), or after the session's start (open loop).
     pub delay: f64,
     pub calls: Vec<Call>,
 }
@@ -22,11 +44,11 @@ pub struct Step {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Session {
     pub id: String,
-    /// Start, seconds after the run's start.
+    /// Start, simulated seconds after the run's start.
     pub start: f64,
     pub steps: Vec<Step>,
-    /// Whether each step's prompt carries the previous answers as history
-    /// (chat and agent workloads) — a trace's prompts are complete already.
+    /// Whether each step's request carries the earlier steps' messages and
+    /// answers (chat, agent); a trace's prompts are complete already.
     pub carry_history: bool,
 }
 
@@ -39,7 +61,7 @@ pub enum Pacing {
     Open,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
     pub sessions: Vec<Session>,
     pub pacing: Pacing,
@@ -52,11 +74,5 @@ impl Plan {
             .flat_map(|s| &s.steps)
             .map(|s| s.calls.len())
             .sum()
-    }
-}
-
-impl PartialEq for Plan {
-    fn eq(&self, other: &Self) -> bool {
-        self.sessions == other.sessions && self.pacing == other.pacing
     }
 }
