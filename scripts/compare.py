@@ -221,6 +221,8 @@ def main():
     ap.add_argument("--report-only", action="store_true",
                     help="re-render the report from the last run's records (docs/results/comparison.json and runs/)")
     a = ap.parse_args()
+    # Recorded before anything is written, so the report names the code that made it.
+    a.commit, a.dirty = git_state()
     if a.report_only:
         saved = json.loads((OUT / "comparison.json").read_text())
         for regime, rows in saved["results"].items():
@@ -333,6 +335,14 @@ def trace_stats(path, n):
     return {"requests": len(reqs), "continuations": cont, "sharing": shared, "ideal_hit": hit / max(1, total)}
 
 
+def git_state():
+    """The commit the run is made from, and whether tracked files differ from it."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return commit, bool(dirty)
+
+
 def write_report(a, results, unloaded, chosen, elapsed):
     def by(regime, name):
         return next(r for r in results[regime] if r["label"].endswith("/" + name))
@@ -346,8 +356,7 @@ def write_report(a, results, unloaded, chosen, elapsed):
     svg_cdf(OUT / "ttft-cdf-overload.svg", "TTFT CDF, overload", [(r["label"].split("/")[-1], r["ttfts"]) for r in results["overload"]], "TTFT (simulated s)")
 
     ts = trace_stats(a.trace, a.max_requests)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit, dirty = a.commit, a.dirty
     t, ll, ca = by("closed", "tether"), by("closed", "least-loaded"), by("closed", "cache-aware")
     ot, oll, oca = by("open", "tether"), by("open", "least-loaded"), by("open", "cache-aware")
     fc = next(r for r in results["overload"] if "FCFS" in r["label"])
@@ -470,7 +479,8 @@ def write_report(a, results, unloaded, chosen, elapsed):
     ]
     (OUT / "comparison.md").write_text("\n".join(lines))
     summary = {k: [{kk: vv for kk, vv in r.items() if kk != "ttfts"} for r in v] for k, v in results.items()}
-    args = {"time_scale": a.time_scale, "small_time_scale": a.small_time_scale, "max_requests": a.max_requests, "trace": a.trace}
+    args = {"time_scale": a.time_scale, "small_time_scale": a.small_time_scale, "max_requests": a.max_requests, "trace": a.trace,
+            "commit": a.commit, "dirty": a.dirty}
     (OUT / "comparison.json").write_text(json.dumps({"unloaded_ttft": unloaded, "closed_speedup": chosen, "elapsed": elapsed,
                                                      "args": args, "results": summary}, indent=1))
     print(f"wrote {OUT / 'comparison.md'}")

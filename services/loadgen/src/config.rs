@@ -40,6 +40,7 @@ impl LoadgenConfig {
 
 /// Flags shared by every workload.
 #[derive(Clone, Debug, Args)]
+#[command(next_help_heading = "Shared options")]
 pub struct Common {
     /// Base URL of the endpoint (Tether's ingress, another router, an engine).
     #[arg(long, global = true, env = "TETHER_LOADGEN_BASE_URL", default_value = DEFAULT_BASE_URL)]
@@ -311,7 +312,12 @@ mod tests {
         };
         let dc = ChatArgs::default();
         assert_eq!(
-            (chat.turns, chat.think_secs, chat.synth.sessions, chat.synth.seed),
+            (
+                chat.turns,
+                chat.think_secs,
+                chat.synth.sessions,
+                chat.synth.seed
+            ),
             (dc.turns, dc.think_secs, dc.synth.sessions, dc.synth.seed)
         );
         let Workload::Agent(a) = parse(&["x", "agent"]).workload else {
@@ -336,7 +342,10 @@ mod tests {
             "--max-requests",
             "100",
         ]);
-        assert_eq!((c.common.concurrency_limit, c.common.max_requests), (1, 100));
+        assert_eq!(
+            (c.common.concurrency_limit, c.common.max_requests),
+            (1, 100)
+        );
         let Workload::Mooncake(m) = c.workload else {
             panic!("mooncake")
         };

@@ -10,7 +10,10 @@ use crate::prompt::block_text;
 pub enum Prompt {
     Text(String),
     /// A trace prompt: 512-word blocks from hash ids ([`block_text`]).
-    Blocks { hash_ids: Vec<u64>, words: u64 },
+    Blocks {
+        hash_ids: Vec<u64>,
+        words: u64,
+    },
 }
 
 impl Prompt {

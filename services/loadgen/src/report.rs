@@ -1,163 +1,267 @@
-//! Records, percentiles and the run's summary; the engines' prefix-cache
-//! counters.
+//! Session records, the run's summary, and the output files.
+//!
+//! A call is *ok* when it got a 2xx answer whose stream ended with
+//! `[DONE]` and carried no error; latency distributions and throughput count
+//! ok calls only. Session completion time counts sessions that sent every
+//! planned call and had no error.
 
 use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::Path;
 
-use crate::client::{CallRecord, HttpClient};
+use crate::client::CallRecord;
+use crate::metrics::CacheDelta;
+use crate::stats::Dist;
 
-/// One session's record (a line of `sessions.jsonl`).
-#[derive(Clone, Debug, Serialize)]
+/// One session's record (a line of `sessions.jsonl`). Times in simulated seconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct SessionRecord {
     pub session: String,
     pub calls: usize,
     pub errors: usize,
-    /// First call sent → last answer received, seconds (simulated).
+    /// Every planned call was sent (not cut by a limit or a stop).
+    pub complete: bool,
+    /// First call sent, seconds after the run's start.
+    pub first_sent: f64,
+    /// Last answer received, seconds after the run's start.
+    pub last_done: f64,
+    /// Session completion time: first call sent → last answer received.
     pub completion: f64,
+    pub prompt_tokens: u64,
     pub output_tokens: u64,
+    /// prompt_tokens + output_tokens.
+    pub total_tokens: u64,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct Dist {
-    pub mean: f64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-}
-
-impl Dist {
-    pub fn of(mut v: Vec<f64>) -> Self {
-        v.retain(|x| x.is_finite());
-        if v.is_empty() {
-            return Self::default();
-        }
-        v.sort_by(f64::total_cmp);
-        let p = |q: f64| v[(((v.len() - 1) as f64) * q).round() as usize];
+impl SessionRecord {
+    /// The record of a session that sent `calls` (at least one).
+    pub fn of(session: &str, calls: &[CallRecord], complete: bool) -> Self {
+        let first_sent = calls
+            .iter()
+            .map(|c| c.sent_at)
+            .fold(f64::INFINITY, f64::min);
+        let last_done = calls
+            .iter()
+            .map(|c| c.sent_at + c.e2e)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let (first_sent, last_done) = if calls.is_empty() {
+            (0.0, 0.0)
+        } else {
+            (first_sent, last_done)
+        };
+        let prompt_tokens = calls.iter().map(|c| c.prompt_tokens).sum();
+        let output_tokens = calls.iter().map(|c| c.completion_tokens).sum();
         Self {
-            mean: v.iter().sum::<f64>() / v.len() as f64,
-            p50: p(0.5),
-            p90: p(0.9),
-            p99: p(0.99),
+            session: session.to_owned(),
+            calls: calls.len(),
+            errors: calls.iter().filter(|c| c.error.is_some()).count(),
+            complete,
+            first_sent,
+            last_done,
+            completion: last_done - first_sent,
+            prompt_tokens,
+            output_tokens,
+            total_tokens: prompt_tokens + output_tokens,
         }
     }
 }
 
+/// The run's summary (`summary.json`). Times in simulated seconds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Summary {
     pub label: String,
+    pub workload: String,
+    /// Calls sent.
     pub calls: usize,
+    /// Calls that were not ok.
     pub errors: usize,
+    /// Sessions that sent at least one call.
     pub sessions: usize,
+    /// Sessions counted in `session_completion`.
+    pub sessions_complete: usize,
     pub ttft: Dist,
     pub tpot: Dist,
     pub e2e: Dist,
     pub session_completion: Dist,
-    /// Simulated seconds from the first call sent to the last answer.
+    /// First call sent → last answer received.
     pub duration: f64,
+    /// Ok calls per second of `duration`.
     pub calls_per_s: f64,
+    /// Output tokens of ok calls per second of `duration`.
     pub output_tokens_per_s: f64,
-    /// Σ prefix-cache hits / Σ queries (tokens) over the engines, this run only.
+    pub prompt_tokens: u64,
+    pub output_tokens: u64,
+    /// Σ `cached_tokens` reported in usage.
+    pub cached_tokens: u64,
+    /// Σ Δhits ÷ Σ Δqueries of the engines' prefix caches over the run
+    /// (with `--engine-metrics`; `None` without, or with no queries).
     pub cache_hit_rate: Option<f64>,
+    pub cache_hits: Option<f64>,
+    pub cache_queries: Option<f64>,
+    /// Engines whose counters were read at both ends.
+    pub cache_engines: usize,
+    pub time_scale: f64,
+    /// Up to five distinct error messages.
+    pub error_samples: Vec<String>,
 }
 
-pub fn summarize(
-    label: &str,
-    calls: &[CallRecord],
-    sessions: &[SessionRecord],
-    cache_hit_rate: Option<f64>,
-) -> Summary {
+/// What the summary is about besides the records.
+#[derive(Clone, Debug, Default)]
+pub struct RunInfo {
+    pub label: String,
+    pub workload: String,
+    pub time_scale: f64,
+    /// With `--engine-metrics`.
+    pub cache: Option<CacheDelta>,
+}
+
+pub fn summarize(info: &RunInfo, calls: &[CallRecord], sessions: &[SessionRecord]) -> Summary {
     let ok: Vec<&CallRecord> = calls.iter().filter(|c| c.error.is_none()).collect();
     let start = calls
         .iter()
         .map(|c| c.sent_at)
         .fold(f64::INFINITY, f64::min);
-    let end = calls.iter().map(|c| c.sent_at + c.e2e).fold(0.0, f64::max);
-    let duration = if start.is_finite() {
-        (end - start).max(1e-9)
-    } else {
+    let end = calls
+        .iter()
+        .map(|c| c.sent_at + c.e2e)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let duration = if calls.is_empty() {
         0.0
+    } else {
+        (end - start).max(0.0)
     };
-    let tokens: u64 = ok.iter().map(|c| c.completion_tokens).sum();
+    let per_s = |n: f64| if duration > 0.0 { n / duration } else { 0.0 };
+    let output_tokens: u64 = ok.iter().map(|c| c.completion_tokens).sum();
+    let done: Vec<&SessionRecord> = sessions
+        .iter()
+        .filter(|s| s.complete && s.errors == 0 && s.calls > 0)
+        .collect();
+    let mut error_samples: Vec<String> = Vec::new();
+    for e in calls.iter().filter_map(|c| c.error.as_ref()) {
+        if error_samples.len() == 5 {
+            break;
+        }
+        if !error_samples.contains(e) {
+            error_samples.push(e.clone());
+        }
+    }
     Summary {
-        label: label.to_owned(),
+        label: info.label.clone(),
+        workload: info.workload.clone(),
         calls: calls.len(),
         errors: calls.len() - ok.len(),
-        sessions: sessions.len(),
+        sessions: sessions.iter().filter(|s| s.calls > 0).count(),
+        sessions_complete: done.len(),
         ttft: Dist::of(ok.iter().filter_map(|c| c.ttft).collect()),
         tpot: Dist::of(ok.iter().filter_map(|c| c.tpot).collect()),
         e2e: Dist::of(ok.iter().map(|c| c.e2e).collect()),
-        session_completion: Dist::of(
-            sessions
-                .iter()
-                .filter(|s| s.errors == 0)
-                .map(|s| s.completion)
-                .collect(),
-        ),
+        session_completion: Dist::of(done.iter().map(|s| s.completion).collect()),
         duration,
-        calls_per_s: if duration > 0.0 {
-            ok.len() as f64 / duration
-        } else {
-            0.0
-        },
-        output_tokens_per_s: if duration > 0.0 {
-            tokens as f64 / duration
-        } else {
-            0.0
-        },
-        cache_hit_rate,
+        calls_per_s: per_s(ok.len() as f64),
+        output_tokens_per_s: per_s(output_tokens as f64),
+        prompt_tokens: ok.iter().map(|c| c.prompt_tokens).sum(),
+        output_tokens,
+        cached_tokens: ok.iter().map(|c| c.cached_tokens).sum(),
+        cache_hit_rate: info.cache.and_then(|c| c.hit_rate()),
+        cache_hits: info.cache.map(|c| c.hits),
+        cache_queries: info.cache.map(|c| c.queries),
+        cache_engines: info.cache.map_or(0, |c| c.engines),
+        time_scale: info.time_scale,
+        error_samples,
     }
 }
 
-/// Sums a counter over its label sets in Prometheus text (with or without `_total`).
-pub fn counter(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let base = series.split('{').next()?;
-            (base == name || base.strip_suffix("_total") == Some(name))
-                .then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
+/// Writes `calls.jsonl`, `sessions.jsonl` and `summary.json` into `dir`.
+pub fn write(
+    dir: &Path,
+    calls: &[CallRecord],
+    sessions: &[SessionRecord],
+    summary: &Summary,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    jsonl(&dir.join("calls.jsonl"), calls)?;
+    jsonl(&dir.join("sessions.jsonl"), sessions)?;
+    let path = dir.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(summary)? + "\n")
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(())
 }
 
-/// (hits, queries) summed over engines' `/metrics`.
-pub async fn cache_counters(client: &HttpClient, engines: &[String]) -> (f64, f64) {
-    let mut hits = 0.0;
-    let mut queries = 0.0;
-    for e in engines {
-        let url = format!("{}/metrics", e.trim_end_matches('/'));
-        let Ok(req) = http::Request::get(url).body(http_body_util::Full::new(bytes::Bytes::new()))
-        else {
-            continue;
-        };
-        let Ok(resp) = client.request(req).await else {
-            continue;
-        };
-        let Ok(body) = http_body_util::BodyExt::collect(resp.into_body()).await else {
-            continue;
-        };
-        let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
-        hits += counter(&text, "vllm:prefix_cache_hits");
-        queries += counter(&text, "vllm:prefix_cache_queries");
+fn jsonl<T: Serialize>(path: &Path, rows: &[T]) -> anyhow::Result<()> {
+    let file =
+        std::fs::File::create(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut f = std::io::BufWriter::new(file);
+    for r in rows {
+        serde_json::to_writer(&mut f, r)?;
+        f.write_all(b"\n")?;
     }
-    (hits, queries)
+    f.flush()?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn percentiles() {
-        let d = Dist::of((1..=100).map(f64::from).collect());
-        assert_eq!((d.p50, d.p90, d.p99), (51.0, 90.0, 99.0));
-        assert!((d.mean - 50.5).abs() < 1e-12);
-        assert_eq!(Dist::of(vec![]), Dist::default());
+    fn call(session: &str, sent_at: f64, e2e: f64, error: bool) -> CallRecord {
+        CallRecord {
+            session: session.to_owned(),
+            sent_at,
+            e2e,
+            status: 200,
+            ttft: Some(e2e / 4.0),
+            tpot: Some(0.01),
+            prompt_tokens: 100,
+            completion_tokens: 10,
+            cached_tokens: 50,
+            error: error.then(|| "boom".to_owned()),
+            ..CallRecord::default()
+        }
     }
 
     #[test]
-    fn counters_sum_label_sets() {
-        let text = "# TYPE x counter\nvllm:prefix_cache_hits_total{a=\"1\"} 3\nvllm:prefix_cache_hits_total{a=\"2\"} 4\nother 9\n";
-        assert_eq!(counter(text, "vllm:prefix_cache_hits"), 7.0);
+    fn sessions_and_summary() {
+        let a = [call("a", 1.0, 2.0, false), call("a", 4.0, 1.0, false)];
+        let b = [call("b", 2.0, 1.0, true)];
+        let sa = SessionRecord::of("a", &a, true);
+        assert_eq!(
+            (sa.first_sent, sa.last_done, sa.completion),
+            (1.0, 5.0, 4.0)
+        );
+        assert_eq!((sa.output_tokens, sa.total_tokens), (20, 220));
+        let sb = SessionRecord::of("b", &b, true);
+        let calls: Vec<CallRecord> = a.iter().chain(&b).cloned().collect();
+        let info = RunInfo {
+            label: "l".into(),
+            workload: "chat".into(),
+            time_scale: 1.0,
+            cache: Some(CacheDelta {
+                hits: 1.0,
+                queries: 4.0,
+                engines: 2,
+            }),
+        };
+        let s = summarize(&info, &calls, &[sa, sb]);
+        assert_eq!(
+            (s.calls, s.errors, s.sessions, s.sessions_complete),
+            (3, 1, 2, 1)
+        );
+        assert_eq!(s.ttft.count, 2);
+        assert_eq!(s.duration, 4.0);
+        assert_eq!(s.calls_per_s, 0.5);
+        assert_eq!(s.output_tokens_per_s, 5.0);
+        assert_eq!(s.session_completion.mean, 4.0);
+        assert_eq!(s.cache_hit_rate, Some(0.25));
+        assert_eq!(s.error_samples, vec!["boom".to_owned()]);
+        // Round trip.
+        let back: Summary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        let empty = summarize(&RunInfo::default(), &[], &[]);
+        assert_eq!(
+            (empty.calls, empty.duration, empty.cache_hit_rate),
+            (0, 0.0, None)
+        );
     }
 }

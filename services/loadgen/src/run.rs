@@ -1,102 +1,183 @@
 //! Driving a plan: one task per session, sleeping in scaled time, sending
-//! each step's calls together and waiting for all their answers.
+//! each step's calls together and waiting for all their answers (closed
+//! loop), or sending every step at its own time (open loop).
 
 use serde_json::{Value, json};
-use std::io::Write;
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::client::{CallRecord, HttpClient, Target, call, http_client};
-use crate::config::{Cli, PacingArg, Workload};
-use crate::plan::{Pacing, Plan, Session};
-use crate::report::{SessionRecord, Summary, cache_counters, summarize};
-use crate::synth::{SynthConfig, agent, chat};
+use crate::client::{CallRecord, HttpClient, Target, call, completions_url, http_client};
+use crate::config::{LoadgenConfig, Workload};
+use crate::gate::Gate;
+use crate::metrics::{CacheDelta, read_all};
+use crate::mooncake::TraceOptions;
+use crate::plan::{Call, Pacing, Plan, Session};
+use crate::report::{RunInfo, SessionRecord, Summary, summarize, write};
+use crate::synth::{agent, chat};
 
-/// Builds the plan a command line describes.
-pub fn plan_of(cli: &Cli) -> anyhow::Result<Plan> {
-    Ok(match &cli.workload {
-        Workload::Mooncake {
-            trace,
-            pacing,
-            speedup,
-            max_think,
-            max_requests,
-        } => {
-            let text = std::fs::read_to_string(trace)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", trace.display()))?;
+/// Builds the plan a configuration describes (reads the trace).
+pub fn plan_of(config: &LoadgenConfig) -> anyhow::Result<Plan> {
+    Ok(match &config.workload {
+        Workload::Mooncake(m) => {
+            let text = std::fs::read_to_string(&m.trace)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", m.trace.display()))?;
             let mut reqs = crate::mooncake::parse(&text)?;
-            if *max_requests > 0 {
-                reqs.truncate(*max_requests);
+            if config.common.max_requests > 0 {
+                reqs.truncate(config.common.max_requests);
             }
-            let pacing = match pacing {
-                PacingArg::Closed => Pacing::Closed,
-                PacingArg::Open => Pacing::Open,
-            };
-            crate::mooncake::plan(&reqs, pacing, *speedup, *max_think)
+            crate::mooncake::plan(
+                &reqs,
+                TraceOptions {
+                    pacing: m.pacing(),
+                    speedup: m.speedup,
+                    max_think: m.max_think_secs,
+                    rule: m.session_rule,
+                    min_shared: m.min_shared_blocks,
+                },
+            )
         }
-        Workload::Chat {
-            synth,
-            turns,
-            think,
-        } => chat(&synth_config(synth, *think), *turns),
-        Workload::Agent {
-            synth,
-            steps,
-            fanout,
-        } => agent(&synth_config(synth, 0.0), *steps, *fanout),
+        Workload::Chat(c) => chat(c),
+        Workload::Agent(a) => agent(a),
     })
-}
-
-fn synth_config(a: &crate::config::SynthArgs, think: f64) -> SynthConfig {
-    SynthConfig {
-        sessions: a.sessions,
-        rate: a.rate,
-        seed: a.seed,
-        prompt_words: (a.prompt_min, a.prompt_max),
-        answer_tokens: (a.answer_min, a.answer_max),
-        think,
-    }
 }
 
 struct Shared {
     client: HttpClient,
-    base_url: String,
+    url: String,
     model: String,
     session_header: String,
     scale: f64,
+    timeout: Option<Duration>,
     start: Instant,
     pacing: Pacing,
     limit: Semaphore,
+    gate: Gate,
+    sent: AtomicUsize,
+    answered: AtomicUsize,
+    failed: AtomicUsize,
 }
 
-/// Runs the workload and returns its summary (and writes the records when `--out` is set).
-pub async fn run(cli: Cli) -> anyhow::Result<Summary> {
-    let plan = plan_of(&cli)?;
-    let c = &cli.common;
-    let scale = if c.time_scale > 0.0 {
-        c.time_scale
-    } else {
-        1.0
-    };
+impl Shared {
+    /// Simulated seconds since the start.
+    fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * self.scale
+    }
+
+    /// The wall instant of simulated time `t`.
+    fn at(&self, t: f64) -> Instant {
+        later(self.start, wall(t, self.scale))
+    }
+
+    fn target(&self) -> Target<'_> {
+        Target {
+            client: &self.client,
+            url: &self.url,
+            model: &self.model,
+            session_header: &self.session_header,
+            time_scale: self.scale,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// A century: "never" for waits.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Simulated seconds → a wall duration (negative: zero; at most a century).
+fn wall(t: f64, scale: f64) -> Duration {
+    match Duration::try_from_secs_f64(t / scale) {
+        Ok(d) => d.min(FOREVER),
+        Err(_) if t > 0.0 => FOREVER,
+        Err(_) => Duration::ZERO,
+    }
+}
+
+fn later(from: Instant, d: Duration) -> Instant {
+    from.checked_add(d)
+        .or_else(|| from.checked_add(FOREVER))
+        .unwrap_or(from)
+}
+
+/// Runs the workload to the end (or a limit) and returns its summary;
+/// writes the records when `out` is set.
+pub async fn run(config: LoadgenConfig) -> anyhow::Result<Summary> {
+    run_until(config, std::future::pending()).await
+}
+
+/// [`run`], stopping early (no new calls; calls in flight are awaited)
+/// when `stop` completes.
+pub async fn run_until(
+    config: LoadgenConfig,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Summary> {
+    let c = &config.common;
+    anyhow::ensure!(
+        c.time_scale.is_finite() && c.time_scale > 0.0,
+        "--time-scale must be positive"
+    );
+    let url = completions_url(&c.base_url);
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--base-url {}: {e}", c.base_url))?;
+    anyhow::ensure!(
+        uri.scheme_str() == Some("http"),
+        "--base-url {}: only http:// is supported",
+        c.base_url
+    );
+    let plan = plan_of(&config)?;
     let client = http_client();
-    let before = cache_counters(&client, &c.engine_metrics).await;
+    let before = read_all(&client, &c.engine_metrics).await;
+    if let Some(i) = before.iter().position(Option::is_none) {
+        tracing::warn!(engine = %c.engine_metrics[i], "could not read /metrics; left out of the hit rate");
+    }
+    let timeout = c
+        .request_timeout_secs
+        .filter(|t| *t > 0.0)
+        .map(|t| wall(t, c.time_scale));
     let shared = Arc::new(Shared {
         client,
-        base_url: c.base_url.clone(),
+        url,
         model: c.model.clone(),
         session_header: c.session_header.clone(),
-        scale,
+        scale: c.time_scale,
+        timeout,
         start: Instant::now(),
         pacing: plan.pacing,
-        limit: Semaphore::new(c.concurrency_limit.max(1)),
+        limit: Semaphore::new(c.concurrency_limit.clamp(1, Semaphore::MAX_PERMITS)),
+        gate: Gate::new(c.max_requests),
+        sent: AtomicUsize::new(0),
+        answered: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
     });
     tracing::info!(
+        workload = config.workload.name(),
         sessions = plan.sessions.len(),
         calls = plan.calls(),
+        url = %shared.url,
         "starting"
     );
+    let mut watchers = tokio::task::JoinSet::new();
+    watchers.spawn({
+        let shared = shared.clone();
+        async move {
+            stop.await;
+            shared.gate.stop();
+        }
+    });
+    if let Some(d) = c.duration_secs {
+        let shared = shared.clone();
+        watchers.spawn(async move {
+            tokio::time::sleep_until(shared.at(d.max(0.0))).await;
+            tracing::info!("duration reached: no new calls");
+            shared.gate.stop();
+        });
+    }
+    watchers.spawn(progress(shared.clone()));
+
     let mut tasks = tokio::task::JoinSet::new();
     for s in plan.sessions {
         tasks.spawn(run_session(shared.clone(), s));
@@ -104,121 +185,174 @@ pub async fn run(cli: Cli) -> anyhow::Result<Summary> {
     let mut calls = Vec::new();
     let mut sessions = Vec::new();
     while let Some(done) = tasks.join_next().await {
-        let (srec, crecs) = done?;
-        sessions.push(srec);
-        calls.extend(crecs);
+        match done {
+            Ok((srec, crecs)) => {
+                sessions.extend(srec);
+                calls.extend(crecs);
+            }
+            Err(e) => tracing::error!(error = %e, "a session task failed; its records are lost"),
+        }
     }
-    let after = cache_counters(&shared.client, &c.engine_metrics).await;
-    let queries = after.1 - before.1;
-    let hit_rate =
-        (!c.engine_metrics.is_empty() && queries > 0.0).then(|| (after.0 - before.0) / queries);
+    watchers.shutdown().await;
+
+    let cache = if c.engine_metrics.is_empty() {
+        None
+    } else {
+        let after = read_all(&shared.client, &c.engine_metrics).await;
+        Some(CacheDelta::between(&before, &after))
+    };
     calls.sort_by(|a, b| a.sent_at.total_cmp(&b.sent_at));
-    let summary = summarize(&c.label, &calls, &sessions, hit_rate);
+    sessions.sort_by(|a, b| a.first_sent.total_cmp(&b.first_sent));
+    let info = RunInfo {
+        label: c.label.clone(),
+        workload: config.workload.name().to_owned(),
+        time_scale: c.time_scale,
+        cache,
+    };
+    let summary = summarize(&info, &calls, &sessions);
     if let Some(dir) = &c.out {
-        std::fs::create_dir_all(dir)?;
-        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("calls.jsonl"))?);
-        for r in &calls {
-            writeln!(f, "{}", serde_json::to_string(r)?)?;
-        }
-        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("sessions.jsonl"))?);
-        for r in &sessions {
-            writeln!(f, "{}", serde_json::to_string(r)?)?;
-        }
-        std::fs::write(
-            dir.join("summary.json"),
-            serde_json::to_string_pretty(&summary)?,
-        )?;
+        write(dir, &calls, &sessions, &summary)?;
     }
     Ok(summary)
 }
 
-async fn sleep_until_sim(shared: &Shared, t: f64) {
-    let at = shared.start + Duration::from_secs_f64((t / shared.scale).max(0.0));
-    tokio::time::sleep_until(at).await;
+/// Logs counts every ten wall seconds.
+async fn progress(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        tracing::info!(
+            sim_secs = shared.now().round(),
+            sent = shared.sent.load(Ordering::Relaxed),
+            answered = shared.answered.load(Ordering::Relaxed),
+            errors = shared.failed.load(Ordering::Relaxed),
+            "progress"
+        );
+    }
 }
 
-fn sim_now(shared: &Shared) -> f64 {
-    shared.start.elapsed().as_secs_f64() * shared.scale
+/// Sends one call (after a concurrency permit) and labels its record.
+async fn send(
+    shared: &Shared,
+    session: &str,
+    mut messages: Vec<Value>,
+    call_plan: &Call,
+    step: usize,
+    branch: usize,
+) -> CallRecord {
+    let waited_from = Instant::now();
+    let _permit = shared.limit.acquire().await.ok();
+    let queued = waited_from.elapsed().as_secs_f64() * shared.scale;
+    messages.push(json!({"role": "user", "content": call_plan.prompt.render()}));
+    let sent_at = shared.now();
+    shared.sent.fetch_add(1, Ordering::Relaxed);
+    let mut r = call(&shared.target(), session, &messages, call_plan.max_tokens).await;
+    drop(messages);
+    shared.answered.fetch_add(1, Ordering::Relaxed);
+    if let Some(e) = &r.error
+        && shared.failed.fetch_add(1, Ordering::Relaxed) == 0
+    {
+        tracing::warn!(session, error = %e, "first failed call");
+    }
+    r.step = step;
+    r.branch = branch;
+    r.trace_index = call_plan.trace_index;
+    r.sent_at = sent_at;
+    r.queued = queued;
+    r
 }
 
-async fn run_session(shared: Arc<Shared>, s: Session) -> (SessionRecord, Vec<CallRecord>) {
-    sleep_until_sim(&shared, s.start).await;
-    let target = Target {
-        client: &shared.client,
-        base_url: &shared.base_url,
-        model: &shared.model,
-        session_header: &shared.session_header,
-        time_scale: shared.scale,
+async fn run_session(shared: Arc<Shared>, s: Session) -> (Option<SessionRecord>, Vec<CallRecord>) {
+    if !shared.gate.sleep_until(shared.at(s.start)).await {
+        return (None, Vec::new());
+    }
+    let planned: usize = s.steps.iter().map(|st| st.calls.len()).sum();
+    let records = match shared.pacing {
+        Pacing::Closed => closed_loop(&shared, &s).await,
+        Pacing::Open => open_loop(&shared, &s).await,
     };
+    if records.is_empty() {
+        return (None, records);
+    }
+    let rec = SessionRecord::of(&s.id, &records, records.len() == planned);
+    (Some(rec), records)
+}
+
+/// Step N+1 after step N's answers plus its delay; history carried.
+async fn closed_loop(shared: &Shared, s: &Session) -> Vec<CallRecord> {
     let mut history: Vec<Value> = Vec::new();
     let mut records = Vec::new();
-    let first = sim_now(&shared);
-    let mut last_end = first;
     for (i, step) in s.steps.iter().enumerate() {
-        match shared.pacing {
-            Pacing::Closed => sleep_until_sim(&shared, sim_now(&shared) + step.delay).await,
-            Pacing::Open => sleep_until_sim(&shared, s.start + step.delay).await,
-        }
-        let sent_at = sim_now(&shared);
-        let futures = step.calls.iter().enumerate().map(|(b, c)| {
-            let mut messages = if s.carry_history {
-                history.clone()
-            } else {
-                Vec::new()
-            };
-            messages.push(json!({"role": "user", "content": c.prompt}));
-            let target = &target;
-            let shared = &shared;
-            let id = &s.id;
-            async move {
-                let _permit = shared.limit.acquire().await;
-                let mut r = call(target, id, &messages, c.max_tokens).await;
-                r.step = i;
-                r.branch = b;
-                r.sent_at = sent_at;
-                r
+        if i > 0 && step.delay > 0.0 {
+            let at = later(Instant::now(), wall(step.delay, shared.scale));
+            if !shared.gate.sleep_until(at).await {
+                break;
             }
-        });
-        let results = join_all(futures).await;
-        last_end = sim_now(&shared);
+        }
+        let n = shared.gate.take(step.calls.len());
+        let sent = &step.calls[..n];
+        let base = if s.carry_history {
+            history.clone()
+        } else {
+            Vec::new()
+        };
+        let results = futures::future::join_all(
+            sent.iter()
+                .enumerate()
+                .map(|(b, c)| send(shared, &s.id, base.clone(), c, i, b)),
+        )
+        .await;
         if s.carry_history {
-            for (c, r) in step.calls.iter().zip(&results) {
-                history.push(json!({"role": "user", "content": c.prompt}));
+            for (c, r) in sent.iter().zip(&results) {
+                history.push(json!({"role": "user", "content": c.prompt.render()}));
                 history.push(json!({"role": "assistant", "content": r.answer}));
             }
         }
         records.extend(results);
+        if n < step.calls.len() {
+            break;
+        }
     }
-    let rec = SessionRecord {
-        session: s.id.clone(),
-        calls: records.len(),
-        errors: records.iter().filter(|r| r.error.is_some()).count(),
-        completion: last_end - first,
-        output_tokens: records.iter().map(|r| r.completion_tokens).sum(),
-    };
-    (rec, records)
+    records
 }
 
-/// Awaits futures concurrently on this task (no spawning: they borrow).
-async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut pinned: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, slot) in pinned.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *slot = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
+/// Every step at the session's start plus its delay, answered or not.
+async fn open_loop(shared: &Shared, s: &Session) -> Vec<CallRecord> {
+    let steps = s.steps.iter().enumerate().map(|(i, step)| async move {
+        if !shared
+            .gate
+            .sleep_until(shared.at(s.start + step.delay))
+            .await
+        {
+            return Vec::new();
         }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter().flatten().collect()
+        let n = shared.gate.take(step.calls.len());
+        futures::future::join_all(
+            step.calls[..n]
+                .iter()
+                .enumerate()
+                .map(|(b, c)| send(shared, &s.id, Vec::new(), c, i, b)),
+        )
+        .await
+    });
+    futures::future::join_all(steps)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wall_durations() {
+        assert_eq!(wall(10.0, 20.0), Duration::from_millis(500));
+        assert_eq!(wall(-1.0, 1.0), Duration::ZERO);
+        assert_eq!(wall(f64::INFINITY, 1.0), FOREVER);
+        assert_eq!(wall(1e300, 1.0), FOREVER);
+        assert_eq!(wall(f64::NAN, 1.0), Duration::ZERO);
+    }
 }

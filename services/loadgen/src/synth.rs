@@ -1,53 +1,55 @@
 //! Synthetic workloads, seeded and reproducible.
 //!
 //! - **chat**: sessions arrive as a Poisson process; each has `turns` turns,
-//!   each a single call; the prompt grows with the whole history (every
-//!   earlier question and answer); think time between turns.
-//! - **agent**: sessions arrive the same way; each runs `steps` steps, each
-//!   a fan-out of `fanout` parallel calls with different answer lengths,
-//!   joined before the next step, whose prompt carries the joined answers —
-//!   programs with a critical path, the case ATLAS is for.
+//!   each a single call; every request re-sends the whole history (every
+//!   earlier question and answer) plus a new message; think time between
+//!   an answer and the next turn.
+//! - **agent**: sessions arrive the same way; each runs a number of steps,
+//!   each a fan-out of `fanout` parallel calls with different prompt and
+//!   answer lengths, joined before the next step, whose requests carry the
+//!   joined calls and answers — programs with a critical path.
+//!
+//! Message words are `s<session>w<n>` (n < 4096, random), so no two sessions
+//! share a prefix by accident.
 
-use crate::plan::{Call, Pacing, Plan, Session, Step};
+use crate::config::{AgentArgs, ChatArgs, StepDist, SynthArgs};
+use crate::plan::{Call, Pacing, Plan, Prompt, Session, Step};
 use crate::rng::Rng;
 
-#[derive(Clone, Debug)]
-pub struct SynthConfig {
-    pub sessions: usize,
-    /// Session arrivals per second.
-    pub rate: f64,
-    pub seed: u64,
-    /// Words of each new user message.
-    pub prompt_words: (u64, u64),
-    /// Tokens of each answer.
-    pub answer_tokens: (u64, u64),
-    /// Seconds between a turn's answer and the next turn (chat).
-    pub think: f64,
-}
-
 fn words(rng: &mut Rng, session: usize, n: u64) -> String {
-    // Distinct per session so sessions do not share prefixes by accident.
     (0..n)
         .map(|_| format!("s{session}w{}", rng.range(0, 4095)))
         .collect::<Vec<_>>()
         .join(" ")
 }
 
-pub fn chat(c: &SynthConfig, turns: usize) -> Plan {
-    let mut rng = Rng::new(c.seed);
+fn answer_tokens(rng: &mut Rng, a: &SynthArgs) -> u32 {
+    u32::try_from(rng.range(a.answer_min, a.answer_max).max(1)).unwrap_or(u32::MAX)
+}
+
+fn mean_gap(a: &SynthArgs) -> f64 {
+    1.0 / a.rate.max(1e-9)
+}
+
+pub fn chat(c: &ChatArgs) -> Plan {
+    let a = &c.synth;
+    let mut rng = Rng::new(a.seed);
     let mut t = 0.0;
-    let mut sessions = Vec::with_capacity(c.sessions);
-    for s in 0..c.sessions {
-        t += rng.exp(1.0 / c.rate.max(1e-9));
+    let mut sessions = Vec::with_capacity(a.sessions);
+    for s in 0..a.sessions {
+        t += rng.exp(mean_gap(a));
         let mut steps = Vec::new();
-        for i in 0..turns.max(1) {
-            let n = rng.range(c.prompt_words.0, c.prompt_words.1);
-            let prompt = words(&mut rng, s, n);
-            let max_tokens =
-                u32::try_from(rng.range(c.answer_tokens.0, c.answer_tokens.1)).unwrap_or(u32::MAX);
+        for i in 0..c.turns.max(1) {
+            let n = rng.range(a.prompt_min, a.prompt_max);
+            let prompt = Prompt::Text(words(&mut rng, s, n));
+            let max_tokens = answer_tokens(&mut rng, a);
             steps.push(Step {
-                delay: if i == 0 { 0.0 } else { c.think },
-                calls: vec![Call { prompt, max_tokens }],
+                delay: if i == 0 { 0.0 } else { c.think_secs.max(0.0) },
+                calls: vec![Call {
+                    prompt,
+                    max_tokens,
+                    trace_index: None,
+                }],
             });
         }
         sessions.push(Session {
@@ -63,31 +65,41 @@ pub fn chat(c: &SynthConfig, turns: usize) -> Plan {
     }
 }
 
-pub fn agent(c: &SynthConfig, steps: usize, fanout: usize) -> Plan {
-    let mut rng = Rng::new(c.seed);
+pub fn agent(c: &AgentArgs) -> Plan {
+    let a = &c.synth;
+    let mut rng = Rng::new(a.seed);
     let mut t = 0.0;
-    let mut sessions = Vec::with_capacity(c.sessions);
-    for s in 0..c.sessions {
-        t += rng.exp(1.0 / c.rate.max(1e-9));
-        // Program lengths are heavy-tailed: a bounded Pareto (α = 1.2) over
-        // 1..=steps, so most programs are short and a few are long.
-        let n_steps = bounded_pareto(&mut rng, 1.2, steps.max(1));
-        let mut plan_steps = Vec::new();
-        for _ in 0..n_steps {
+    let mut sessions = Vec::with_capacity(a.sessions);
+    for s in 0..a.sessions {
+        t += rng.exp(mean_gap(a));
+        // Drawn in both modes, so that the rest of the workload is the same.
+        let pareto = bounded_pareto(&mut rng, 1.2, c.steps.max(1));
+        let n_steps = match c.step_dist {
+            StepDist::Pareto => pareto,
+            StepDist::Fixed => c.steps.max(1),
+        };
+        let mut steps = Vec::new();
+        for i in 0..n_steps {
             let mut calls = Vec::new();
-            for b in 0..fanout.max(1) {
-                let n = rng.range(c.prompt_words.0, c.prompt_words.1);
-                let prompt = format!("branch {b}: {}", words(&mut rng, s, n));
-                let max_tokens = u32::try_from(rng.range(c.answer_tokens.0, c.answer_tokens.1))
-                    .unwrap_or(u32::MAX);
-                calls.push(Call { prompt, max_tokens });
+            for b in 0..c.fanout.max(1) {
+                let n = rng.range(a.prompt_min, a.prompt_max);
+                let prompt = Prompt::Text(format!("branch {b}: {}", words(&mut rng, s, n)));
+                let max_tokens = answer_tokens(&mut rng, a);
+                calls.push(Call {
+                    prompt,
+                    max_tokens,
+                    trace_index: None,
+                });
             }
-            plan_steps.push(Step { delay: 0.0, calls });
+            steps.push(Step {
+                delay: if i == 0 { 0.0 } else { c.think_secs.max(0.0) },
+                calls,
+            });
         }
         sessions.push(Session {
             id: format!("agent-{s}"),
             start: t,
-            steps: plan_steps,
+            steps,
             carry_history: true,
         });
     }
@@ -98,7 +110,7 @@ pub fn agent(c: &SynthConfig, steps: usize, fanout: usize) -> Plan {
 }
 
 /// A draw from a Pareto distribution with shape `alpha` and minimum 1,
-/// truncated to `1..=max`.
+/// floored and truncated to `1..=max`.
 fn bounded_pareto(rng: &mut Rng, alpha: f64, max: usize) -> usize {
     let u = 1.0 - rng.unit();
     let x = u.powf(-1.0 / alpha).floor();
@@ -109,26 +121,50 @@ fn bounded_pareto(rng: &mut Rng, alpha: f64, max: usize) -> usize {
 mod tests {
     use super::*;
 
-    fn cfg() -> SynthConfig {
-        SynthConfig {
+    fn synth() -> SynthArgs {
+        SynthArgs {
             sessions: 3,
             rate: 2.0,
             seed: 9,
-            prompt_words: (5, 10),
-            answer_tokens: (4, 8),
-            think: 1.0,
+            prompt_min: 5,
+            prompt_max: 10,
+            answer_min: 4,
+            answer_max: 8,
+        }
+    }
+
+    fn agent_args(step_dist: StepDist) -> AgentArgs {
+        AgentArgs {
+            synth: synth(),
+            steps: 2,
+            fanout: 3,
+            step_dist,
+            think_secs: 0.0,
         }
     }
 
     #[test]
-    fn reproducible_shapes() {
-        let a = agent(&cfg(), 2, 3);
-        assert_eq!(a, agent(&cfg(), 2, 3));
+    fn agent_shapes_are_reproducible() {
+        let a = agent(&agent_args(StepDist::Pareto));
+        assert_eq!(a, agent(&agent_args(StepDist::Pareto)));
         assert_eq!(a.sessions.len(), 3);
         assert!(
             a.sessions.iter().all(|s| (1..=2).contains(&s.steps.len())
                 && s.steps.iter().all(|st| st.calls.len() == 3))
         );
+        let f = agent(&agent_args(StepDist::Fixed));
+        assert!(f.sessions.iter().all(|s| s.steps.len() == 2));
+        // One random stream: the first session starts the same in both modes.
+        assert_eq!(a.sessions[0].start, f.sessions[0].start);
+        assert_eq!(a.sessions[0].steps[0], f.sessions[0].steps[0]);
+        // Another seed, another workload.
+        let mut other = agent_args(StepDist::Fixed);
+        other.synth.seed = 10;
+        assert_ne!(agent(&other), f);
+    }
+
+    #[test]
+    fn pareto_is_bounded_and_heavy_tailed() {
         let mut rng = Rng::new(3);
         let draws: Vec<usize> = (0..10_000)
             .map(|_| bounded_pareto(&mut rng, 1.2, 12))
@@ -136,8 +172,28 @@ mod tests {
         assert!(draws.iter().all(|d| (1..=12).contains(d)));
         let short = draws.iter().filter(|d| **d <= 2).count();
         assert!(short > 5_000 && draws.contains(&12), "short {short}");
-        let c = chat(&cfg(), 4);
+    }
+
+    #[test]
+    fn chat_shapes() {
+        let c = chat(&ChatArgs {
+            synth: synth(),
+            turns: 4,
+            think_secs: 1.5,
+        });
         assert_eq!(c.calls(), 12);
         assert!(c.sessions.windows(2).all(|w| w[0].start <= w[1].start));
+        for s in &c.sessions {
+            assert!(s.carry_history);
+            let delays: Vec<f64> = s.steps.iter().map(|st| st.delay).collect();
+            assert_eq!(delays, vec![0.0, 1.5, 1.5, 1.5]);
+            for st in &s.steps {
+                let Prompt::Text(t) = &st.calls[0].prompt else {
+                    panic!("text")
+                };
+                assert!((5..=10).contains(&t.split_whitespace().count()));
+                assert!((4..=8).contains(&st.calls[0].max_tokens));
+            }
+        }
     }
 }
