@@ -316,23 +316,31 @@ def main():
 
 
 def trace_stats(path, n):
-    """What the replayed slice of the trace offers: continuations of earlier
-    requests (the session rule), requests sharing any prefix block with an
-    earlier one, and the hit rate of an ideal, infinite, shared cache."""
+    """What the replayed slice of the trace offers: sessions under loadgen's
+    default rule (a request continues the latest earlier request with which it
+    shares the longest leading run of blocks, at least one), and the hit rate
+    of an ideal, infinite, shared cache."""
     reqs = [json.loads(l) for l in pathlib.Path(path).read_text().splitlines() if l.strip()][:n]
     reqs.sort(key=lambda r: r["timestamp"])
-    full, prefixes = set(), set()
-    cont = shared = hit = total = 0
+    latest = {}  # prefix -> session of the latest request holding it
+    sizes = []
+    cont = hit = total = 0
     for r in reqs:
         ids = tuple(r["hash_ids"])
-        best = next((k for k in range(len(ids), 0, -1) if ids[:k] in prefixes), 0)
-        shared += best > 0
-        cont += any(ids[:k] in full for k in range(1, len(ids) + 1))
+        best = next((k for k in range(len(ids), 0, -1) if ids[:k] in latest), 0)
+        if best:
+            sess = latest[ids[:best]]
+            cont += 1
+            sizes[sess] += 1
+        else:
+            sess = len(sizes)
+            sizes.append(1)
         hit += best
         total += len(ids)
-        prefixes.update(ids[:k] for k in range(1, len(ids) + 1))
-        full.add(ids)
-    return {"requests": len(reqs), "continuations": cont, "sharing": shared, "ideal_hit": hit / max(1, total)}
+        for k in range(1, len(ids) + 1):
+            latest[ids[:k]] = sess
+    return {"requests": len(reqs), "continuations": cont, "sessions": len(sizes),
+            "multi_turn": sum(1 for x in sizes if x > 1), "ideal_hit": hit / max(1, total)}
 
 
 def git_state():
@@ -418,14 +426,14 @@ def write_report(a, results, unloaded, chosen, elapsed):
         "per cent in the other regimes, so smaller differences between policies are not significant.",
         "",
         f"What the replayed slice offers a router: of its {ts['requests']} requests, {ts['continuations']} continue an earlier "
-        f"request (the later-turn rule of loadgen.md: session affinity can only help those), {ts['sharing']} share at least one "
-        f"prefix block with an earlier request, and an ideal, infinite cache shared by the whole fleet would serve "
-        f"{ts['ideal_hit']:.1%} of the prompt blocks. Each engine-sim holds 400,000 tokens of KV; at this trace's rate "
-        "(mean prompt ≈ 15,000 tokens) an engine's cache turns over within tens of seconds, so reuse further apart than "
-        "that is lost whatever the router does — which bounds every policy's hit rate far below the ideal. With "
-        "almost every session a single call, a least-attained-service order has nothing to tell calls apart by: they "
-        "all start at level 0, so priority queues cannot beat FCFS here; the agent workload, whose programs have "
-        "several steps, is where the session's attained service carries information.",
+        f"conversation (loadgen's session rule), giving {ts['sessions']} sessions of which only {ts['multi_turn']} have more "
+        f"than one turn; an ideal, infinite cache shared by the whole fleet would serve {ts['ideal_hit']:.1%} of the prompt "
+        "blocks. Each engine-sim holds 400,000 tokens of KV; at this trace's rate (mean prompt ≈ 15,000 tokens) an "
+        "engine's cache turns over within tens of seconds, so reuse further apart than that is lost whatever the router "
+        "does — which bounds every policy's hit rate far below the ideal. Most sessions being a single call, and every "
+        "session's first call starting at level 0 whatever its size, a least-attained-service order can tell few calls "
+        "apart, so priority queues can hardly beat FCFS here; the agent workload, whose programs have several steps, is "
+        "where the session's attained service carries information.",
         "",
         "What would close the gaps: (1) cache hit rate — more KV per engine relative to traffic, or a KV tier shared "
         "across engines (Mooncake's own answer), since the router can only choose among caches that still hold the "
