@@ -430,10 +430,12 @@ def write_report(a, results, unloaded, chosen, elapsed):
         f"than one turn; an ideal, infinite cache shared by the whole fleet would serve {ts['ideal_hit']:.1%} of the prompt "
         "blocks. Each engine-sim holds 400,000 tokens of KV; at this trace's rate (mean prompt ≈ 15,000 tokens) an "
         "engine's cache turns over within tens of seconds, so reuse further apart than that is lost whatever the router "
-        "does — which bounds every policy's hit rate far below the ideal. Most sessions being a single call, and every "
-        "session's first call starting at level 0 whatever its size, a least-attained-service order can tell few calls "
-        "apart, so priority queues can hardly beat FCFS here; the agent workload, whose programs have several steps, is "
-        "where the session's attained service carries information.",
+        "does — which bounds every policy's hit rate far below the ideal. Every session's first call starts at level 0 "
+        "whatever its size, so least-attained-service ordering acts on later turns only: it moves them behind fresh "
+        "sessions' calls. In these runs the priority queue is the engine's own waiting queue, which has no "
+        "anti-starvation: the router's starvation rule sees only the time a call waited at the gateway, not in the "
+        "engine, so under overload a long session's later turns can wait behind a stream of fresh calls and the TTFT "
+        "tail grows.",
         "",
         "What would close the gaps: (1) cache hit rate — more KV per engine relative to traffic, or a KV tier shared "
         "across engines (Mooncake's own answer), since the router can only choose among caches that still hold the "
@@ -442,7 +444,9 @@ def write_report(a, results, unloaded, chosen, elapsed):
         "reconstructed with a looser turn rule); (3) overload — a signal that separates level-0 calls: the prompt's "
         "prefill cost is known at arrival (non-clairvoyant about outputs, as ATLAS requires) and could seed the "
         "level, and preemptive priority inside the engine (vLLM's priority policy preempts running lower-priority "
-        "requests; engine-sim only orders its waiting queue).",
+        "requests; engine-sim only orders its waiting queue); (4) the overload tail — hold the queue at the gateway "
+        "(an engine `max_concurrency` near its batch size) where the anti-starvation bound of policy.md applies, or "
+        "feed the engine's queue time back into the session's wait.",
         "",
         "## Closed loop",
         "",
