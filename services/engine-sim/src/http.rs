@@ -305,13 +305,13 @@ async fn whole_response(meta: Meta, mut rx: mpsc::UnboundedReceiver<Event>) -> R
     .into_response()
 }
 
-fn chunk(meta: &Meta, index: usize, word: &str, finish: bool) -> Bytes {
+fn chunk(meta: &Meta, index: usize, word: &str) -> Bytes {
     let text = if index == 0 {
         word.to_owned()
     } else {
         format!(" {word}")
     };
-    let finish_reason = if finish { json!("length") } else { Value::Null };
+    let finish_reason = Value::Null;
     let choice = match meta.kind {
         Kind::Chat => {
             let delta = if index == 0 {
@@ -333,16 +333,32 @@ fn chunk(meta: &Meta, index: usize, word: &str, finish: bool) -> Bytes {
     Bytes::from(format!("data: {body}\n\n"))
 }
 
+/// The last chunk of a stream: no new text, the finish reason.
+fn finish_chunk(meta: &Meta) -> Bytes {
+    let choice = match meta.kind {
+        Kind::Chat => json!({"index": 0, "delta": {}, "finish_reason": "length"}),
+        Kind::Completion => json!({"index": 0, "text": "", "finish_reason": "length"}),
+    };
+    let object = if meta.kind == Kind::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let body = json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model,
+        "system_fingerprint": meta.engine, "choices": [choice]});
+    Bytes::from(format!("data: {body}\n\n"))
+}
+
 fn stream_response(
     meta: Meta,
     rx: mpsc::UnboundedReceiver<Event>,
     include_usage: bool,
 ) -> Response {
-    // One token is held back so that the last one can carry finish_reason.
+    // Each token goes out as soon as the engine produces it; the finish
+    // reason follows in a last chunk with an empty delta, as OpenAI does.
     struct S {
         meta: Meta,
         rx: mpsc::UnboundedReceiver<Event>,
-        held: Option<&'static str>,
         index: usize,
         done: bool,
         include_usage: bool,
@@ -350,7 +366,6 @@ fn stream_response(
     let state = S {
         meta,
         rx,
-        held: None,
         index: 0,
         done: false,
         include_usage,
@@ -359,36 +374,30 @@ fn stream_response(
         if s.done {
             return None;
         }
-        loop {
-            match s.rx.recv().await {
-                Some(Event::Token(w)) => {
-                    if let Some(prev) = s.held.replace(w) {
-                        let out = chunk(&s.meta, s.index, prev, false);
-                        s.index += 1;
-                        return Some((Ok::<Bytes, std::convert::Infallible>(out), s));
-                    }
-                }
-                Some(Event::Done(u)) => {
-                    let mut out = Vec::new();
-                    if let Some(last) = s.held.take() {
-                        out.extend_from_slice(&chunk(&s.meta, s.index, last, true));
-                    }
-                    if s.include_usage {
-                        let object = if s.meta.kind == Kind::Chat {
-                            "chat.completion.chunk"
-                        } else {
-                            "text_completion"
-                        };
-                        let body = json!({"id": s.meta.id, "object": object, "created": s.meta.created, "model": s.meta.model,
-                            "system_fingerprint": s.meta.engine, "choices": [], "usage": usage_json(&u)});
-                        out.extend_from_slice(format!("data: {body}\n\n").as_bytes());
-                    }
-                    out.extend_from_slice(b"data: [DONE]\n\n");
-                    s.done = true;
-                    return Some((Ok(Bytes::from(out)), s));
-                }
-                None => return None,
+        match s.rx.recv().await {
+            Some(Event::Token(w)) => {
+                let out = chunk(&s.meta, s.index, w);
+                s.index += 1;
+                Some((Ok::<Bytes, std::convert::Infallible>(out), s))
             }
+            Some(Event::Done(u)) => {
+                let mut out = Vec::new();
+                out.extend_from_slice(&finish_chunk(&s.meta));
+                if s.include_usage {
+                    let object = if s.meta.kind == Kind::Chat {
+                        "chat.completion.chunk"
+                    } else {
+                        "text_completion"
+                    };
+                    let body = json!({"id": s.meta.id, "object": object, "created": s.meta.created, "model": s.meta.model,
+                        "system_fingerprint": s.meta.engine, "choices": [], "usage": usage_json(&u)});
+                    out.extend_from_slice(format!("data: {body}\n\n").as_bytes());
+                }
+                out.extend_from_slice(b"data: [DONE]\n\n");
+                s.done = true;
+                Some((Ok(Bytes::from(out)), s))
+            }
+            None => None,
         }
     });
     let mut resp = Response::new(Body::from_stream(stream));
