@@ -6,18 +6,25 @@
 //!   decode (one token per decoding sequence, served first) and chunked
 //!   prefill (running sequences still prefilling, then newly admitted ones).
 //! - **Step time** = `step_overhead + per_prefill_token · prefilled +
-//!   per_decode_seq · decoding + per_context_token · context`, where `context`
-//!   is the tokens held by the running sequences.
+//!   per_decode_seq · decoding + per_context_token · context`, where
+//!   `context` is the tokens of KV the step's sequences attend to.
 //! - **Prefix cache.** An admitted prompt's longest cached prefix of full
 //!   blocks is not prefilled (at least one token always is, as in vLLM).
 //! - **Preemption.** When a running sequence needs a block and none can be
-//!   freed, the newest running sequence is preempted: its blocks are
-//!   released and it returns to the waiting queue, to be recomputed
-//!   (prompt and generated tokens) when readmitted.
+//!   freed, a running sequence is preempted — the newest admitted under
+//!   FCFS, the lowest-priority (then latest) under `priority`, as vLLM
+//!   picks: its blocks are released and it returns to the waiting queue,
+//!   to be recomputed (prompt and generated tokens) when readmitted. A step
+//!   that preempted admits nobody new.
 //! - **Waiting queue** in FCFS order, or by `priority` (lower first, FIFO
-//!   among equals).
+//!   among equals). A preempted sequence keeps its place (its arrival
+//!   order), so it is readmitted before anything that arrived after it.
+//!
+//! Every sequence keeps one invariant: `target` is the number of its tokens
+//! that must be computed before it can sample its next one. A decoding
+//! sequence is one token short of its target; a prefilling one is more.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::config::{SchedulingPolicy, SimConfig};
 use crate::kv::KvCache;
@@ -28,14 +35,14 @@ pub type SeqId = u64;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AddError {
     #[error(
-        "prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds the model's length of {limit} tokens"
+        "this model's maximum context length is {limit} tokens; the prompt ({prompt} tokens) plus max_tokens ({max_tokens}) exceeds it"
     )]
     TooLong {
         prompt: usize,
         max_tokens: usize,
         limit: usize,
     },
-    #[error("request needs {needed} KV blocks; the cache holds {capacity}")]
+    #[error("the request needs {needed} KV blocks; the whole cache holds {capacity}")]
     TooBig { needed: usize, capacity: usize },
     #[error("the prompt is empty")]
     EmptyPrompt,
@@ -77,18 +84,29 @@ pub struct Usage {
 /// Simulated-time latencies of a finished request, seconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Timing {
+    /// Arrival to first scheduled.
     pub queue: f64,
+    /// Arrival to first token.
     pub ttft: f64,
+    /// Arrival to last token.
     pub e2e: f64,
 }
 
-/// One step's work.
+/// One step's work and what it produced.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Step {
+pub struct StepOutcome {
+    /// Simulated seconds the step took.
     pub duration: f64,
+    /// Simulated time at the end of the step.
+    pub end: f64,
+    /// Prompt (or recomputed) tokens prefilled.
     pub prefill_tokens: usize,
+    /// Sequences that decoded one token.
     pub decode_seqs: usize,
+    /// Tokens of KV attended to by the step's sequences.
     pub context_tokens: usize,
+    /// Sequences sent back to the waiting queue this step.
+    pub preempted: Vec<SeqId>,
     pub outputs: Vec<Output>,
 }
 
@@ -99,7 +117,7 @@ struct Seq {
     prompt_len: usize,
     max_tokens: usize,
     priority: i64,
-    /// Admission order, for FIFO.
+    /// Arrival order, for FIFO.
     order: u64,
     seed: u64,
     arrival: f64,
@@ -110,32 +128,67 @@ struct Seq {
     computed: usize,
     /// Tokens to compute before the next token can be sampled.
     target: usize,
-    /// Hashes of the full blocks of `tokens[..target]`.
+    /// Hashes of the full blocks of `tokens[..target]`, as of admission.
     hashes: Vec<u64>,
     /// Shared blocks this sequence pins (a prefix of `hashes`).
     pinned: Vec<u64>,
+    /// Blocks private to this sequence.
     private: usize,
     cached_tokens: usize,
-    running: bool,
 }
 
 impl Seq {
     fn blocks_held(&self) -> usize {
         self.pinned.len() + self.private
     }
+
+    fn is_decoding(&self) -> bool {
+        self.generated > 0 && self.computed + 1 == self.target
+    }
 }
 
-pub struct Engine {
-    cfg: SimConfig,
-    now: f64,
-    seqs: HashMap<SeqId, Seq>,
-    waiting: Vec<SeqId>,
-    /// Running sequences, oldest admission first.
-    running: Vec<SeqId>,
-    kv: KvCache,
-    next_id: SeqId,
-    next_order: u64,
-    pub stats: Stats,
+/// A sequence's share of the step being planned.
+#[derive(Clone, Copy, Debug)]
+struct Planned {
+    id: SeqId,
+    tokens: usize,
+    decode: bool,
+}
+
+/// The step being planned: who runs, and the tokens left in the budget.
+#[derive(Debug)]
+struct Plan {
+    scheduled: Vec<Planned>,
+    /// The ids in `scheduled`.
+    ids: HashSet<SeqId>,
+    budget: usize,
+    preempted: Vec<SeqId>,
+}
+
+impl Plan {
+    fn new(budget: usize) -> Self {
+        Self {
+            scheduled: Vec::new(),
+            ids: HashSet::new(),
+            budget,
+            preempted: Vec::new(),
+        }
+    }
+
+    fn schedule(&mut self, p: Planned) {
+        self.budget -= p.tokens;
+        self.ids.insert(p.id);
+        self.scheduled.push(p);
+    }
+
+    /// Takes a preempted sequence out of the plan, refunding its tokens.
+    fn unschedule(&mut self, id: SeqId) {
+        if let Some(i) = self.scheduled.iter().position(|p| p.id == id) {
+            self.ids.remove(&id);
+            self.budget += self.scheduled.remove(i).tokens;
+        }
+        self.preempted.push(id);
+    }
 }
 
 /// Counters for metrics.
@@ -149,6 +202,18 @@ pub struct Stats {
     pub finished: u64,
 }
 
+pub struct Engine {
+    cfg: SimConfig,
+    now: f64,
+    seqs: HashMap<SeqId, Seq>,
+    waiting: Vec<SeqId>,
+    /// Running sequences, oldest admission first.
+    running: Vec<SeqId>,
+    kv: KvCache,
+    next_id: SeqId,
+    pub stats: Stats,
+}
+
 impl Engine {
     pub fn new(cfg: SimConfig) -> Self {
         let blocks = cfg.kv_cache_tokens / cfg.block_size.max(1);
@@ -160,11 +225,11 @@ impl Engine {
             waiting: Vec::new(),
             running: Vec::new(),
             next_id: 1,
-            next_order: 0,
             stats: Stats::default(),
         }
     }
 
+    /// The simulated clock, seconds.
     pub fn now(&self) -> f64 {
         self.now
     }
@@ -183,6 +248,8 @@ impl Engine {
         self.waiting.len()
     }
 
+    /// Fraction of the KV cache's blocks held by sequences (0..1), as vLLM's
+    /// `kv_cache_usage_perc`: cached blocks no one uses count as free.
     pub fn kv_usage(&self) -> f64 {
         if self.kv.capacity() == 0 {
             0.0
@@ -199,19 +266,26 @@ impl Engine {
         &self.kv
     }
 
+    fn block_size(&self) -> usize {
+        self.cfg.block_size.max(1)
+    }
+
+    /// Queues a request. Refuses one that could never run: an empty prompt,
+    /// or prompt plus `max_tokens` over `max_model_len` or over the cache.
     pub fn add(&mut self, req: Request) -> Result<SeqId, AddError> {
         if req.prompt.is_empty() {
             return Err(AddError::EmptyPrompt);
         }
-        let total = req.prompt.len() + req.max_tokens;
+        let max_tokens = req.max_tokens.max(1);
+        let total = req.prompt.len() + max_tokens;
         if total > self.cfg.max_model_len {
             return Err(AddError::TooLong {
                 prompt: req.prompt.len(),
-                max_tokens: req.max_tokens,
+                max_tokens,
                 limit: self.cfg.max_model_len,
             });
         }
-        let needed = total.div_ceil(self.cfg.block_size.max(1));
+        let needed = total.div_ceil(self.block_size());
         if needed > self.kv.capacity() {
             return Err(AddError::TooBig {
                 needed,
@@ -220,32 +294,29 @@ impl Engine {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.next_order += 1;
         let seed = req.prompt.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, t| {
             (h ^ u64::from(*t)).wrapping_mul(0x100_0000_01b3)
         });
-        let target = req.prompt.len();
-        let hashes = block_hashes(&req.prompt, self.cfg.block_size);
+        let hashes = block_hashes(&req.prompt, self.block_size());
         self.seqs.insert(
             id,
             Seq {
                 prompt_len: req.prompt.len(),
+                target: req.prompt.len(),
                 tokens: req.prompt,
-                max_tokens: req.max_tokens.max(1),
+                max_tokens,
                 priority: req.priority,
-                order: self.next_order,
+                order: id,
                 seed,
                 arrival: self.now,
                 scheduled_at: None,
                 first_token_at: None,
                 generated: 0,
                 computed: 0,
-                target,
                 hashes,
                 pinned: Vec::new(),
                 private: 0,
                 cached_tokens: 0,
-                running: false,
             },
         );
         self.waiting.push(id);
@@ -261,54 +332,68 @@ impl Engine {
         }
     }
 
+    /// Gives back a sequence's blocks. Shared blocks are unpinned last
+    /// block first, so that a prompt's tail is evicted before its head (as
+    /// vLLM frees them): the head is what other prompts share.
     fn release(&mut self, s: &mut Seq) {
-        for h in s.pinned.drain(..) {
+        for h in s.pinned.drain(..).rev() {
             self.kv.unpin(h);
         }
         self.kv.free_private(s.private);
         s.private = 0;
     }
 
-    /// The waiting sequence to admit next.
+    /// The position in `waiting` of the sequence to admit next.
     fn next_waiting(&self) -> Option<usize> {
-        let key = |id: &SeqId| {
-            let s = &self.seqs[id];
-            let p = if self.cfg.scheduling_policy == SchedulingPolicy::Priority {
-                s.priority
-            } else {
-                0
-            };
-            (p, s.order)
-        };
         self.waiting
             .iter()
             .enumerate()
-            .min_by_key(|(_, id)| key(id))
+            .filter_map(|(i, id)| self.seqs.get(id).map(|s| (i, self.queue_key(s))))
+            .min_by_key(|(_, key)| *key)
             .map(|(i, _)| i)
     }
 
-    /// Preempts the newest running sequence; returns its id.
-    fn preempt_newest(&mut self) -> Option<SeqId> {
-        let id = self.running.pop()?;
+    /// Lower goes first (and is preempted last).
+    fn queue_key(&self, s: &Seq) -> (i64, u64) {
+        match self.cfg.scheduling_policy {
+            SchedulingPolicy::Fcfs => (0, s.order),
+            SchedulingPolicy::Priority => (s.priority, s.order),
+        }
+    }
+
+    /// The running sequence to preempt, as vLLM picks it: the newest
+    /// admitted under FCFS; under `priority` the lowest priority, the
+    /// latest arrival among equals.
+    fn victim(&self) -> Option<SeqId> {
+        match self.cfg.scheduling_policy {
+            SchedulingPolicy::Fcfs => self.running.last().copied(),
+            SchedulingPolicy::Priority => self
+                .running
+                .iter()
+                .filter_map(|id| self.seqs.get(id).map(|s| (*id, self.queue_key(s))))
+                .max_by_key(|(_, key)| *key)
+                .map(|(id, _)| id),
+        }
+    }
+
+    /// Sends a running sequence back to the waiting queue, to be recomputed.
+    fn preempt(&mut self, id: SeqId) {
+        self.running.retain(|r| *r != id);
+        let bs = self.block_size();
         if let Some(mut s) = self.seqs.remove(&id) {
             self.release(&mut s);
-            s.running = false;
             s.computed = 0;
-            s.cached_tokens = 0;
-            // Recompute everything known so far, then sample the next token.
-            s.target = s.tokens.len();
-            s.hashes = block_hashes(&s.tokens, self.cfg.block_size);
+            s.hashes = block_hashes(&s.tokens[..s.target], bs);
             self.seqs.insert(id, s);
             self.waiting.push(id);
             self.stats.preemptions += 1;
         }
-        Some(id)
     }
 
     /// Grows a sequence's blocks to cover `tokens` tokens; false if the
     /// cache cannot make room.
     fn grow(&mut self, id: SeqId, tokens: usize) -> bool {
-        let bs = self.cfg.block_size.max(1);
+        let bs = self.block_size();
         let Some(s) = self.seqs.get(&id) else {
             return false;
         };
@@ -325,24 +410,27 @@ impl Engine {
         true
     }
 
-    /// Like [`Self::grow`], preempting newer sequences while it fails. False
-    /// if `id` itself had to be preempted.
-    fn grow_or_preempt(&mut self, id: SeqId, tokens: usize) -> bool {
+    /// Like [`Self::grow`], preempting while it fails. False if `id` itself
+    /// was preempted.
+    fn grow_or_preempt(&mut self, id: SeqId, tokens: usize, plan: &mut Plan) -> bool {
         loop {
             if self.grow(id, tokens) {
                 return true;
             }
-            match self.preempt_newest() {
-                Some(p) if p == id => return false,
-                Some(_) => continue,
-                None => return false,
+            let Some(victim) = self.victim() else {
+                return false;
+            };
+            self.preempt(victim);
+            plan.unschedule(victim);
+            if victim == id {
+                return false;
             }
         }
     }
 
-    /// Registers the full prompt blocks computed so far as shared cache blocks.
+    /// Registers the full blocks computed so far as shared cache blocks.
     fn publish_blocks(&mut self, id: SeqId) {
-        let bs = self.cfg.block_size.max(1);
+        let bs = self.block_size();
         let Some(s) = self.seqs.get_mut(&id) else {
             return;
         };
@@ -355,74 +443,55 @@ impl Engine {
         }
     }
 
-    /// Runs one step. None when there is nothing to do.
-    pub fn step(&mut self) -> Option<Step> {
-        if self.is_idle() {
-            return None;
-        }
-        let mut budget = self.cfg.max_num_batched_tokens.max(1);
-        let mut decoding: Vec<SeqId> = Vec::new();
-        let mut prefilling: Vec<(SeqId, usize)> = Vec::new();
-
-        // 1. Decode: running sequences whose prefill is done, oldest first.
-        let mut i = 0;
-        while i < self.running.len() && budget > 0 {
-            let id = self.running[i];
-            let (done, len) = match self.seqs.get(&id) {
-                Some(s) => (s.computed >= s.target, s.tokens.len()),
-                None => (false, 0),
-            };
-            if done {
-                if !self.grow_or_preempt(id, len + 1) {
-                    continue; // preempted itself; `running` shrank
-                }
-                decoding.push(id);
-                budget -= 1;
+    /// Schedules running sequences: decodes first, then chunked prefills,
+    /// oldest admission first within each.
+    fn schedule_running(&mut self, plan: &mut Plan, decodes: bool) {
+        for id in self.running.clone() {
+            if plan.budget == 0 {
+                break;
             }
-            i += 1;
-        }
-
-        // 2. Chunked prefill of running sequences not done yet.
-        let mut i = 0;
-        while i < self.running.len() && budget > 0 {
-            let id = self.running[i];
-            let (remaining, computed) = match self.seqs.get(&id) {
-                Some(s) => (s.target.saturating_sub(s.computed), s.computed),
-                None => (0, 0),
-            };
-            if remaining > 0 && !decoding.contains(&id) {
-                let chunk = remaining.min(budget);
-                if !self.grow_or_preempt(id, computed + chunk) {
-                    continue;
-                }
-                prefilling.push((id, chunk));
-                budget -= chunk;
+            // Skip the planned, and the preempted while planning.
+            if plan.ids.contains(&id) || plan.preempted.contains(&id) {
+                continue;
             }
-            i += 1;
+            let Some(s) = self.seqs.get(&id) else {
+                continue;
+            };
+            if s.is_decoding() != decodes {
+                continue;
+            }
+            let chunk = s.target.saturating_sub(s.computed).min(plan.budget);
+            let upto = s.computed + chunk;
+            if chunk > 0 && self.grow_or_preempt(id, upto, plan) {
+                plan.schedule(Planned {
+                    id,
+                    tokens: chunk,
+                    decode: decodes,
+                });
+            }
         }
-        // Preemption may have removed sequences planned above.
-        decoding.retain(|id| self.running.contains(id));
-        prefilling.retain(|(id, _)| self.running.contains(id));
+    }
 
-        // 3. Admit waiting sequences.
-        while budget > 0 && self.running.len() < self.cfg.max_num_seqs.max(1) {
+    /// Admits waiting sequences while there is budget and a free seat.
+    fn admit(&mut self, plan: &mut Plan) {
+        let bs = self.block_size();
+        while plan.budget > 0 && self.running.len() < self.cfg.max_num_seqs.max(1) {
             let Some(w) = self.next_waiting() else { break };
             let id = self.waiting[w];
             let Some(s) = self.seqs.get(&id) else {
                 self.waiting.remove(w);
                 continue;
             };
-            // Longest cached prefix of full blocks, leaving one token to compute.
-            let bs = self.cfg.block_size.max(1);
+            // The longest cached prefix of full blocks, leaving one token to compute.
             let hit = self.kv.cached_prefix(&s.hashes).min((s.target - 1) / bs);
-            let hashes: Vec<u64> = s.hashes[..hit].to_vec();
+            let hashes = s.hashes[..hit].to_vec();
             let target = s.target;
-            let fresh = s.generated == 0;
+            let first_time = s.scheduled_at.is_none();
             for h in &hashes {
                 self.kv.pin(*h);
             }
             let computed = hit * bs;
-            let chunk = (target - computed).min(budget);
+            let chunk = (target - computed).min(plan.budget);
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.pinned = hashes;
                 s.computed = computed;
@@ -436,65 +505,81 @@ impl Engine {
                 }
                 break;
             }
-            if fresh {
+            if first_time {
                 self.stats.prefix_queries += target as u64;
                 self.stats.prefix_hits += computed as u64;
                 self.stats.prompt_tokens += target as u64;
             }
             self.waiting.remove(w);
             self.running.push(id);
+            let now = self.now;
             if let Some(s) = self.seqs.get_mut(&id) {
-                s.running = true;
-                if fresh {
+                if first_time {
                     s.cached_tokens = computed;
                 }
-                s.scheduled_at.get_or_insert(self.now);
+                s.scheduled_at.get_or_insert(now);
             }
-            prefilling.push((id, chunk));
-            budget -= chunk;
+            plan.schedule(Planned {
+                id,
+                tokens: chunk,
+                decode: false,
+            });
         }
+    }
 
-        if decoding.is_empty() && prefilling.is_empty() {
+    /// Runs one step. `None` when there is nothing to do.
+    pub fn step(&mut self) -> Option<StepOutcome> {
+        if self.is_idle() {
+            return None;
+        }
+        let mut plan = Plan::new(self.cfg.max_num_batched_tokens.max(1));
+        self.schedule_running(&mut plan, true);
+        self.schedule_running(&mut plan, false);
+        // As vLLM: a step that had to preempt admits nobody new (unless it
+        // would otherwise do nothing at all).
+        if plan.preempted.is_empty() || plan.scheduled.is_empty() {
+            self.admit(&mut plan);
+        }
+        if plan.scheduled.is_empty() {
             return None;
         }
 
         // The step's cost.
-        let prefill_tokens: usize = prefilling.iter().map(|(_, c)| c).sum();
-        let context_tokens: usize = self
-            .running
-            .iter()
-            .filter_map(|id| self.seqs.get(id))
-            .map(|s| s.computed)
-            .sum();
+        let mut prefill_tokens = 0;
+        let mut decode_seqs = 0;
+        let mut context_tokens = 0;
+        for p in &plan.scheduled {
+            if p.decode {
+                decode_seqs += 1;
+            } else {
+                prefill_tokens += p.tokens;
+            }
+            context_tokens += self.seqs.get(&p.id).map_or(0, |s| s.computed) + p.tokens;
+        }
         let duration = self.cfg.step_overhead
             + self.cfg.per_prefill_token * prefill_tokens as f64
-            + self.cfg.per_decode_seq * decoding.len() as f64
+            + self.cfg.per_decode_seq * decode_seqs as f64
             + self.cfg.per_context_token * context_tokens as f64;
         self.now += duration;
 
-        // Outcomes.
+        // Its results.
         let mut outputs = Vec::new();
-        for (id, chunk) in &prefilling {
-            if let Some(s) = self.seqs.get_mut(id) {
-                s.computed += chunk;
+        for p in &plan.scheduled {
+            if let Some(s) = self.seqs.get_mut(&p.id) {
+                s.computed += p.tokens;
             }
-            self.publish_blocks(*id);
-            if self.seqs.get(id).is_some_and(|s| s.computed >= s.target) {
-                self.sample(*id, &mut outputs);
+            self.publish_blocks(p.id);
+            if self.seqs.get(&p.id).is_some_and(|s| s.computed >= s.target) {
+                self.sample(p.id, &mut outputs);
             }
         }
-        for id in &decoding {
-            if let Some(s) = self.seqs.get_mut(id) {
-                s.computed = s.tokens.len();
-                s.target = s.computed;
-            }
-            self.sample(*id, &mut outputs);
-        }
-        Some(Step {
+        Some(StepOutcome {
             duration,
+            end: self.now,
             prefill_tokens,
-            decode_seqs: decoding.len(),
+            decode_seqs,
             context_tokens,
+            preempted: plan.preempted,
             outputs,
         })
     }
@@ -513,30 +598,32 @@ impl Engine {
         });
         s.generated += 1;
         s.tokens.push(fnv32(w.as_bytes()));
+        s.target = s.tokens.len();
         s.first_token_at.get_or_insert(now);
         self.stats.generation_tokens += 1;
-        if s.generated >= s.max_tokens {
-            let usage = Usage {
-                prompt_tokens: s.prompt_len,
-                completion_tokens: s.generated,
-                cached_tokens: s.cached_tokens,
-            };
-            let timing = Timing {
-                queue: s.scheduled_at.unwrap_or(now) - s.arrival,
-                ttft: s.first_token_at.unwrap_or(now) - s.arrival,
-                e2e: now - s.arrival,
-            };
-            outputs.push(Output::Finished {
-                seq: id,
-                usage,
-                timing,
-            });
-            self.stats.finished += 1;
-            if let Some(mut s) = self.seqs.remove(&id) {
-                self.release(&mut s);
-            }
-            self.running.retain(|r| *r != id);
+        if s.generated < s.max_tokens {
+            return;
         }
+        let usage = Usage {
+            prompt_tokens: s.prompt_len,
+            completion_tokens: s.generated,
+            cached_tokens: s.cached_tokens,
+        };
+        let timing = Timing {
+            queue: s.scheduled_at.unwrap_or(now) - s.arrival,
+            ttft: s.first_token_at.unwrap_or(now) - s.arrival,
+            e2e: now - s.arrival,
+        };
+        outputs.push(Output::Finished {
+            seq: id,
+            usage,
+            timing,
+        });
+        self.stats.finished += 1;
+        if let Some(mut s) = self.seqs.remove(&id) {
+            self.release(&mut s);
+        }
+        self.running.retain(|r| *r != id);
     }
 }
 
@@ -865,5 +952,246 @@ mod tests {
             }),
             Err(AddError::EmptyPrompt)
         );
+    }
+
+    fn req(prompt: Vec<u32>, max_tokens: usize, priority: i64) -> Request {
+        Request {
+            prompt,
+            max_tokens,
+            priority,
+        }
+    }
+
+    fn finish_order(out: &[Output]) -> Vec<SeqId> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Finished { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn position(out: &[Output], id: SeqId, token: usize) -> Option<usize> {
+        out.iter().position(
+            |o| matches!(o, Output::Token { seq, index, .. } if *seq == id && *index == token),
+        )
+    }
+
+    #[test]
+    fn context_tokens_cost_time() {
+        let mut e = Engine::new(SimConfig {
+            per_context_token: 0.0001,
+            ..cfg()
+        });
+        for salt in 0..3 {
+            e.add(req(prompt(8, salt), 3, 0)).ok();
+        }
+        let s = e.step().unwrap_or_default();
+        // Prefill: each sequence attends to its 8 prompt tokens.
+        assert_eq!(s.context_tokens, 24);
+        assert!((s.duration - (0.01 + 0.001 * 24.0 + 0.0001 * 24.0)).abs() < 1e-12);
+        let s = e.step().unwrap_or_default();
+        // Decode: each attends to its prompt and its first token.
+        assert_eq!((s.decode_seqs, s.context_tokens), (3, 27));
+        assert!((s.duration - (0.01 + 0.002 * 3.0 + 0.0001 * 27.0)).abs() < 1e-12);
+        assert!((e.now() - (0.0364 + 0.0187)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn decode_goes_first_and_prefill_gets_the_rest_of_the_budget() {
+        let mut e = Engine::new(cfg());
+        e.add(req(prompt(8, 1), 5, 0)).ok();
+        e.step();
+        e.add(req(prompt(100, 2), 1, 0)).ok();
+        let s = e.step().unwrap_or_default();
+        assert_eq!((s.decode_seqs, s.prefill_tokens), (1, 63));
+        let s = e.step().unwrap_or_default();
+        assert_eq!((s.decode_seqs, s.prefill_tokens), (1, 37));
+    }
+
+    #[test]
+    fn a_finished_prompt_is_evicted_tail_first() {
+        // Room for 4 blocks of 4 tokens.
+        let mut e = Engine::new(SimConfig {
+            kv_cache_tokens: 16,
+            ..cfg()
+        });
+        let a = prompt(12, 1);
+        e.add(req(a.clone(), 1, 0)).ok();
+        run(&mut e);
+        assert_eq!(e.kv().cached(), 3);
+        // Two new blocks: one is free, the other is A's last block.
+        e.add(req(prompt(8, 2), 1, 0)).ok();
+        run(&mut e);
+        let h = block_hashes(&a, 4);
+        assert!(e.kv().contains(h[0]) && e.kv().contains(h[1]));
+        assert!(!e.kv().contains(h[2]));
+        assert_eq!(e.kv().evictions, 1);
+    }
+
+    #[test]
+    fn an_aborted_request_frees_its_blocks() {
+        let mut e = Engine::new(cfg());
+        let a = e.add(req(prompt(30, 1), 50, 0)).unwrap_or(0);
+        e.step();
+        e.step();
+        assert!(e.kv().in_use() > 0 && e.kv_usage() > 0.0);
+        e.abort(a);
+        assert_eq!(e.kv().in_use(), 0);
+        assert!(e.is_idle());
+        assert!(e.step().is_none());
+        // Its full blocks stay cached for the next prompt that shares them.
+        assert_eq!(e.kv().cached(), 7);
+    }
+
+    #[test]
+    fn a_preempted_sequence_is_readmitted_before_later_arrivals() {
+        // 4 blocks of 4 tokens; A and B each grow to 4 blocks; C is small.
+        let mut e = Engine::new(SimConfig {
+            kv_cache_tokens: 16,
+            max_num_seqs: 2,
+            ..cfg()
+        });
+        let a = e.add(req(prompt(6, 1), 8, 0)).unwrap_or(0);
+        let b = e.add(req(prompt(6, 2), 8, 0)).unwrap_or(0);
+        let c = e.add(req(prompt(2, 3), 1, 0)).unwrap_or(0);
+        let mut out = Vec::new();
+        let mut preempted = Vec::new();
+        while let Some(s) = e.step() {
+            if !s.preempted.is_empty() {
+                // A step that preempts admits nobody.
+                assert!(s.outputs.iter().all(|o| !matches!(o,
+                    Output::Token { seq, index: 0, .. } if *seq == c)));
+            }
+            preempted.extend(s.preempted);
+            out.extend(s.outputs);
+        }
+        assert_eq!(preempted, vec![b], "the newest is preempted, once");
+        assert_eq!(e.stats.preemptions, 1);
+        // A finishes first; B resumes where it stopped, before C starts.
+        assert_eq!(finish_order(&out).first(), Some(&a));
+        assert!(position(&out, b, 3) < position(&out, c, 0));
+        for id in [a, b] {
+            for i in 0..8 {
+                assert!(position(&out, id, i).is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn under_priority_the_lowest_priority_is_preempted() {
+        let mut e = Engine::new(SimConfig {
+            kv_cache_tokens: 16,
+            scheduling_policy: SchedulingPolicy::Priority,
+            ..cfg()
+        });
+        let low = e.add(req(prompt(6, 1), 8, 5)).unwrap_or(0);
+        let high = e.add(req(prompt(6, 2), 8, 0)).unwrap_or(0);
+        let mut out = Vec::new();
+        let mut preempted = Vec::new();
+        while let Some(s) = e.step() {
+            preempted.extend(s.preempted);
+            out.extend(s.outputs);
+        }
+        assert_eq!(preempted, vec![low]);
+        assert_eq!(finish_order(&out), vec![high, low]);
+    }
+
+    #[test]
+    fn queue_time_and_ttft_are_simulated_time() {
+        let mut e = Engine::new(SimConfig {
+            max_num_seqs: 1,
+            ..cfg()
+        });
+        let a = e.add(req(prompt(10, 1), 3, 0)).unwrap_or(0);
+        let b = e.add(req(prompt(10, 2), 3, 0)).unwrap_or(0);
+        let out = run(&mut e);
+        let (_, ta) = finished(&out, a).unwrap_or_default();
+        let (ub, tb) = finished(&out, b).unwrap_or_default();
+        // A: prefill 10 tokens, then two decode steps.
+        let prefill = 0.01 + 0.001 * 10.0;
+        let decode = 0.01 + 0.002;
+        assert!(ta.queue.abs() < 1e-12);
+        assert!((ta.ttft - prefill).abs() < 1e-12);
+        assert!((ta.e2e - (prefill + 2.0 * decode)).abs() < 1e-12);
+        // B waits for A's seat.
+        assert!((tb.queue - ta.e2e).abs() < 1e-12);
+        assert!((tb.ttft - (ta.e2e + prefill)).abs() < 1e-12);
+        assert_eq!(ub.completion_tokens, 3);
+        assert_eq!(ub.prompt_tokens, 10);
+    }
+
+    #[test]
+    fn max_tokens_is_honoured_exactly_and_text_is_deterministic() {
+        let words = |salt| {
+            let mut e = Engine::new(cfg());
+            e.add(req(prompt(20, salt), 7, 0)).ok();
+            run(&mut e)
+                .into_iter()
+                .filter_map(|o| match o {
+                    Output::Token { word, .. } => Some(word),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(words(1).len(), 7);
+        assert_eq!(words(1), words(1));
+    }
+
+    /// Many requests of mixed sizes sharing prefixes, in a cache small
+    /// enough to evict and preempt: every request gets exactly its tokens,
+    /// every limit holds at every step, and at the end no block is held.
+    #[test]
+    fn a_mixed_load_keeps_every_invariant() {
+        for policy in [SchedulingPolicy::Fcfs, SchedulingPolicy::Priority] {
+            let mut e = Engine::new(SimConfig {
+                kv_cache_tokens: 200,
+                max_num_seqs: 8,
+                max_num_batched_tokens: 48,
+                scheduling_policy: policy,
+                ..cfg()
+            });
+            let mut want = HashMap::new();
+            let mut x: u64 = 7;
+            for i in 0..60u32 {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                let shared = prompt(((x >> 33) % 40) as usize, i % 3);
+                let mut p = shared;
+                p.extend(prompt(1 + ((x >> 40) % 30) as usize, 100 + i));
+                let max_tokens = 1 + ((x >> 50) % 40) as usize;
+                let id = e
+                    .add(req(p, max_tokens, ((x >> 20) % 4) as i64))
+                    .unwrap_or(0);
+                want.insert(id, max_tokens);
+            }
+            let mut got: HashMap<SeqId, Vec<usize>> = HashMap::new();
+            let mut finished = Vec::new();
+            let mut last = 0.0;
+            while let Some(s) = e.step() {
+                assert!(e.num_running() <= 8);
+                assert!(s.prefill_tokens + s.decode_seqs <= 48);
+                assert!(e.kv().in_use() <= e.kv().capacity());
+                assert!(s.end > last);
+                last = s.end;
+                for o in s.outputs {
+                    match o {
+                        Output::Token { seq, index, .. } => got.entry(seq).or_default().push(index),
+                        Output::Finished { seq, usage, timing } => {
+                            assert_eq!(usage.completion_tokens, want[&seq]);
+                            assert!(timing.queue <= timing.ttft && timing.ttft <= timing.e2e);
+                            finished.push(seq);
+                        }
+                    }
+                }
+            }
+            assert_eq!(finished.len(), 60);
+            for (id, n) in &want {
+                assert_eq!(got[id], (0..*n).collect::<Vec<_>>(), "seq {id}");
+            }
+            assert!(e.is_idle());
+            assert_eq!(e.kv().in_use(), 0);
+            assert!(e.stats.preemptions > 0, "the load should preempt");
+            assert!(e.stats.prefix_hits > 0, "and hit the prefix cache");
+        }
     }
 }

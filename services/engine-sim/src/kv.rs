@@ -4,8 +4,8 @@
 //! prompt whose leading blocks are cached does not prefill them. Blocks used
 //! by running sequences are pinned (reference-counted); unpinned hashed
 //! blocks stay cached until space is needed, then the least recently used
-//! goes first. Blocks that are not (yet) full, and generated tokens' blocks,
-//! are private to their sequence.
+//! goes first. Blocks that are not (yet) full, and the blocks a sequence
+//! fills while decoding, are private to their sequence.
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -10,8 +10,10 @@
 //!   (simulated time is data): continuous batching, chunked prefill,
 //!   FCFS or priority, preemption.
 //! - [`actor`]   — the task that runs the engine in (scaled) real time.
-//! - [`metrics`] — vLLM-named Prometheus metrics.
-//! - [`http`]    — the OpenAI-compatible HTTP surface, streaming included.
+//! - [`metrics`] — vLLM-named Prometheus metrics, per served instance.
+//! - [`openai`]  — the OpenAI wire format: request parsing, the chat
+//!   template, response, chunk and error JSON.
+//! - [`http`]    — the HTTP surface: routes, SSE streaming, `serve`.
 #![forbid(unsafe_code)]
 
 pub mod actor;
@@ -20,7 +22,8 @@ pub mod engine;
 pub mod http;
 pub mod kv;
 pub mod metrics;
+pub mod openai;
 pub mod tokens;
 
-pub use config::{SchedulingPolicy, SimConfig};
+pub use config::{ConfigError, SchedulingPolicy, SimConfig};
 pub use http::serve;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
+use crate::config::SimConfig;
 use crate::engine::{Stats, Timing};
 
 const TTFT: &[f64] = &[
@@ -79,15 +80,31 @@ struct State {
 pub struct Metrics {
     labels: String,
     max_num_seqs: usize,
+    block_size: usize,
+    num_blocks: usize,
     state: Mutex<State>,
 }
 
+/// A label value, escaped for the exposition format.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 impl Metrics {
-    pub fn new(engine: &str, model: &str, max_num_seqs: usize) -> Self {
-        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    /// Labels every series with `model_name` (the first model served) and
+    /// `engine` (the engine's name).
+    pub fn new(cfg: &SimConfig) -> Self {
         Self {
-            labels: format!("model_name=\"{}\",engine=\"{}\"", esc(model), esc(engine)),
-            max_num_seqs,
+            labels: format!(
+                "model_name=\"{}\",engine=\"{}\"",
+                escape(cfg.default_model()),
+                escape(&cfg.name)
+            ),
+            max_num_seqs: cfg.max_num_seqs,
+            block_size: cfg.block_size,
+            num_blocks: cfg.kv_cache_tokens / cfg.block_size.max(1),
             state: Mutex::new(State {
                 running: 0,
                 waiting: 0,
@@ -190,10 +207,11 @@ impl Metrics {
             "Sequences preempted.",
             s.stats.preemptions,
         );
-        counter(
-            "vllm:request_success",
-            "Requests finished.",
-            s.stats.finished,
+        let _ = writeln!(
+            out,
+            "# HELP vllm:request_success Requests finished.\n# TYPE vllm:request_success counter\n\
+             vllm:request_success_total{{{l},finished_reason=\"length\"}} {}",
+            s.stats.finished
         );
         s.ttft.render(
             &mut out,
@@ -229,6 +247,13 @@ impl Metrics {
                 "tether_sim_requests_by_priority_total{{{l},priority=\"{p}\"}} {n}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP vllm:cache_config_info Information of the KV cache configuration.\n\
+             # TYPE vllm:cache_config_info gauge\n\
+             vllm:cache_config_info{{{l},block_size=\"{}\",num_gpu_blocks=\"{}\",enable_prefix_caching=\"True\"}} 1",
+            self.block_size, self.num_blocks
+        );
         out
     }
 }
@@ -239,7 +264,11 @@ mod tests {
 
     #[test]
     fn renders_vllm_names() {
-        let m = Metrics::new("sim-1", "m", 8);
+        let m = Metrics::new(&SimConfig {
+            models: vec!["m".into()],
+            max_num_seqs: 8,
+            ..SimConfig::named("sim-1")
+        });
         m.set_engine(
             2,
             1,
@@ -265,5 +294,19 @@ mod tests {
             "vllm:time_per_output_token_seconds_count{model_name=\"m\",engine=\"sim-1\"} 1"
         ));
         assert!(text.contains("tether_sim_requests_by_priority_total{model_name=\"m\",engine=\"sim-1\",priority=\"4\"} 1"));
+        assert!(text.contains("tether_sim_max_num_seqs{model_name=\"m\",engine=\"sim-1\"} 8"));
+        assert!(text.contains("num_gpu_blocks=\"25000\""));
+        // Every sample line is `name{labels} value`, the value a number.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            let name = series.split('{').next().unwrap();
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "{line}"
+            );
+            assert!(series.ends_with('}'), "{line}");
+        }
     }
 }
