@@ -7,7 +7,6 @@
 
 use anyhow::Context;
 use clap::Parser;
-use std::ffi::OsString;
 use std::net::SocketAddr;
 use tether_engine_sim::{SimConfig, serve};
 
@@ -27,7 +26,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse_from(args_with_config_file()?);
+    let cli = Cli::parse_from(tether_telemetry::args_with_config_file_for("TETHER_SIM_")?);
     cli.sim.validate()?;
     let _telemetry = tether_telemetry::init("tether-engine-sim")?;
     let shutdown = tether_telemetry::shutdown_on_signal();
@@ -36,58 +35,4 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
     tracing::info!(addr = %cli.listen, config = ?cli.sim, "engine-sim listening");
     serve(listener, cli.sim, async move { shutdown.cancelled().await }).await
-}
-
-/// The process arguments with the config file's values put in front as
-/// flags, so that the real flags (later; `args_override_self`) win. A key
-/// whose `TETHER_SIM_*` variable is set is left out, so the environment
-/// wins over the file.
-fn args_with_config_file() -> anyhow::Result<Vec<OsString>> {
-    let args: Vec<OsString> = std::env::args_os().collect();
-    let path = config_path(&args).or_else(|| std::env::var_os("TETHER_SIM_CONFIG"));
-    let Some(path) = path else { return Ok(args) };
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read config file {}", path.to_string_lossy()))?;
-    let table: toml::Table = text
-        .parse()
-        .with_context(|| format!("config file {}", path.to_string_lossy()))?;
-    let mut out: Vec<OsString> = args.iter().take(1).cloned().collect();
-    for (key, value) in table {
-        let flag = key.replace('_', "-");
-        let env = format!("TETHER_SIM_{}", key.replace('-', "_").to_uppercase());
-        if flag == "config" || std::env::var_os(env).is_some() {
-            continue;
-        }
-        let value = match value {
-            toml::Value::String(s) => s,
-            toml::Value::Array(items) => items
-                .iter()
-                .map(|v| match v {
-                    toml::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
-                .collect::<Vec<_>>()
-                .join(","),
-            other => other.to_string(),
-        };
-        out.push(format!("--{flag}").into());
-        out.push(value.into());
-    }
-    out.extend(args.into_iter().skip(1));
-    Ok(out)
-}
-
-/// The value of `--config` (`--config x` or `--config=x`), if given.
-fn config_path(args: &[OsString]) -> Option<OsString> {
-    let mut it = args.iter().skip(1);
-    while let Some(a) = it.next() {
-        let a = a.to_string_lossy();
-        if a == "--config" {
-            return it.next().cloned();
-        }
-        if let Some(v) = a.strip_prefix("--config=") {
-            return Some(v.into());
-        }
-    }
-    None
 }

@@ -11,9 +11,17 @@ use std::ffi::OsString;
 /// The process arguments with the config file's values put in front, so that
 /// clap (with `args_override_self`) lets the real flags win.
 pub fn args_with_config_file() -> anyhow::Result<Vec<OsString>> {
+    args_with_config_file_for("TETHER_")
+}
+
+/// The same for a binary whose environment variables carry another prefix
+/// (engine-sim's `TETHER_SIM_`): the file is named by `--config` or
+/// `<prefix>CONFIG`, and a key is skipped when `<prefix><KEY>` is set.
+pub fn args_with_config_file_for(env_prefix: &str) -> anyhow::Result<Vec<OsString>> {
     let args: Vec<OsString> = std::env::args_os().collect();
     merge(
         args,
+        env_prefix,
         |k| std::env::var_os(k).is_some(),
         |p| std::fs::read_to_string(p),
     )
@@ -21,10 +29,11 @@ pub fn args_with_config_file() -> anyhow::Result<Vec<OsString>> {
 
 fn merge(
     args: Vec<OsString>,
+    env_prefix: &str,
     env_has: impl Fn(&str) -> bool,
     read: impl Fn(&str) -> std::io::Result<String>,
 ) -> anyhow::Result<Vec<OsString>> {
-    let path = config_path(&args).or_else(|| std::env::var("TETHER_CONFIG").ok());
+    let path = config_path(&args).or_else(|| std::env::var(format!("{env_prefix}CONFIG")).ok());
     let Some(path) = path else { return Ok(args) };
     let text = read(&path).map_err(|e| anyhow::anyhow!("cannot read config file {path}: {e}"))?;
     let table: toml::Table = text
@@ -33,8 +42,8 @@ fn merge(
     let mut out: Vec<OsString> = args.iter().take(1).cloned().collect();
     for (key, value) in table {
         let key = key.replace('_', "-");
-        let env = format!("TETHER_{}", key.replace('-', "_").to_uppercase());
-        if env_has(&env) {
+        let env = format!("{env_prefix}{}", key.replace('-', "_").to_uppercase());
+        if key == "config" || env_has(&env) {
             continue;
         }
         let value = match value {
@@ -85,8 +94,13 @@ mod tests {
         ];
         let file =
             "nats_url = \"nats://a:1\"\nshards = 8\nheaders = [\"a\", \"b\"]\nprefix = \"p\"\n";
-        let merged =
-            merge(args, |k| k == "TETHER_PREFIX", |_| Ok(file.to_owned())).unwrap_or_default();
+        let merged = merge(
+            args,
+            "TETHER_",
+            |k| k == "TETHER_PREFIX",
+            |_| Ok(file.to_owned()),
+        )
+        .unwrap_or_default();
         let merged: Vec<String> = merged
             .iter()
             .map(|s| s.to_string_lossy().into_owned())
@@ -106,8 +120,28 @@ mod tests {
     fn no_file_no_change() {
         let args: Vec<OsString> = vec!["bin".into(), "--x".into()];
         assert_eq!(
-            merge(args.clone(), |_| false, |_| Ok(String::new())).unwrap_or_default(),
+            merge(args.clone(), "TETHER_", |_| false, |_| Ok(String::new())).unwrap_or_default(),
             args
         );
+    }
+
+    #[test]
+    fn another_prefix_names_the_environment() {
+        let args = vec!["bin".into(), "--config".into(), "f.toml".into()];
+        let file = "listen = \"0.0.0.0:1\"\nname = \"a\"\nconfig = \"ignored\"\n";
+        let merged = merge(
+            args,
+            "TETHER_SIM_",
+            |k| k == "TETHER_SIM_NAME",
+            |_| Ok(file.to_owned()),
+        )
+        .unwrap_or_default();
+        let merged: Vec<String> = merged
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        assert!(merged.windows(2).any(|w| w == ["--listen", "0.0.0.0:1"]));
+        assert!(!merged.iter().any(|a| a == "--name"));
+        assert_eq!(merged.iter().filter(|a| *a == "--config").count(), 1);
     }
 }

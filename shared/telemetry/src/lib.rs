@@ -14,6 +14,6 @@ pub mod shutdown;
 pub mod tracing_setup;
 
 pub use admin::{AdminState, admin_router, serve_http, spawn_server};
-pub use config_file::args_with_config_file;
+pub use config_file::{args_with_config_file, args_with_config_file_for};
 pub use shutdown::{Shutdown, shutdown_on_signal};
 pub use tracing_setup::{TelemetryGuard, init, init_with_provider};
