@@ -1,0 +1,177 @@
+//! The engine task: owns the [`Engine`], takes requests from its mailbox and
+//! runs steps, sleeping so that simulated time runs `time_scale` times as
+//! fast as wall time. Sleeps aim at an absolute deadline computed from the
+//! engine's clock, so timer granularity does not accumulate over many short
+//! steps. Idle, it waits for work without spinning.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_telemetry::Shutdown;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::config::SimConfig;
+use crate::engine::{AddError, Engine, Output, Request, SeqId, Usage};
+use crate::metrics::Metrics;
+
+/// What a request's client receives.
+#[derive(Debug)]
+pub enum Event {
+    Token(&'static str),
+    Done(Usage),
+}
+
+pub struct Submit {
+    pub request: Request,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub accepted: oneshot::Sender<Result<(), AddError>>,
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Submit>,
+}
+
+impl EngineHandle {
+    /// Submits a request; its events arrive on the returned receiver.
+    pub async fn submit(
+        &self,
+        request: Request,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, AddError> {
+        let (events, rx) = mpsc::unbounded_channel();
+        let (accepted, ok) = oneshot::channel();
+        if self
+            .tx
+            .send(Submit {
+                request,
+                events,
+                accepted,
+            })
+            .await
+            .is_err()
+        {
+            return Err(AddError::Stopped);
+        }
+        match ok.await {
+            Ok(Ok(())) => Ok(rx),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(AddError::Stopped),
+        }
+    }
+}
+
+pub fn spawn(cfg: SimConfig, metrics: Arc<Metrics>, shutdown: Shutdown) -> EngineHandle {
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(run(cfg, metrics, rx, shutdown));
+    EngineHandle { tx }
+}
+
+async fn run(
+    cfg: SimConfig,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<Submit>,
+    shutdown: Shutdown,
+) {
+    let scale = if cfg.time_scale.is_finite() && cfg.time_scale > 0.0 {
+        cfg.time_scale
+    } else {
+        1.0
+    };
+    let mut engine = Engine::new(cfg);
+    let mut sinks: HashMap<SeqId, mpsc::UnboundedSender<Event>> = HashMap::new();
+    let start = Instant::now();
+    let sim_now = || start.elapsed().as_secs_f64() * scale;
+    loop {
+        // Idle: wait for work; the clock follows wall time meanwhile.
+        if engine.is_idle() {
+            let submit = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                s = rx.recv() => match s { Some(s) => s, None => return },
+            };
+            engine.advance_to(sim_now());
+            accept(&mut engine, &mut sinks, submit, &metrics);
+        }
+        while let Ok(submit) = rx.try_recv() {
+            accept(&mut engine, &mut sinks, submit, &metrics);
+        }
+        // Clients that went away.
+        let gone: Vec<SeqId> = sinks
+            .iter()
+            .filter(|(_, tx)| tx.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            sinks.remove(&id);
+            engine.abort(id);
+        }
+        let Some(step) = engine.step() else {
+            publish(&engine, &metrics);
+            if !engine.is_idle() {
+                // Work that cannot be scheduled yet (no room): wait for a change.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                }
+            }
+            continue;
+        };
+        let deadline = start + Duration::from_secs_f64(engine.now() / scale);
+        if deadline > Instant::now() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        } else {
+            // Behind schedule (a fast time scale, or a busy machine): catch up.
+            tokio::task::yield_now().await;
+        }
+        for out in step.outputs {
+            match out {
+                Output::Token { seq, word, .. } => {
+                    if sinks
+                        .get(&seq)
+                        .is_some_and(|tx| tx.send(Event::Token(word)).is_err())
+                    {
+                        sinks.remove(&seq);
+                        engine.abort(seq);
+                    }
+                }
+                Output::Finished { seq, usage, timing } => {
+                    metrics.observe_finished(&timing, usage.completion_tokens);
+                    if let Some(tx) = sinks.remove(&seq) {
+                        let _ = tx.send(Event::Done(usage));
+                    }
+                }
+            }
+        }
+        publish(&engine, &metrics);
+    }
+}
+
+fn accept(
+    engine: &mut Engine,
+    sinks: &mut HashMap<SeqId, mpsc::UnboundedSender<Event>>,
+    s: Submit,
+    metrics: &Metrics,
+) {
+    match engine.add(s.request) {
+        Ok(id) => {
+            sinks.insert(id, s.events);
+            let _ = s.accepted.send(Ok(()));
+        }
+        Err(e) => {
+            let _ = s.accepted.send(Err(e));
+        }
+    }
+    publish(engine, metrics);
+}
+
+fn publish(engine: &Engine, metrics: &Metrics) {
+    metrics.set_engine(
+        engine.num_running(),
+        engine.num_waiting(),
+        engine.kv_usage(),
+        engine.stats,
+    );
+}
