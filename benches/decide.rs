@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tether_fleet::{EngineConfig, EngineKind, FleetConfig, FleetHealth, FleetLoad};
 use tether_protocol::{RouteRequest, SessionRecord, SnapshotPage, stable_hash};
-use tether_scheduler::core::{Decider, PolicyKnobs};
+use tether_scheduler::decider::{Decider, PolicyKnobs};
 
 const SESSIONS: u64 = 1_000_000;
 const ENGINES: usize = 64;
@@ -96,6 +96,7 @@ fn main() {
         prompt_tokens: 100,
         block_hashes: vec![],
         candidates: vec![],
+        program: false,
     };
     for i in 0..DECISIONS as u64 {
         req.call_id = i;

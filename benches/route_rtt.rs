@@ -35,6 +35,7 @@ fn req(i: u64) -> RouteRequest {
         prompt_tokens: 512,
         block_hashes: vec![],
         candidates: vec![],
+        program: false,
     }
 }
 

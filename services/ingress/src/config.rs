@@ -56,12 +56,40 @@ pub struct Config {
     /// Ingress replicas sharing each engine's concurrency limit (each takes ⌈limit/replicas⌉).
     #[arg(long, env = "TETHER_INGRESS_REPLICAS", default_value_t = 1)]
     pub ingress_replicas: u32,
-    /// Anti-starvation β in the queue: a call waiting β·max(service, floor) is served as level 0 (0 disables).
-    #[arg(long, env = "TETHER_STARVATION_RATIO", default_value_t = 2.0)]
-    pub starvation_ratio: f64,
+    /// The gateway queue's anti-starvation β: a call waiting β·max(service, floor) is served as level 0 (0 disables).
+    #[arg(long, env = "TETHER_QUEUE_STARVATION_RATIO", default_value_t = 2.0)]
+    pub queue_starvation_ratio: f64,
     /// The service floor of the queue's starvation bound, seconds.
     #[arg(long, env = "TETHER_SERVICE_FLOOR", default_value_t = 1.0)]
     pub service_floor: f64,
+    /// Learn each engine's limit from its metrics (waiting queue, KV usage) so
+    /// calls wait at the gateway, not in the engine; false: the fleet file's
+    /// `max_concurrency` is a fixed limit.
+    #[arg(long, env = "TETHER_CAPACITY_CONTROL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub capacity_control: bool,
+    /// Calls an engine may queue before the gateway lowers its limit.
+    #[arg(long, env = "TETHER_CAPACITY_TARGET_WAITING", default_value_t = 1.0)]
+    pub capacity_target_waiting: f64,
+    /// KV-cache usage (0..1) above which an engine's limit does not grow.
+    #[arg(long, env = "TETHER_CAPACITY_KV_HIGH", default_value_t = 0.95)]
+    pub capacity_kv_high: f64,
+    /// Interval of the capacity control's engine-metrics scrape, ms.
+    #[arg(long, env = "TETHER_CAPACITY_INTERVAL_MS", default_value_t = 100)]
+    pub capacity_interval_ms: u64,
+    /// Request headers whose presence marks the session as an agent program
+    /// (ordered by attained service); empty disables.
+    #[arg(
+        long,
+        env = "TETHER_PROGRAM_HEADERS",
+        value_delimiter = ',',
+        default_value = "x-claude-code-session-id"
+    )]
+    pub program_headers: Vec<String>,
+    /// Engine seconds per wall second, for simulated engines that run faster
+    /// than real time (engine-sim `--time-scale`): the gateway divides its
+    /// waiting bounds (bind delay, starvation) by it. 1 for real engines.
+    #[arg(long, env = "TETHER_TIME_SCALE", default_value_t = 1.0)]
+    pub time_scale: f64,
     /// Service cost of one prefilled (uncached) prompt token, seconds.
     #[arg(long, env = "TETHER_COST_PREFILL_PER_TOKEN", default_value_t = 0.0001)]
     pub cost_prefill_per_token: f64,

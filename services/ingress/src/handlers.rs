@@ -89,9 +89,11 @@ async fn handle(
     span.record("session", key.as_str());
     span.record("call_id", call_id);
 
-    let r = route(&app, call_id, &key, &call).await?;
-    let e = &app.fleet.engines[r.engine];
-    span.record("engine", e.name.as_str());
+    let program = app
+        .program_headers
+        .iter()
+        .any(|h| headers.contains_key(h.as_str()));
+    let r = route(&app, call_id, &key, &call, program).await?;
     // From here the scheduler counts the call: every path reports its end.
     let mut tracker = Tracker::new(
         app.clone(),
@@ -108,6 +110,40 @@ async fn handle(
             span: span.clone(),
         },
     );
+    // Wait for a slot at the gateway: on the scheduler's engine, or — once
+    // the call has waited longer than its cache there would save — on any
+    // engine with room (late binding). A client that goes away meanwhile
+    // drops the tracker, which reports the call cancelled.
+    let ask = crate::admission::Request {
+        level: r.level,
+        service: r.service,
+        preferred: r.engine,
+        bind_delay: r.bind_delay,
+        candidates: r.candidates.clone(),
+    };
+    let engine = match app.gateway.acquire(call_id, ask).await {
+        Ok(permit) => {
+            let engine = permit.engine();
+            let binding = if engine == r.engine {
+                "preferred"
+            } else {
+                "moved"
+            };
+            app.metrics
+                .bindings
+                .get_or_create(&crate::metrics::label("binding", binding))
+                .inc();
+            tracker.dispatch(permit);
+            engine
+        }
+        Err(crate::admission::Refused::QueueFull) => {
+            app.metrics.refused.inc();
+            tracker.finish(Outcome::Refused);
+            return Err(ApiError::queue_full(&app.fleet.engines[r.engine].name));
+        }
+    };
+    let e = &app.fleet.engines[engine];
+    span.record("engine", e.name.as_str());
     let body = match call.engine_body(e.priority.then_some(i64::from(r.level))) {
         Ok(b) => b,
         Err(err) => {
@@ -115,22 +151,11 @@ async fn handle(
             return Err(err);
         }
     };
-    // Wait for a slot on the engine (priority queue when it is at its
-    // limit). A client that goes away meanwhile drops the tracker, which
-    // reports the call cancelled.
-    match app.gates[r.engine].acquire(r.level, r.service).await {
-        Ok(permit) => tracker.dispatch(permit),
-        Err(crate::admission::Refused::QueueFull) => {
-            app.metrics.refused.inc();
-            tracker.finish(Outcome::Refused);
-            return Err(ApiError::queue_full(&e.name));
-        }
-    }
 
-    let resp = match crate::proxy::forward(&app, r.engine, endpoint, body).await {
+    let resp = match crate::proxy::forward(&app, engine, endpoint, body).await {
         Ok(resp) => resp,
         Err(err) => {
-            app.health.record(r.engine, false, &app.health_cfg);
+            app.health.record(engine, false, &app.health_cfg);
             tracker.finish(Outcome::EngineError);
             return Err(err);
         }
@@ -147,7 +172,7 @@ async fn handle(
             .unwrap_or_default();
         tracker.finish(Outcome::EngineError);
         if parts.status.is_server_error() {
-            app.health.record(r.engine, false, &app.health_cfg);
+            app.health.record(engine, false, &app.health_cfg);
             return Err(ApiError::engine_failed(format!(
                 "engine {} answered {}: {}",
                 e.name,

@@ -8,13 +8,13 @@
 //! out on the bus off the request path ([`events`]).
 //!
 //! Module map:
-//! - [`admission`] — the per-engine priority queue (concurrency limits, anti-starvation).
+//! - [`admission`] — the gateway queue, live: limits, order, starvation bound, late binding.
+//! - [`capacity`] — capacity control: engine limits learned from engine metrics.
 //! - [`config`]   — flags, environment and defaults.
 //! - [`errors`]   — OpenAI-style JSON errors.
 //! - [`request`]  — the request body, parsed once; what the ingress reads and changes in it.
 //! - [`session`]  — the session key: header, body field or implicit.
 //! - [`routing`]  — route requests to the scheduler and the local fallback.
-//! - [`cost`]     — the service a call received, in estimated engine seconds.
 //! - [`tracker`]  — a response body wrapper that measures the call and reports its end.
 //! - [`proxy`]    — forwarding to the engine.
 //! - [`events`]   — the lifecycle-event publisher.
@@ -24,8 +24,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod capacity;
 pub mod config;
-pub mod cost;
 pub mod errors;
 pub mod events;
 pub mod handlers;

@@ -23,8 +23,15 @@ pub struct Metrics {
     pub in_flight: Family<Labels, Gauge>,
     /// Calls refused because an engine's queue was full.
     pub refused: Counter,
-    /// Calls waiting for a slot, per engine.
+    /// Calls waiting for a slot, per preferred engine.
     pub queued: Family<Labels, Gauge>,
+    /// The gateway's current limit per engine (capacity control).
+    pub limit: Family<Labels, Gauge>,
+    /// The engine's own waiting queue, as last scraped.
+    pub engine_waiting: Family<Labels, Gauge>,
+    /// Dispatched calls by `binding`: `preferred` (the scheduler's engine)
+    /// or `moved` (late binding sent it to another engine with room).
+    pub bindings: Family<Labels, Counter>,
     /// Route request round trip to the scheduler, seconds.
     pub route_seconds: Histogram,
     /// Arrival to first response byte from the engine, seconds.
@@ -43,6 +50,9 @@ impl Default for Metrics {
             in_flight: Family::default(),
             refused: Counter::default(),
             queued: Family::default(),
+            limit: Family::default(),
+            engine_waiting: Family::default(),
+            bindings: Family::default(),
             route_seconds: Histogram::new(buckets),
             time_to_headers: Histogram::new([
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0,
@@ -82,6 +92,21 @@ impl Metrics {
             "tether_ingress_queued",
             "Calls waiting for an engine slot",
             self.queued.clone(),
+        );
+        r.register(
+            "tether_ingress_engine_limit",
+            "The gateway's concurrency limit per engine (capacity control)",
+            self.limit.clone(),
+        );
+        r.register(
+            "tether_ingress_engine_waiting",
+            "The engine's own waiting queue, as last scraped",
+            self.engine_waiting.clone(),
+        );
+        r.register(
+            "tether_ingress_bindings",
+            "Dispatched calls by binding: preferred engine or moved (late binding)",
+            self.bindings.clone(),
         );
         r.register(
             "tether_ingress_route_seconds",

@@ -14,9 +14,14 @@ use crate::metrics::label;
 use crate::request::CallBody;
 use crate::service::App;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Route {
     pub engine: usize,
+    /// Engine seconds the call waits for `engine` before any candidate with
+    /// room will do (late binding); infinite: it never moves.
+    pub bind_delay: f64,
+    /// The healthy engines serving the call's model.
+    pub candidates: Vec<usize>,
     pub level: u8,
     pub inherited_cst: f64,
     /// The service behind `level`, seconds.
@@ -29,6 +34,7 @@ pub async fn route(
     call_id: CallId,
     key: &SessionKey,
     body: &CallBody,
+    program: bool,
 ) -> Result<Route, ApiError> {
     let candidates: Vec<usize> = app
         .fleet
@@ -61,6 +67,7 @@ pub async fn route(
             .iter()
             .map(|i| app.fleet.engines[*i].name.clone())
             .collect(),
+        program,
     };
     let started = Instant::now();
     let answer = app
@@ -83,6 +90,12 @@ pub async fn route(
                     .inc();
                 return Ok(Route {
                     engine,
+                    bind_delay: if d.bind_delay.is_nan() {
+                        0.0
+                    } else {
+                        d.bind_delay.max(0.0)
+                    },
+                    candidates,
                     level: d.level,
                     inherited_cst: d.inherited_cst,
                     service: d.service,
@@ -120,6 +133,10 @@ fn fallback(app: &App, candidates: &[usize], key: &SessionKey) -> Route {
         .unwrap_or(candidates[0]);
     Route {
         engine: pick,
+        // Without the scheduler nothing is known of caches: any engine with
+        // room will do.
+        bind_delay: 0.0,
+        candidates: candidates.to_vec(),
         level: 0,
         inherited_cst: 0.0,
         service: 0.0,

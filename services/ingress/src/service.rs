@@ -16,11 +16,11 @@ use tether_fleet::{
 use tether_protocol::random_u64;
 use tether_telemetry::{AdminState, Shutdown, admin_router, spawn_server};
 
-use crate::admission::{AdmissionConfig, EngineGate};
-use crate::cost::CostModel;
+use crate::admission::Gateway;
 use crate::events::{EventSink, spawn_publisher};
 use crate::metrics::{Metrics, label};
 use crate::{Config, handlers};
+use tether_policy::{CapacityConfig, CostModel, GateConfig};
 
 /// What every request handler shares.
 pub struct App {
@@ -34,13 +34,15 @@ pub struct App {
     pub cost: CostModel,
     pub shards: u16,
     pub session_headers: Vec<String>,
+    /// Headers that mark a session as an agent program (lower case).
+    pub program_headers: Vec<String>,
     pub session_field: String,
     pub route_timeout_ms: u64,
     pub max_body_bytes: usize,
     pub engine_timeout_secs: u64,
     in_flight: Vec<Gauge>,
-    /// Each engine's slots and waiting calls.
-    pub gates: Vec<EngineGate>,
+    /// The engines' slots and the calls waiting for them.
+    pub gateway: Gateway,
     call_ids: AtomicU64,
 }
 
@@ -126,19 +128,26 @@ pub async fn start_with_fleet(
                 .clone()
         })
         .collect();
-    let admission = AdmissionConfig {
+    let gate_cfg = GateConfig {
         max_queue: config.max_queue,
-        starvation_ratio: config.starvation_ratio,
+        queue_starvation_ratio: config.queue_starvation_ratio,
         service_floor: config.service_floor,
     };
     let replicas = config.ingress_replicas.max(1);
-    let gates = fleet
+    let limits: Vec<usize> = fleet
         .engines
         .iter()
-        .map(|e| EngineGate::new(e.max_concurrency.div_ceil(replicas) as usize, admission))
+        .map(|e| e.max_concurrency.div_ceil(replicas) as usize)
         .collect();
+    let headers = |list: &[String]| -> Vec<String> {
+        list.iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect()
+    };
     let app = Arc::new(App {
-        gates,
+        gateway: Gateway::new(&limits, gate_cfg, config.time_scale),
+        program_headers: headers(&config.program_headers),
         fleet,
         health,
         health_cfg,
@@ -151,12 +160,7 @@ pub async fn start_with_fleet(
             decode_per_token: config.cost_decode_per_token,
         },
         shards: config.bus.shards,
-        session_headers: config
-            .session_headers
-            .iter()
-            .map(|h| h.trim().to_ascii_lowercase())
-            .filter(|h| !h.is_empty())
-            .collect(),
+        session_headers: headers(&config.session_headers),
         session_field: config.session_field.clone(),
         route_timeout_ms: config.route_timeout_ms,
         max_body_bytes: config.max_body_bytes,
@@ -185,8 +189,8 @@ pub async fn start_with_fleet(
             }
             let any = (0..ready_app.fleet.engines.len()).any(|i| ready_app.health.is_healthy(i));
             ready_admin.set_ready(any);
-            for (e, gate) in ready_app.fleet.engines.iter().zip(&ready_app.gates) {
-                let (_, waiting) = gate.usage();
+            for (i, e) in ready_app.fleet.engines.iter().enumerate() {
+                let (_, _, waiting) = ready_app.gateway.usage(i);
                 ready_app
                     .metrics
                     .queued
@@ -195,6 +199,21 @@ pub async fn start_with_fleet(
             }
         }
     }));
+
+    let capacity = CapacityConfig {
+        enabled: config.capacity_control,
+        target_waiting: config.capacity_target_waiting,
+        kv_high: config.capacity_kv_high,
+    };
+    if capacity.enabled {
+        tasks.push(crate::capacity::spawn_controller(
+            app.clone(),
+            capacity,
+            limits,
+            Duration::from_millis(config.capacity_interval_ms.max(5)),
+            shutdown.clone(),
+        ));
+    }
 
     let (addr, server) = spawn_server(config.listen, router, shutdown)
         .await

@@ -15,8 +15,8 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 use tether_protocol::{CallId, EventKind, Finished, Outcome, RequestEvent, now_ms};
 
-use crate::cost::Work;
 use crate::service::App;
+use tether_policy::Work;
 
 const TAIL_BYTES: usize = 16 * 1024;
 
@@ -68,7 +68,10 @@ impl Tracker {
     /// The call got its engine slot and is sent now: counts it in flight and
     /// publishes its `Dispatched` event.
     pub fn dispatch(&mut self, permit: crate::admission::Permit) {
-        let Some(info) = &self.info else { return };
+        let Some(info) = &mut self.info else { return };
+        // Late binding may have moved the call off the scheduler's engine.
+        info.engine = permit.engine();
+        let info = &*info;
         let now = Instant::now();
         self.waited = now.duration_since(info.arrived).as_secs_f64();
         self.dispatched = Some(now);

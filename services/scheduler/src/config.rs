@@ -4,7 +4,9 @@
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use tether_policy::{CacheAwareConfig, PlacementConfig, PriorityConfig, PriorityMode, Strategy};
+use tether_policy::{
+    CacheAwareConfig, CostModel, Ordering, PlacementConfig, PriorityConfig, PriorityMode, Strategy,
+};
 
 #[derive(Clone, Debug, Parser)]
 #[command(
@@ -60,9 +62,15 @@ pub struct Config {
         default_value = "1,4,16,64"
     )]
     pub level_thresholds: Vec<f64>,
-    /// Anti-starvation β: promote to level 0 when wait / max(service, floor) ≥ β (0 disables).
-    #[arg(long, env = "TETHER_STARVATION_RATIO", default_value_t = 2.0)]
-    pub starvation_ratio: f64,
+    /// Which calls the levels order: `programs` (sessions with parallel calls
+    /// or a program header; every other call is level 0, first come first
+    /// served), `all` (every session by attained service) or `fcfs` (none).
+    #[arg(long, env = "TETHER_ORDERING", default_value = "programs", value_parser = Ordering::parse)]
+    pub ordering: Ordering,
+    /// The session's anti-starvation β: a call of a session whose accumulated
+    /// wait / max(service, floor) ≥ β is level 0 (0 disables).
+    #[arg(long, env = "TETHER_SESSION_STARVATION_RATIO", default_value_t = 2.0)]
+    pub session_starvation_ratio: f64,
     /// Seconds of service each prompt token adds to a call's level (0 disables; 0.0001 matches the ingress's prefill cost).
     #[arg(long, env = "TETHER_LEVEL_PROMPT_COST", default_value_t = 0.0)]
     pub level_prompt_cost: f64,
@@ -75,6 +83,11 @@ pub struct Config {
     /// Bounded load absolute slack, calls.
     #[arg(long, env = "TETHER_BALANCE_SLACK", default_value_t = 4.0)]
     pub balance_slack: f64,
+    /// Prefill cost of one prompt token, seconds: prices what a cache hit
+    /// saves, i.e. how long a call waits for its engine (late binding).
+    /// Keep it equal to the ingress's `--cost-prefill-per-token`.
+    #[arg(long, env = "TETHER_COST_PREFILL_PER_TOKEN", default_value_t = 0.0001)]
+    pub cost_prefill_per_token: f64,
 }
 
 fn parse_mode(s: &str) -> Result<PriorityMode, String> {
@@ -96,15 +109,16 @@ impl Config {
         thresholds.sort_by(f64::total_cmp);
         PriorityConfig {
             mode: self.priority_mode,
+            ordering: self.ordering,
             thresholds,
-            starvation_ratio: self.starvation_ratio,
+            session_starvation_ratio: self.session_starvation_ratio,
             service_floor: self.service_floor,
             prompt_cost: self.level_prompt_cost,
         }
     }
 
-    pub fn knobs(&self) -> crate::core::PolicyKnobs {
-        crate::core::PolicyKnobs {
+    pub fn knobs(&self) -> crate::decider::PolicyKnobs {
+        crate::decider::PolicyKnobs {
             strategy: self.strategy,
             priority: self.priority(),
             placement: self.placement(),
@@ -112,6 +126,10 @@ impl Config {
                 balance_abs: self.cache_balance_abs,
                 balance_rel: self.cache_balance_rel,
                 match_threshold: self.cache_match_threshold,
+            },
+            cost: CostModel {
+                prefill_per_token: self.cost_prefill_per_token,
+                ..CostModel::default()
             },
             prefix_blocks: self.prefix_index_blocks,
         }

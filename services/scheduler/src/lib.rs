@@ -8,6 +8,8 @@
 //! - [`load`]    — calls in flight per engine, from decisions and request events.
 //! - [`prefix`]  — the approximate index of prompt blocks recently placed per engine.
 //! - [`resync`]  — fetching a shard's snapshot, page by page, off the actor.
+//! - [`decider`] — the pure decider: feeds the policy from replica, load and
+//!   prefix index; no I/O.
 //! - [`core`]    — the scheduler actor: one task owns replica and load and
 //!   answers route requests, deltas and events in turn (no locks).
 //! - [`metrics`] — the Prometheus metrics.
@@ -16,6 +18,7 @@
 
 pub mod config;
 pub mod core;
+pub mod decider;
 pub mod load;
 pub mod metrics;
 pub mod prefix;

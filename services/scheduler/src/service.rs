@@ -11,7 +11,8 @@ use tether_fleet::{
 use tether_protocol::subjects::SCHEDULER_QUEUE_GROUP;
 use tether_telemetry::{AdminState, Shutdown, admin_router, spawn_server};
 
-use crate::core::{Core, Decider, Subscriptions};
+use crate::core::{Core, Subscriptions};
+use crate::decider::Decider;
 use crate::{Config, metrics::Metrics};
 
 pub struct Running {

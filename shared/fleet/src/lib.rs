@@ -15,4 +15,4 @@ pub mod scrape;
 pub use client::{EngineClient, engine_client};
 pub use config::{EngineConfig, EngineKind, FleetConfig, FleetError};
 pub use health::{FleetHealth, HealthConfig, spawn_prober};
-pub use scrape::{EngineSample, FleetLoad, spawn_scraper};
+pub use scrape::{EngineSample, FleetLoad, scrape, spawn_scraper};

@@ -149,7 +149,8 @@ pub fn spawn_scraper(
     })
 }
 
-async fn scrape(
+/// One scrape of an engine's `/metrics`; None when it fails.
+pub async fn scrape(
     client: &EngineClient,
     url: &str,
     kind: EngineKind,

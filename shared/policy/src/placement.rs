@@ -58,32 +58,6 @@ pub fn load_bound(cfg: &PlacementConfig, engines: &[EngineLoad]) -> f64 {
     (1.0 + cfg.epsilon.max(0.0)) * (total + 1.0) / n as f64 + cfg.slack.max(0.0)
 }
 
-/// Places a call of a session. `affinity` is the index of the session's
-/// affinity engine, if it has one worth keeping. None when no engine is healthy.
-pub fn place(
-    cfg: &PlacementConfig,
-    engines: &[EngineLoad],
-    affinity: Option<usize>,
-    session_hash: u64,
-) -> Option<Placement> {
-    if let Some(a) = affinity
-        && let Some(e) = engines.get(a)
-        && e.healthy
-        && e.load + 1.0 <= load_bound(cfg, engines)
-    {
-        return Some(Placement {
-            engine: a,
-            reason: RouteReason::Affinity,
-        });
-    }
-    let engine = least_loaded(engines, session_hash)?;
-    let reason = match affinity {
-        Some(a) if engines.get(a).is_some_and(|e| e.healthy) => RouteReason::Rebalanced,
-        _ => RouteReason::LeastLoaded,
-    };
-    Some(Placement { engine, reason })
-}
-
 /// The least-loaded healthy engine; ties go to the highest rendezvous score.
 pub fn least_loaded(engines: &[EngineLoad], session_hash: u64) -> Option<usize> {
     engines
@@ -130,36 +104,10 @@ mod tests {
     }
 
     #[test]
-    fn affinity_holds_under_the_bound() {
-        let cfg = PlacementConfig::default();
-        let p = place(&cfg, &fleet(&[3.0, 0.0, 0.0, 0.0]), Some(0), 1);
-        assert_eq!(
-            p,
-            Some(Placement {
-                engine: 0,
-                reason: RouteReason::Affinity
-            })
-        );
-    }
-
-    #[test]
-    fn overloaded_affinity_moves_to_least_loaded() {
-        let cfg = PlacementConfig::default();
-        let p = place(&cfg, &fleet(&[20.0, 2.0, 1.0, 3.0]), Some(0), 1);
-        assert_eq!(
-            p,
-            Some(Placement {
-                engine: 2,
-                reason: RouteReason::Rebalanced
-            })
-        );
-    }
-
-    #[test]
     fn no_healthy_engine_no_placement() {
         let mut f = fleet(&[0.0, 0.0]);
         f.iter_mut().for_each(|e| e.healthy = false);
-        assert_eq!(place(&PlacementConfig::default(), &f, Some(0), 1), None);
+        assert_eq!(least_loaded(&f, 1), None);
         assert_eq!(rendezvous(&f, 1), None);
     }
 
@@ -179,32 +127,16 @@ mod tests {
         fn never_picks_an_unhealthy_engine(
             loads in proptest::collection::vec(0.0f64..100.0, 1..12),
             healthy in proptest::collection::vec(any::<bool>(), 12),
-            affinity in proptest::option::of(0usize..12),
             session in any::<u64>(),
         ) {
             let mut f = fleet(&loads);
             for (e, h) in f.iter_mut().zip(&healthy) { e.healthy = *h; }
-            match place(&PlacementConfig::default(), &f, affinity, session) {
-                Some(p) => prop_assert!(f[p.engine].healthy),
-                None => prop_assert!(f.iter().all(|e| !e.healthy)),
+            for pick in [least_loaded(&f, session), rendezvous(&f, session)] {
+                match pick {
+                    Some(p) => prop_assert!(f[p].healthy),
+                    None => prop_assert!(f.iter().all(|e| !e.healthy)),
+                }
             }
-        }
-
-        #[test]
-        fn the_chosen_engine_respects_the_bound_or_is_least_loaded(
-            loads in proptest::collection::vec(0.0f64..100.0, 1..12),
-            affinity in proptest::option::of(0usize..12),
-            session in any::<u64>(),
-        ) {
-            let cfg = PlacementConfig::default();
-            let f = fleet(&loads);
-            let p = place(&cfg, &f, affinity, session);
-            prop_assert!(p.is_some());
-            let p = p.unwrap_or(Placement { engine: 0, reason: RouteReason::LeastLoaded });
-            let min = f.iter().map(|e| e.load).fold(f64::INFINITY, f64::min);
-            prop_assert!(f[p.engine].load + 1.0 <= load_bound(&cfg, &f) || f[p.engine].load == min);
-            // Deterministic for equal inputs.
-            prop_assert_eq!(Some(p), place(&cfg, &f, affinity, session));
         }
     }
 }

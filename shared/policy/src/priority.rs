@@ -8,7 +8,13 @@
 //! `[thresholds[i-1], thresholds[i])`, level 0 being the most urgent.
 //!
 //! Anti-starvation: a session whose `wait / max(service, floor)` has reached
-//! `starvation_ratio` is promoted to level 0.
+//! `session_starvation_ratio` is promoted to level 0.
+//!
+//! Whom it orders ([`Ordering`]): by default only *programs* — sessions that
+//! run calls in parallel (now, or in the past: their total attained service
+//! exceeds their critical path) or that the client marks as an agent. A
+//! conversation's turn has a person waiting for it and is never pushed back
+//! because the conversation is long: it is level 0, FIFO with the others.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,14 +28,41 @@ pub enum PriorityMode {
     Plas,
 }
 
+/// Which calls the levels order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// Programs by attained service; every other call level 0 (default).
+    #[default]
+    Programs,
+    /// Every session by attained service (Autellix as published).
+    All,
+    /// Everything level 0: first come, first served.
+    Fcfs,
+}
+
+impl Ordering {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "programs" => Ok(Self::Programs),
+            "all" => Ok(Self::All),
+            "fcfs" => Ok(Self::Fcfs),
+            other => Err(format!("unknown ordering {other:?}: programs, all or fcfs")),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PriorityConfig {
     pub mode: PriorityMode,
+    /// Which calls the levels order.
+    pub ordering: Ordering,
     /// Ascending level boundaries, estimated seconds of service.
     pub thresholds: Vec<f64>,
-    /// β: promote when wait / max(service, floor) ≥ β. Non-positive disables.
-    pub starvation_ratio: f64,
+    /// β of the session's anti-starvation: promote when the session's
+    /// accumulated wait / max(service, floor) ≥ β. Non-positive disables.
+    pub session_starvation_ratio: f64,
     /// The service floor in the starvation ratio, seconds.
     pub service_floor: f64,
     /// Seconds of service each prompt token of the call adds to the measure
@@ -43,9 +76,10 @@ impl Default for PriorityConfig {
     fn default() -> Self {
         Self {
             mode: PriorityMode::Atlas,
+            ordering: Ordering::Programs,
             thresholds: vec![1.0, 4.0, 16.0, 64.0],
             prompt_cost: 0.0,
-            starvation_ratio: 2.0,
+            session_starvation_ratio: 2.0,
             service_floor: 1.0,
         }
     }
@@ -60,17 +94,34 @@ pub struct SessionService {
     pub attained: f64,
     /// Total wait, seconds (including the current wait, if the caller adds it).
     pub wait: f64,
+    /// Calls of the session in flight.
+    pub in_flight: u32,
 }
 
-/// The queue level of a call of a session (0 most urgent).
-pub fn level(cfg: &PriorityConfig, s: &SessionService) -> u8 {
-    call_level(cfg, s, 0)
+/// Whether a session is a program (see the module docs): the client says
+/// so (`hinted`), it has calls in flight now, or it ran calls in parallel
+/// before — then its attained service exceeds its critical path (for
+/// sequential calls the two are equal).
+pub fn is_program(s: &SessionService, hinted: bool) -> bool {
+    hinted || s.in_flight > 0 || s.attained > s.cst * 1.01 + 1e-3
 }
 
-/// The queue level of a call with `prompt_tokens` of prompt: as [`level`],
-/// with `prompt_cost · prompt_tokens` added to the session's service.
-/// Anti-starvation looks at the session's own service only.
-pub fn call_level(cfg: &PriorityConfig, s: &SessionService, prompt_tokens: u32) -> u8 {
+/// The queue level of a call with `prompt_tokens` of prompt, of a session
+/// that is a program or not ([`is_program`]). Under [`Ordering::Programs`] a
+/// non-program's call is level 0; else the session's service (plus
+/// `prompt_cost · prompt_tokens`) picks the level. Anti-starvation looks at
+/// the session's own service only.
+pub fn call_level(
+    cfg: &PriorityConfig,
+    s: &SessionService,
+    prompt_tokens: u32,
+    program: bool,
+) -> u8 {
+    match cfg.ordering {
+        Ordering::Fcfs => return 0,
+        Ordering::Programs if !program => return 0,
+        _ => {}
+    }
     let service = match cfg.mode {
         PriorityMode::Atlas => s.cst,
         PriorityMode::Plas => s.attained,
@@ -90,15 +141,21 @@ pub fn call_level(cfg: &PriorityConfig, s: &SessionService, prompt_tokens: u32) 
 
 /// Whether a session with this service has waited long enough to be promoted.
 pub fn starving(cfg: &PriorityConfig, service: f64, wait: f64) -> bool {
-    cfg.starvation_ratio > 0.0
+    cfg.session_starvation_ratio > 0.0
         && wait.is_finite()
-        && wait >= cfg.starvation_ratio * service.max(cfg.service_floor).max(f64::MIN_POSITIVE)
+        && wait
+            >= cfg.session_starvation_ratio * service.max(cfg.service_floor).max(f64::MIN_POSITIVE)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The level of a program's call without a prompt cost.
+    fn level(cfg: &PriorityConfig, s: &SessionService) -> u8 {
+        call_level(cfg, s, 0, true)
+    }
 
     fn mode() -> impl Strategy<Value = PriorityMode> {
         prop_oneof![Just(PriorityMode::Atlas), Just(PriorityMode::Plas)]
@@ -109,9 +166,9 @@ mod tests {
         /// starvation in play).
         #[test]
         fn priority_is_monotone_in_service(m in mode(), a in 0.0f64..1e4, b in 0.0f64..1e4) {
-            let cfg = PriorityConfig { mode: m, starvation_ratio: 0.0, ..PriorityConfig::default() };
+            let cfg = PriorityConfig { mode: m, session_starvation_ratio: 0.0, ..PriorityConfig::default() };
             let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-            let s = |v: f64| SessionService { cst: v, attained: v, wait: 0.0 };
+            let s = |v: f64| SessionService { cst: v, attained: v, ..SessionService::default() };
             prop_assert!(level(&cfg, &s(lo)) <= level(&cfg, &s(hi)));
         }
 
@@ -119,8 +176,8 @@ mod tests {
         #[test]
         fn starvation_puts_a_session_on_top(m in mode(), service in 0.0f64..1e4, extra in 0.0f64..1e4) {
             let cfg = PriorityConfig { mode: m, ..PriorityConfig::default() };
-            let wait = cfg.starvation_ratio * service.max(cfg.service_floor) + extra;
-            let s = SessionService { cst: service, attained: service, wait };
+            let wait = cfg.session_starvation_ratio * service.max(cfg.service_floor) + extra;
+            let s = SessionService { cst: service, attained: service, wait, in_flight: 0 };
             prop_assert_eq!(level(&cfg, &s), 0);
             // And waiting longer never lowers the level.
             let s2 = SessionService { wait: wait * 2.0, ..s };
@@ -132,7 +189,7 @@ mod tests {
         SessionService {
             cst,
             attained: cst,
-            wait: 0.0,
+            ..SessionService::default()
         }
     }
 
@@ -154,6 +211,7 @@ mod tests {
             cst: 100.0,
             attained: 100.0,
             wait: 199.0,
+            in_flight: 0,
         };
         assert_eq!(level(&cfg, &s), 4);
         let s = SessionService { wait: 200.0, ..s };
@@ -168,16 +226,16 @@ mod tests {
             ..PriorityConfig::default()
         };
         let fresh = SessionService::default();
-        assert_eq!(call_level(&off, &fresh, 50_000), 0);
-        assert_eq!(call_level(&on, &fresh, 5_000), 0);
-        assert_eq!(call_level(&on, &fresh, 15_000), 1);
-        assert_eq!(call_level(&on, &fresh, 50_000), 2);
+        assert_eq!(call_level(&off, &fresh, 50_000, true), 0);
+        assert_eq!(call_level(&on, &fresh, 5_000, true), 0);
+        assert_eq!(call_level(&on, &fresh, 15_000, true), 1);
+        assert_eq!(call_level(&on, &fresh, 50_000, true), 2);
         // Starvation still promotes a long-prompt call of a waiting session.
         let waited = SessionService {
             wait: 10.0,
             ..fresh
         };
-        assert_eq!(call_level(&on, &waited, 50_000), 0);
+        assert_eq!(call_level(&on, &waited, 50_000, true), 0);
     }
 
     #[test]
@@ -189,8 +247,43 @@ mod tests {
         let s = SessionService {
             cst: 0.5,
             attained: 30.0,
-            wait: 0.0,
+            ..SessionService::default()
         };
         assert_eq!(level(&cfg, &s), 3);
+    }
+
+    #[test]
+    fn conversations_are_not_pushed_back_programs_are_ordered() {
+        let cfg = PriorityConfig::default();
+        // A long conversation: sequential calls, so attained == critical path.
+        let chat = svc(50.0);
+        assert!(!is_program(&chat, false));
+        assert_eq!(call_level(&cfg, &chat, 0, is_program(&chat, false)), 0);
+        // A program that ran calls in parallel: attained > critical path.
+        let agent = SessionService {
+            cst: 20.0,
+            attained: 70.0,
+            ..SessionService::default()
+        };
+        assert!(is_program(&agent, false));
+        assert_eq!(call_level(&cfg, &agent, 0, true), 3);
+        // Calls in flight, or the client's word, make a program too.
+        let busy = SessionService {
+            in_flight: 1,
+            ..svc(5.0)
+        };
+        assert!(is_program(&busy, false));
+        assert!(is_program(&chat, true));
+        // Ordering everyone, or no one.
+        let all = PriorityConfig {
+            ordering: Ordering::All,
+            ..PriorityConfig::default()
+        };
+        assert_eq!(call_level(&all, &chat, 0, false), 3);
+        let fcfs = PriorityConfig {
+            ordering: Ordering::Fcfs,
+            ..PriorityConfig::default()
+        };
+        assert_eq!(call_level(&fcfs, &agent, 0, true), 0);
     }
 }

@@ -8,10 +8,12 @@
 //!   (`max − min > abs` and `max > rel · min`) the least-loaded engine; else
 //!   the engine with the longest prefix match when its match ratio beats a
 //!   threshold; else the least-loaded engine.
-//! - `tether` (default) — the session's affinity engine, weighed by how
-//!   fresh its cache there probably is, under bounded load; for sessions
-//!   without (fresh) affinity, a good prefix match within the bound; else the
-//!   least-loaded engine.
+//! - `tether` (default) — the engine with the longest prefix match across
+//!   all sessions' blocks (the session's own engine winning ties) within the
+//!   bounded load; without a match worth following, the session's engine
+//!   while its cache is probably fresh (a bound that shrinks with
+//!   freshness); else the least-loaded engine. Affinity is one signal: it
+//!   never overrides a better prefix match elsewhere, nor the load bound.
 
 use serde::{Deserialize, Serialize};
 use tether_protocol::RouteReason;
@@ -155,11 +157,29 @@ pub fn choose(
             }
         }
         Strategy::Tether => {
+            let bound = load_bound(placement, x.engines);
+            // The best prefix match across all sessions' blocks; the
+            // session's own engine wins ties (it holds the same prefix and
+            // probably more of its history).
+            if let Some((engine, ratio)) = best_match_preferring(x, x.affinity.map(|a| a.engine))
+                && ratio > cache.match_threshold
+            {
+                if x.engines[engine].load + 1.0 <= bound {
+                    let reason = if x.affinity.is_some_and(|a| a.engine == engine) {
+                        RouteReason::Affinity
+                    } else {
+                        RouteReason::PrefixMatch
+                    };
+                    return Some(Placement { engine, reason });
+                }
+                return least(RouteReason::Rebalanced);
+            }
+            // No prefix worth following: the session's engine while its
+            // cache is probably fresh, under a bound that shrinks with
+            // freshness (a stale session is placed like a new one).
             if let Some(a) = x.affinity.filter(|a| a.freshness > 0.0)
                 && let Some(e) = x.engines.get(a.engine).filter(|e| e.healthy)
             {
-                // Affinity's allowance above the mean shrinks with freshness:
-                // a stale session is placed like a new one.
                 let scaled = PlacementConfig {
                     epsilon: placement.epsilon * a.freshness,
                     slack: placement.slack * a.freshness,
@@ -172,17 +192,20 @@ pub fn choose(
                 }
                 return least(RouteReason::Rebalanced);
             }
-            if let Some((engine, ratio)) = best_match(x)
-                && ratio > cache.match_threshold
-                && x.engines[engine].load + 1.0 <= load_bound(placement, x.engines)
-            {
-                return Some(Placement {
-                    engine,
-                    reason: RouteReason::PrefixMatch,
-                });
-            }
             least(RouteReason::LeastLoaded)
         }
+    }
+}
+
+/// As [`best_match`], with `preferred` winning ties of the ratio.
+fn best_match_preferring(x: &Inputs<'_>, preferred: Option<usize>) -> Option<(usize, f64)> {
+    let best = best_match(x)?;
+    match preferred {
+        Some(p) if p != best.0 && x.engines.get(p).is_some_and(|e| e.healthy) => {
+            let r = x.prefix_match.get(p).copied().unwrap_or(0.0);
+            Some(if r >= best.1 { (p, r) } else { best })
+        }
+        _ => Some(best),
     }
 }
 
@@ -273,6 +296,53 @@ mod tests {
         );
         assert_eq!(stale.map(|p| p.reason), Some(RouteReason::LeastLoaded));
         assert_ne!(stale.map(|p| p.engine), Some(0));
+    }
+
+    #[test]
+    fn a_better_prefix_elsewhere_beats_affinity_and_ties_stay() {
+        let f = fleet(&[1.0, 1.0, 1.0]);
+        let (pc, cc) = (PlacementConfig::default(), CacheAwareConfig::default());
+        let aff = Some(Affinity {
+            engine: 0,
+            freshness: 1.0,
+        });
+        // Another session's shared document is on engine 2: it covers more.
+        let p = choose(
+            Strategy::Tether,
+            &pc,
+            &cc,
+            &inputs(&f, &[0.4, 0.0, 0.9], aff),
+        );
+        assert_eq!(
+            p,
+            Some(Placement {
+                engine: 2,
+                reason: RouteReason::PrefixMatch
+            })
+        );
+        // Equal matches: the session's own engine.
+        let p = choose(
+            Strategy::Tether,
+            &pc,
+            &cc,
+            &inputs(&f, &[0.9, 0.0, 0.9], aff),
+        );
+        assert_eq!(
+            p,
+            Some(Placement {
+                engine: 0,
+                reason: RouteReason::Affinity
+            })
+        );
+        // An overloaded best match yields to load.
+        let busy = fleet(&[1.0, 1.0, 40.0]);
+        let p = choose(
+            Strategy::Tether,
+            &pc,
+            &cc,
+            &inputs(&busy, &[0.0, 0.0, 0.9], None),
+        );
+        assert_eq!(p.map(|p| p.reason), Some(RouteReason::Rebalanced));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 /// The version every message carries. Bump it on any incompatible change and
 /// document the change in `docs/protocol.md`.
-pub const SCHEMA_VERSION: u16 = 1;
+pub const SCHEMA_VERSION: u16 = 2;
 
 /// The largest message body the decoder will allocate for (4 MiB; NATS's own
 /// default payload limit is 1 MiB).

@@ -147,6 +147,9 @@ pub struct RouteRequest {
     /// Engines the ingress can reach and believes healthy (names); empty means
     /// "no opinion".
     pub candidates: Vec<String>,
+    /// The client marked the session as an agent program (one of the
+    /// ingress's `--program-headers` was present).
+    pub program: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -160,6 +163,10 @@ pub struct RouteDecision {
     /// The service the level was computed from (critical-path under ATLAS,
     /// total under PLAS), seconds: the gateway queue's starvation bound uses it.
     pub service: f64,
+    /// Seconds of prefill the call's cache on `engine` is estimated to save:
+    /// the gateway holds the call for `engine` at most this long before any
+    /// engine with room will do (late binding). Infinite: never move it.
+    pub bind_delay: f64,
     pub reason: RouteReason,
 }
 

@@ -15,13 +15,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tether_loadgen::{
-    CallRecord, ChatArgs, LoadgenConfig, MooncakeArgs, SessionRecord, Summary, Workload, run,
+    AgentArgs, CallRecord, ChatArgs, LoadgenConfig, MooncakeArgs, SessionRecord, StepDist, Summary,
+    Workload, run,
 };
 
 /// A request the server saw.
 #[derive(Clone, Debug)]
 struct Seen {
     session: Option<String>,
+    /// `x-claude-code-session-id`, if sent.
+    program: Option<String>,
     body: Value,
 }
 
@@ -81,6 +84,11 @@ async fn handle(
         .get("x-session-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let program = req
+        .headers()
+        .get("x-claude-code-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let bytes = req
         .into_body()
         .collect()
@@ -95,6 +103,7 @@ async fn handle(
         s.hits += prompt_tokens / 2;
         s.seen.push(Seen {
             session,
+            program,
             body: body.clone(),
         });
     }
@@ -212,6 +221,7 @@ async fn chat_sessions_carry_their_history() {
     assert_eq!(seen.len(), 4);
     let mut by_session: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for s in &seen {
+        assert_eq!(s.program, None);
         let b = &s.body;
         assert_eq!(b["model"], "tether-sim");
         assert_eq!(b["stream"], true);
@@ -329,4 +339,55 @@ async fn a_mooncake_trace_with_engine_counters() {
     assert_ne!(by_len[&600], by_len[&100]);
     assert!(seen.iter().all(|s| s.body["max_tokens"] == 3));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn agent_programs_share_system_prompts_and_join_their_branches() {
+    let (addr, state) = serve().await.unwrap();
+    let mut agent = AgentArgs::default();
+    agent.synth.sessions = 6;
+    agent.synth.rate = 1000.0;
+    agent.synth.prompt_min = 3;
+    agent.synth.prompt_max = 5;
+    agent.synth.answer_min = 3;
+    agent.synth.answer_max = 3;
+    agent.steps = 2;
+    agent.step_dist = StepDist::Fixed;
+    agent.fanout = 2;
+    agent.tool_pause_secs = 0.01;
+    agent.system_prompts = 2;
+    agent.system_prompt_words = 20;
+    let mut config = LoadgenConfig::new(Workload::Agent(agent));
+    config.common.base_url = format!("http://{addr}");
+    config.common.extra_session_headers = vec!["x-claude-code-session-id".into()];
+    let summary = run(config).await.unwrap();
+    assert_eq!((summary.calls, summary.errors), (24, 0));
+    assert_eq!(summary.session_completion.count, 6);
+    assert_eq!(summary.send_lag.count, 24);
+    assert!(summary.send_lag_max >= 0.0);
+
+    let seen = lock(&state).seen.clone();
+    let mut systems = std::collections::BTreeSet::new();
+    let mut by_session: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for s in &seen {
+        assert_eq!(s.program, s.session);
+        let messages = s.body["messages"].as_array().unwrap().clone();
+        assert_eq!(messages[0]["role"], "system");
+        systems.insert(messages[0]["content"].as_str().unwrap().to_owned());
+        by_session
+            .entry(s.session.clone().expect("x-session-id"))
+            .or_default()
+            .push(Value::Array(messages));
+    }
+    // Two prompts in the pool, shared by six programs; one per program.
+    assert_eq!(systems.len(), 2);
+    assert_eq!(by_session.len(), 6);
+    for calls in by_session.values() {
+        let opening: Vec<&Value> = calls.iter().map(|m| &m[0]).collect();
+        assert!(opening.windows(2).all(|w| w[0] == w[1]));
+        // Step 1 carries the system prompt, then both branches of step 0
+        // with their answers (the join), then its own message.
+        let longest = calls.iter().map(|m| m.as_array().unwrap().len()).max();
+        assert_eq!(longest, Some(1 + 4 + 1));
+    }
 }

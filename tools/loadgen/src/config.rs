@@ -51,6 +51,11 @@ pub struct Common {
     /// Request header that carries the session id.
     #[arg(long, global = true, default_value = DEFAULT_SESSION_HEADER)]
     pub session_header: String,
+    /// More request headers (comma-separated) that carry the session id
+    /// too, e.g. `x-claude-code-session-id`, which agents send and by
+    /// which a router may tell agent programs from chats.
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub extra_session_headers: Vec<String>,
     /// Directory for calls.jsonl, sessions.jsonl and summary.json.
     #[arg(long, global = true)]
     pub out: Option<PathBuf>,
@@ -88,6 +93,7 @@ impl Default for Common {
             base_url: DEFAULT_BASE_URL.to_owned(),
             model: DEFAULT_MODEL.to_owned(),
             session_header: DEFAULT_SESSION_HEADER.to_owned(),
+            extra_session_headers: Vec::new(),
             out: None,
             time_scale: 1.0,
             concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
@@ -269,15 +275,37 @@ pub struct AgentArgs {
     /// Steps per program (the most, with `--step-dist pareto`).
     #[arg(long, default_value_t = 4)]
     pub steps: usize,
-    /// Parallel calls per step.
+    /// Parallel calls per step (the most, with `--fanout-min`).
     #[arg(long, default_value_t = 4)]
     pub fanout: usize,
+    /// Fewest parallel calls per step: each step's fan-out is drawn
+    /// uniformly from `fanout-min..=fanout` (0: always `--fanout`).
+    #[arg(long, default_value_t = 0)]
+    pub fanout_min: usize,
     /// Distribution of the number of steps.
     #[arg(long, value_enum, default_value_t = StepDist::Pareto)]
     pub step_dist: StepDist,
+    /// Shape α of the bounded Pareto step count (smaller: heavier tail).
+    #[arg(long, default_value_t = 1.2)]
+    pub step_alpha: f64,
     /// Seconds between a step's join and the next step.
     #[arg(long, default_value_t = 0.0)]
     pub think_secs: f64,
+    /// Mean of a random tool-call pause added between a step's join and the
+    /// next step, simulated seconds (exponential; 0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub tool_pause_secs: f64,
+    /// Cap on one tool-call pause, simulated seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub tool_pause_max_secs: f64,
+    /// Size of a pool of shared system prompts (0: none): each program
+    /// opens with one of them, chosen uniformly, so many programs share a
+    /// long prefix.
+    #[arg(long, default_value_t = 0)]
+    pub system_prompts: usize,
+    /// Words of each shared system prompt.
+    #[arg(long, default_value_t = 2000)]
+    pub system_prompt_words: u64,
 }
 
 impl Default for AgentArgs {
@@ -286,8 +314,14 @@ impl Default for AgentArgs {
             synth: SynthArgs::default(),
             steps: 4,
             fanout: 4,
+            fanout_min: 0,
             step_dist: StepDist::Pareto,
+            step_alpha: 1.2,
             think_secs: 0.0,
+            tool_pause_secs: 0.0,
+            tool_pause_max_secs: 60.0,
+            system_prompts: 0,
+            system_prompt_words: 2000,
         }
     }
 }
@@ -324,6 +358,25 @@ mod tests {
             panic!("agent")
         };
         assert_eq!((a.steps, a.fanout, a.step_dist), (4, 4, StepDist::Pareto));
+        let d = AgentArgs::default();
+        assert_eq!(
+            (
+                a.fanout_min,
+                a.step_alpha,
+                a.tool_pause_secs,
+                a.tool_pause_max_secs
+            ),
+            (
+                d.fanout_min,
+                d.step_alpha,
+                d.tool_pause_secs,
+                d.tool_pause_max_secs
+            )
+        );
+        assert_eq!(
+            (a.system_prompts, a.system_prompt_words),
+            (d.system_prompts, d.system_prompt_words)
+        );
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! step one or more calls sent together (a fan-out) whose answers are
 //! awaited together (the join).
 
+use std::sync::Arc;
+
 use crate::prompt::block_text;
 
 /// The text of a call's new user message, made when the call is sent (a
@@ -53,6 +55,9 @@ pub struct Session {
     /// Whether each step's request carries the earlier steps' messages and
     /// answers (chat, agent); a trace's prompts are complete already.
     pub carry_history: bool,
+    /// A system message that opens every request of the session (shared
+    /// by the sessions that hold the same `Arc`).
+    pub system: Option<Arc<str>>,
 }
 
 /// When steps are released.

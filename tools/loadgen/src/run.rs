@@ -50,6 +50,7 @@ struct Shared {
     url: String,
     model: String,
     session_header: String,
+    extra_session_headers: Vec<String>,
     scale: f64,
     timeout: Option<Duration>,
     start: Instant,
@@ -72,12 +73,21 @@ impl Shared {
         later(self.start, wall(t, self.scale))
     }
 
+    /// How late it is against the wall instant `planned`, simulated seconds.
+    fn lag(&self, planned: Instant) -> f64 {
+        Instant::now()
+            .saturating_duration_since(planned)
+            .as_secs_f64()
+            * self.scale
+    }
+
     fn target(&self) -> Target<'_> {
         Target {
             client: &self.client,
             url: &self.url,
             model: &self.model,
             session_header: &self.session_header,
+            extra_session_headers: &self.extra_session_headers,
             time_scale: self.scale,
             timeout: self.timeout,
         }
@@ -143,6 +153,7 @@ pub async fn run_until(
         url,
         model: c.model.clone(),
         session_header: c.session_header.clone(),
+        extra_session_headers: c.extra_session_headers.clone(),
         scale: c.time_scale,
         timeout,
         start: Instant::now(),
@@ -238,8 +249,8 @@ async fn send(
     session: &str,
     mut messages: Vec<Value>,
     call_plan: &Call,
-    step: usize,
-    branch: usize,
+    (step, branch): (usize, usize),
+    lag: f64,
 ) -> CallRecord {
     let waited_from = Instant::now();
     let _permit = shared.limit.acquire().await.ok();
@@ -260,16 +271,26 @@ async fn send(
     r.trace_index = call_plan.trace_index;
     r.sent_at = sent_at;
     r.queued = queued;
+    r.lag = lag;
     r
+}
+
+/// The session's opening system message, if it has one.
+fn system_messages(s: &Session) -> Vec<Value> {
+    s.system
+        .iter()
+        .map(|t| json!({"role": "system", "content": &**t}))
+        .collect()
 }
 
 async fn run_session(shared: Arc<Shared>, s: Session) -> (Option<SessionRecord>, Vec<CallRecord>) {
     if !shared.gate.sleep_until(shared.at(s.start)).await {
         return (None, Vec::new());
     }
+    let start_lag = shared.lag(shared.at(s.start));
     let planned: usize = s.steps.iter().map(|st| st.calls.len()).sum();
     let records = match shared.pacing {
-        Pacing::Closed => closed_loop(&shared, &s).await,
+        Pacing::Closed => closed_loop(&shared, &s, start_lag).await,
         Pacing::Open => open_loop(&shared, &s).await,
     };
     if records.is_empty() {
@@ -280,27 +301,30 @@ async fn run_session(shared: Arc<Shared>, s: Session) -> (Option<SessionRecord>,
 }
 
 /// Step N+1 after step N's answers plus its delay; history carried.
-async fn closed_loop(shared: &Shared, s: &Session) -> Vec<CallRecord> {
-    let mut history: Vec<Value> = Vec::new();
+async fn closed_loop(shared: &Shared, s: &Session, start_lag: f64) -> Vec<CallRecord> {
+    let opening = system_messages(s);
+    let mut history: Vec<Value> = opening.clone();
     let mut records = Vec::new();
     for (i, step) in s.steps.iter().enumerate() {
+        let mut lag = if i == 0 { start_lag } else { 0.0 };
         if i > 0 && step.delay > 0.0 {
             let at = later(Instant::now(), wall(step.delay, shared.scale));
             if !shared.gate.sleep_until(at).await {
                 break;
             }
+            lag = shared.lag(at);
         }
         let n = shared.gate.take(step.calls.len());
         let sent = &step.calls[..n];
         let base = if s.carry_history {
             history.clone()
         } else {
-            Vec::new()
+            opening.clone()
         };
         let results = futures::future::join_all(
             sent.iter()
                 .enumerate()
-                .map(|(b, c)| send(shared, &s.id, base.clone(), c, i, b)),
+                .map(|(b, c)| send(shared, &s.id, base.clone(), c, (i, b), lag)),
         )
         .await;
         if s.carry_history {
@@ -319,20 +343,20 @@ async fn closed_loop(shared: &Shared, s: &Session) -> Vec<CallRecord> {
 
 /// Every step at the session's start plus its delay, answered or not.
 async fn open_loop(shared: &Shared, s: &Session) -> Vec<CallRecord> {
+    let opening = system_messages(s);
+    let opening = &opening;
     let steps = s.steps.iter().enumerate().map(|(i, step)| async move {
-        if !shared
-            .gate
-            .sleep_until(shared.at(s.start + step.delay))
-            .await
-        {
+        let at = shared.at(s.start + step.delay);
+        if !shared.gate.sleep_until(at).await {
             return Vec::new();
         }
+        let lag = shared.lag(at);
         let n = shared.gate.take(step.calls.len());
         futures::future::join_all(
             step.calls[..n]
                 .iter()
                 .enumerate()
-                .map(|(b, c)| send(shared, &s.id, Vec::new(), c, i, b)),
+                .map(|(b, c)| send(shared, &s.id, opening.clone(), c, (i, b), lag)),
         )
         .await
     });

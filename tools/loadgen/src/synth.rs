@@ -15,6 +15,7 @@
 use crate::config::{AgentArgs, ChatArgs, StepDist, SynthArgs};
 use crate::plan::{Call, Pacing, Plan, Prompt, Session, Step};
 use crate::rng::Rng;
+use std::sync::Arc;
 
 fn words(rng: &mut Rng, session: usize, n: u64) -> String {
     (0..n)
@@ -57,6 +58,7 @@ pub fn chat(c: &ChatArgs) -> Plan {
             start: t,
             steps,
             carry_history: true,
+            system: None,
         });
     }
     Plan {
@@ -68,20 +70,44 @@ pub fn chat(c: &ChatArgs) -> Plan {
 pub fn agent(c: &AgentArgs) -> Plan {
     let a = &c.synth;
     let mut rng = Rng::new(a.seed);
+    // The draws of the optional features (shared system prompts, tool
+    // pauses, variable fan-out) come from a second stream, so that with
+    // them off the workload is the same as without them.
+    let mut extra = Rng::new(a.seed ^ 0x5eed_a9e7_0000_0001);
+    let pool: Vec<Arc<str>> = (0..c.system_prompts)
+        .map(|k| Arc::from(system_prompt(&mut extra, k, c.system_prompt_words)))
+        .collect();
+    let fanout_max = c.fanout.max(1);
+    let fanout_min = if c.fanout_min == 0 {
+        fanout_max
+    } else {
+        c.fanout_min.min(fanout_max)
+    };
     let mut t = 0.0;
     let mut sessions = Vec::with_capacity(a.sessions);
     for s in 0..a.sessions {
         t += rng.exp(mean_gap(a));
         // Drawn in both modes, so that the rest of the workload is the same.
-        let pareto = bounded_pareto(&mut rng, 1.2, c.steps.max(1));
+        let pareto = bounded_pareto(&mut rng, c.step_alpha, c.steps.max(1));
         let n_steps = match c.step_dist {
             StepDist::Pareto => pareto,
             StepDist::Fixed => c.steps.max(1),
         };
+        let system = if pool.is_empty() {
+            None
+        } else {
+            let k = extra.range(0, pool.len() as u64 - 1) as usize;
+            Some(pool[k].clone())
+        };
         let mut steps = Vec::new();
         for i in 0..n_steps {
+            let fanout = if fanout_min == fanout_max {
+                fanout_max
+            } else {
+                extra.range(fanout_min as u64, fanout_max as u64) as usize
+            };
             let mut calls = Vec::new();
-            for b in 0..c.fanout.max(1) {
+            for b in 0..fanout {
                 let n = rng.range(a.prompt_min, a.prompt_max);
                 let prompt = Prompt::Text(format!("branch {b}: {}", words(&mut rng, s, n)));
                 let max_tokens = answer_tokens(&mut rng, a);
@@ -91,16 +117,19 @@ pub fn agent(c: &AgentArgs) -> Plan {
                     trace_index: None,
                 });
             }
-            steps.push(Step {
-                delay: if i == 0 { 0.0 } else { c.think_secs.max(0.0) },
-                calls,
-            });
+            let delay = if i == 0 {
+                0.0
+            } else {
+                c.think_secs.max(0.0) + tool_pause(&mut extra, c)
+            };
+            steps.push(Step { delay, calls });
         }
         sessions.push(Session {
             id: format!("agent-{s}"),
             start: t,
             steps,
             carry_history: true,
+            system,
         });
     }
     Plan {
@@ -109,11 +138,32 @@ pub fn agent(c: &AgentArgs) -> Plan {
     }
 }
 
+/// A tool call's duration: exponential with mean `--tool-pause-secs`,
+/// capped at `--tool-pause-max-secs` (none when the mean is 0).
+fn tool_pause(rng: &mut Rng, c: &AgentArgs) -> f64 {
+    if c.tool_pause_secs > 0.0 {
+        rng.exp(c.tool_pause_secs)
+            .min(c.tool_pause_max_secs.max(0.0))
+    } else {
+        0.0
+    }
+}
+
+/// Shared system prompt `k`: words `p<k>w<n>` (n < 4096, random), so
+/// prompts of the pool differ from each other and from any session's words.
+fn system_prompt(rng: &mut Rng, k: usize, n: u64) -> String {
+    let mut text = format!("system prompt {k}:");
+    for _ in 0..n {
+        text.push_str(&format!(" p{k}w{}", rng.range(0, 4095)));
+    }
+    text
+}
+
 /// A draw from a Pareto distribution with shape `alpha` and minimum 1,
 /// floored and truncated to `1..=max`.
 fn bounded_pareto(rng: &mut Rng, alpha: f64, max: usize) -> usize {
     let u = 1.0 - rng.unit();
-    let x = u.powf(-1.0 / alpha).floor();
+    let x = u.powf(-1.0 / alpha.max(1e-3)).floor();
     (x as usize).clamp(1, max)
 }
 
@@ -139,7 +189,7 @@ mod tests {
             steps: 2,
             fanout: 3,
             step_dist,
-            think_secs: 0.0,
+            ..AgentArgs::default()
         }
     }
 
@@ -161,6 +211,64 @@ mod tests {
         let mut other = agent_args(StepDist::Fixed);
         other.synth.seed = 10;
         assert_ne!(agent(&other), f);
+    }
+
+    #[test]
+    fn shared_system_prompts_pauses_and_variable_fanout() {
+        let base = agent_args(StepDist::Pareto);
+        let plain = agent(&base);
+        assert!(plain.sessions.iter().all(|s| s.system.is_none()));
+        let mut c = base.clone();
+        c.synth.sessions = 40;
+        c.steps = 6;
+        c.fanout = 4;
+        c.fanout_min = 1;
+        c.think_secs = 0.5;
+        c.tool_pause_secs = 2.0;
+        c.tool_pause_max_secs = 5.0;
+        c.system_prompts = 3;
+        c.system_prompt_words = 50;
+        let p = agent(&c);
+        assert_eq!(p, agent(&c));
+        // A handful of prompts, each shared by many programs, the same text.
+        let mut distinct: Vec<&str> = p
+            .sessions
+            .iter()
+            .map(|s| s.system.as_deref().expect("a system prompt"))
+            .collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 3);
+        assert!(distinct.iter().all(|t| t.split_whitespace().count() == 53));
+        // Pauses: think time plus a random pause within the cap, varied.
+        let delays: Vec<f64> = p
+            .sessions
+            .iter()
+            .flat_map(|s| s.steps.iter().skip(1).map(|st| st.delay))
+            .collect();
+        assert!(!delays.is_empty());
+        assert!(delays.iter().all(|d| (0.5..=5.5).contains(d)));
+        assert!(delays.iter().any(|d| *d > 1.0) && delays.iter().any(|d| *d < 5.5));
+        assert!(p.sessions.iter().all(|s| s.steps[0].delay == 0.0));
+        // Fan-out varies within the bounds.
+        let widths: Vec<usize> = p
+            .sessions
+            .iter()
+            .flat_map(|s| s.steps.iter().map(|st| st.calls.len()))
+            .collect();
+        assert!(widths.iter().all(|w| (1..=4).contains(w)));
+        assert!(widths.contains(&1) && widths.contains(&4));
+        // The main stream is untouched by the options: same arrivals and
+        // the same first call as without them.
+        assert_eq!(
+            p.sessions[0].start,
+            agent(&AgentArgs {
+                synth: c.synth.clone(),
+                ..base.clone()
+            })
+            .sessions[0]
+                .start
+        );
     }
 
     #[test]

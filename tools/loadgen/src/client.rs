@@ -52,6 +52,11 @@ pub struct CallRecord {
     /// Seconds spent waiting for `--concurrency-limit` before sending.
     #[serde(default)]
     pub queued: f64,
+    /// Send lag: how late the replayer released the call's step against
+    /// its plan (session start, think time or pause over), seconds — the
+    /// replayer's own delay, e.g. a machine that cannot keep up.
+    #[serde(default)]
+    pub lag: f64,
     #[serde(default)]
     pub max_tokens: u32,
     /// HTTP status; 0 when no response arrived.
@@ -79,6 +84,8 @@ pub struct Target<'a> {
     pub url: &'a str,
     pub model: &'a str,
     pub session_header: &'a str,
+    /// More headers that carry the session id too.
+    pub extra_session_headers: &'a [String],
     pub time_scale: f64,
     /// Wall-clock limit of one call.
     pub timeout: Option<Duration>,
@@ -110,11 +117,14 @@ pub async fn call(
         ..CallRecord::default()
     };
     let body = request_body(t.model, messages, max_tokens);
-    let req = http::Request::post(t.url)
+    let mut req = http::Request::post(t.url)
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::ACCEPT, "text/event-stream")
-        .header(t.session_header, session)
-        .body(Full::new(Bytes::from(body.to_string())));
+        .header(t.session_header, session);
+    for h in t.extra_session_headers {
+        req = req.header(h.as_str(), session);
+    }
+    let req = req.body(Full::new(Bytes::from(body.to_string())));
     let req = match req {
         Ok(r) => r,
         Err(e) => {
@@ -270,6 +280,7 @@ mod tests {
             url: &url,
             model: "m",
             session_header: "x-session-id",
+            extra_session_headers: &[],
             time_scale: 1.0,
             timeout: Some(Duration::from_secs(5)),
         };

@@ -103,6 +103,11 @@ pub struct Summary {
     /// Engines whose counters were read at both ends.
     pub cache_engines: usize,
     pub time_scale: f64,
+    /// Send lag of the calls sent (see `CallRecord::lag`): how far behind
+    /// its plan the replayer ran; near zero when the machine kept up.
+    pub send_lag: Dist,
+    /// The largest send lag, seconds.
+    pub send_lag_max: f64,
     /// Up to five distinct error messages.
     pub error_samples: Vec<String>,
 }
@@ -169,6 +174,8 @@ pub fn summarize(info: &RunInfo, calls: &[CallRecord], sessions: &[SessionRecord
         cache_queries: info.cache.map(|c| c.queries),
         cache_engines: info.cache.map_or(0, |c| c.engines),
         time_scale: info.time_scale,
+        send_lag: Dist::of(calls.iter().map(|c| c.lag).collect()),
+        send_lag_max: calls.iter().map(|c| c.lag).fold(0.0, f64::max),
         error_samples,
     }
 }
@@ -208,6 +215,7 @@ mod tests {
     fn call(session: &str, sent_at: f64, e2e: f64, error: bool) -> CallRecord {
         CallRecord {
             session: session.to_owned(),
+            lag: sent_at / 10.0,
             sent_at,
             e2e,
             status: 200,
@@ -255,6 +263,8 @@ mod tests {
         assert_eq!(s.session_completion.mean, 4.0);
         assert_eq!(s.cache_hit_rate, Some(0.25));
         assert_eq!(s.error_samples, vec!["boom".to_owned()]);
+        // Lag over every call sent, errors included.
+        assert_eq!((s.send_lag.count, s.send_lag_max), (3, 0.4));
         // Round trip.
         let back: Summary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);

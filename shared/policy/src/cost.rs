@@ -14,10 +14,22 @@
 //! one generated token. When neither is known (a non-streamed answer without
 //! usage), the wall time from dispatch to last byte is the fallback.
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CostModel {
+    /// Seconds of engine work per prefilled (uncached) prompt token
+    /// (default 0.0001: ≈ 10,000 prefill tokens/s, Llama-3-8B on one H100).
     pub prefill_per_token: f64,
+    /// Seconds per generated token (default 0.01: ≈ 100 tokens/s per sequence).
     pub decode_per_token: f64,
+}
+
+impl Default for CostModel {
+    fn default() -> Self {
+        Self {
+            prefill_per_token: 0.0001,
+            decode_per_token: 0.01,
+        }
+    }
 }
 
 /// What was learned of a call's work.
@@ -31,6 +43,11 @@ pub struct Work {
 }
 
 impl CostModel {
+    /// Prefill seconds that `cached_tokens` of prompt served from cache save.
+    pub fn prefill_saving(&self, cached_tokens: f64) -> f64 {
+        (self.prefill_per_token * cached_tokens.max(0.0)).max(0.0)
+    }
+
     pub fn service(&self, work: &Work, wall_secs: f64) -> f64 {
         if !work.known {
             return wall_secs.max(0.0);

@@ -146,6 +146,7 @@ pub fn plan(reqs: &[TraceRequest], o: TraceOptions) -> Plan {
                 start: t,
                 steps: Vec::new(),
                 carry_history: false,
+                system: None,
             });
             last_ts.push(r.timestamp);
         }

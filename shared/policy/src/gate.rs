@@ -1,0 +1,530 @@
+//! The gateway queue with late binding: calls wait here, not in the engines'
+//! own queues, and the engine is chosen when capacity frees.
+//!
+//! Each engine has a limit (see [`crate::capacity`]) of calls the gateway
+//! lets run on it at once. A call arrives with the engine the scheduler
+//! prefers (the one holding its prefix or its session) and a *bind delay*:
+//! the prefill time its cache would save there. It runs at once if its
+//! engine has room; else it waits. It is *eligible* for an engine when that
+//! engine is its preferred one, or when it has waited its bind delay and the
+//! engine is one of its candidates — delay scheduling (Zaharia et al.,
+//! EuroSys 2010): a call waits for its cache only as long as the cache is
+//! worth. A call without a bind delay goes to any candidate with room at
+//! once.
+//!
+//! Order among the calls eligible for a freed slot: level, then arrival. A
+//! call that has waited `β · max(service, floor)` counts as level 0
+//! (anti-starvation), so it waits at most that long plus the time to drain
+//! the level-0 calls that arrived before it.
+//!
+//! Invariant, kept by every operation: no engine with room has an eligible
+//! waiter. Eligibility grows with time (bind delays run out), so the owner
+//! calls [`GateQueue::expire`] when a waiter's bind deadline passes
+//! ([`GateQueue::next_deadline`] tells when).
+//!
+//! Pure: time is an input (`now`, seconds on any monotonic clock); grants
+//! are returned, the caller delivers them.
+
+use std::collections::BTreeMap;
+
+/// The queue's knobs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GateConfig {
+    /// Most calls waiting per preferred engine; beyond, a call is refused.
+    pub max_queue: usize,
+    /// β of the queue's anti-starvation: a call waiting
+    /// `β · max(service, floor)` is served as level 0 (0 disables).
+    pub queue_starvation_ratio: f64,
+    /// The service floor of that bound, seconds.
+    pub service_floor: f64,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        Self {
+            max_queue: 1024,
+            queue_starvation_ratio: 2.0,
+            service_floor: 1.0,
+        }
+    }
+}
+
+/// A call asking for a slot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ask {
+    /// Queue level, 0 most urgent.
+    pub level: u8,
+    /// The service behind the level, seconds (for the starvation bound).
+    pub service: f64,
+    /// The engine the scheduler chose.
+    pub preferred: usize,
+    /// Seconds the call waits for `preferred` before any candidate will do
+    /// (`f64::INFINITY`: never moves).
+    pub bind_delay: f64,
+    /// Engines the call may run on (healthy, serving its model); `preferred`
+    /// is always allowed.
+    pub candidates: Vec<usize>,
+}
+
+/// The answer to [`GateQueue::offer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// Run now on this engine (its slot is taken).
+    Run(usize),
+    /// Wait; a later grant names the engine.
+    Queued,
+    /// The preferred engine's queue is full.
+    Full,
+}
+
+/// A slot handed to a waiting call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub id: u64,
+    pub engine: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Waiter {
+    ask: Ask,
+    arrived: f64,
+    seq: u64,
+    starving_at: f64,
+    bind_at: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Engine {
+    limit: usize,
+    in_use: usize,
+    waiting: usize,
+}
+
+/// The queue. See the module docs.
+#[derive(Clone, Debug)]
+pub struct GateQueue {
+    cfg: GateConfig,
+    engines: Vec<Engine>,
+    waiters: BTreeMap<u64, Waiter>,
+    seq: u64,
+}
+
+impl GateQueue {
+    /// One limit per engine (at least 1 each).
+    pub fn new(limits: &[usize], cfg: GateConfig) -> Self {
+        Self {
+            cfg,
+            engines: limits
+                .iter()
+                .map(|l| Engine {
+                    limit: (*l).max(1),
+                    ..Engine::default()
+                })
+                .collect(),
+            waiters: BTreeMap::new(),
+            seq: 0,
+        }
+    }
+
+    pub fn engines(&self) -> usize {
+        self.engines.len()
+    }
+
+    /// (in use, limit, waiting with this engine preferred).
+    pub fn usage(&self, engine: usize) -> (usize, usize, usize) {
+        self.engines
+            .get(engine)
+            .map_or((0, 0, 0), |e| (e.in_use, e.limit, e.waiting))
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+
+    pub fn is_waiting(&self, id: u64) -> bool {
+        self.waiters.contains_key(&id)
+    }
+
+    fn has_room(&self, engine: usize) -> bool {
+        self.engines.get(engine).is_some_and(|e| e.in_use < e.limit)
+    }
+
+    /// A call arrives: runs now, waits, or is refused. `id` must be unique
+    /// among waiting calls. Call [`Self::expire`] first, so that waiters
+    /// whose bind delay ran out are served before a newcomer takes a slot.
+    pub fn offer(&mut self, id: u64, ask: Ask, now: f64) -> Offer {
+        let Some(pref) = self.engines.get(ask.preferred).copied() else {
+            return Offer::Full;
+        };
+        if pref.in_use < pref.limit {
+            self.engines[ask.preferred].in_use += 1;
+            return Offer::Run(ask.preferred);
+        }
+        if ask.bind_delay <= 0.0
+            && let Some(e) = self.roomiest(&ask.candidates)
+        {
+            self.engines[e].in_use += 1;
+            return Offer::Run(e);
+        }
+        if pref.waiting >= self.cfg.max_queue {
+            return Offer::Full;
+        }
+        self.seq += 1;
+        let starving_at = if self.cfg.queue_starvation_ratio > 0.0 {
+            now + self.cfg.queue_starvation_ratio * ask.service.max(self.cfg.service_floor)
+        } else {
+            f64::INFINITY
+        };
+        let bind_at = now + ask.bind_delay.max(0.0);
+        self.engines[ask.preferred].waiting += 1;
+        self.waiters.insert(
+            id,
+            Waiter {
+                arrived: now,
+                seq: self.seq,
+                starving_at: if starving_at.is_nan() {
+                    f64::INFINITY
+                } else {
+                    starving_at
+                },
+                bind_at: if bind_at.is_nan() {
+                    f64::INFINITY
+                } else {
+                    bind_at
+                },
+                ask,
+            },
+        );
+        Offer::Queued
+    }
+
+    /// The candidate with the most free slots (ties: lowest index).
+    fn roomiest(&self, candidates: &[usize]) -> Option<usize> {
+        candidates
+            .iter()
+            .copied()
+            .filter(|e| self.has_room(*e))
+            .max_by_key(|e| {
+                let x = self.engines[*e];
+                (x.limit - x.in_use, std::cmp::Reverse(*e))
+            })
+    }
+
+    /// A waiting call leaves (its client went away). True if it was waiting.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        match self.waiters.remove(&id) {
+            Some(w) => {
+                if let Some(e) = self.engines.get_mut(w.ask.preferred) {
+                    e.waiting = e.waiting.saturating_sub(1);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A call on `engine` ended: its slot goes to the best eligible waiter.
+    pub fn release(&mut self, engine: usize, now: f64) -> Option<Grant> {
+        let e = self.engines.get_mut(engine)?;
+        e.in_use = e.in_use.saturating_sub(1);
+        self.fill(engine, now)
+    }
+
+    /// Hands a free slot of `engine` to its best eligible waiter, if any.
+    fn fill(&mut self, engine: usize, now: f64) -> Option<Grant> {
+        if !self.has_room(engine) {
+            return None;
+        }
+        let id = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| Self::eligible(w, engine, now))
+            .min_by(|(_, a), (_, b)| {
+                Self::order(a, now)
+                    .partial_cmp(&Self::order(b, now))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+            .map(|(id, _)| *id)?;
+        self.take(id, engine)
+    }
+
+    fn take(&mut self, id: u64, engine: usize) -> Option<Grant> {
+        let w = self.waiters.remove(&id)?;
+        if let Some(p) = self.engines.get_mut(w.ask.preferred) {
+            p.waiting = p.waiting.saturating_sub(1);
+        }
+        self.engines[engine].in_use += 1;
+        Some(Grant { id, engine })
+    }
+
+    fn eligible(w: &Waiter, engine: usize, now: f64) -> bool {
+        w.ask.preferred == engine || (now >= w.bind_at && w.ask.candidates.contains(&engine))
+    }
+
+    /// (effective level, arrival order): lower goes first.
+    fn order(w: &Waiter, now: f64) -> (u8, u64) {
+        let level = if now >= w.starving_at { 0 } else { w.ask.level };
+        (level, w.seq)
+    }
+
+    /// Waiters whose bind delay has run out take free slots on any candidate.
+    pub fn expire(&mut self, now: f64) -> Vec<Grant> {
+        let mut grants = Vec::new();
+        for engine in 0..self.engines.len() {
+            while let Some(g) = self.fill(engine, now) {
+                grants.push(g);
+            }
+        }
+        grants
+    }
+
+    /// The earliest future bind deadline of a waiter, if any.
+    pub fn next_deadline(&self, now: f64) -> Option<f64> {
+        self.waiters
+            .values()
+            .map(|w| w.bind_at)
+            .filter(|t| *t > now && t.is_finite())
+            .min_by(f64::total_cmp)
+    }
+
+    /// Changes an engine's limit; a raised limit hands slots to waiters.
+    pub fn set_limit(&mut self, engine: usize, limit: usize, now: f64) -> Vec<Grant> {
+        let Some(e) = self.engines.get_mut(engine) else {
+            return Vec::new();
+        };
+        e.limit = limit.max(1);
+        let mut grants = Vec::new();
+        while let Some(g) = self.fill(engine, now) {
+            grants.push(g);
+        }
+        grants
+    }
+
+    /// How long the call `id` has waited, seconds.
+    pub fn waited(&self, id: u64, now: f64) -> Option<f64> {
+        self.waiters.get(&id).map(|w| now - w.arrived)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    fn ask(level: u8, preferred: usize, bind_delay: f64, n: usize) -> Ask {
+        Ask {
+            level,
+            service: 0.0,
+            preferred,
+            bind_delay,
+            candidates: (0..n).collect(),
+        }
+    }
+
+    fn no_starvation() -> GateConfig {
+        GateConfig {
+            queue_starvation_ratio: 0.0,
+            ..GateConfig::default()
+        }
+    }
+
+    #[test]
+    fn runs_on_its_engine_while_it_has_room() {
+        let mut q = GateQueue::new(&[1, 1], no_starvation());
+        assert_eq!(q.offer(1, ask(0, 0, 1.0, 2), 0.0), Offer::Run(0));
+        // Engine 0 is full; engine 1 has room, but the cache is worth 1 s.
+        assert_eq!(q.offer(2, ask(0, 0, 1.0, 2), 0.0), Offer::Queued);
+        // Without a cache to wait for, it goes where there is room.
+        assert_eq!(q.offer(3, ask(0, 0, 0.0, 2), 0.0), Offer::Run(1));
+    }
+
+    #[test]
+    fn a_waiting_call_moves_after_its_bind_delay() {
+        let mut q = GateQueue::new(&[1, 1], no_starvation());
+        assert_eq!(q.offer(1, ask(0, 0, 1.0, 2), 0.0), Offer::Run(0));
+        assert_eq!(q.offer(2, ask(0, 0, 1.0, 2), 0.0), Offer::Queued);
+        assert_eq!(q.expire(0.5), vec![]);
+        assert_eq!(q.next_deadline(0.5), Some(1.0));
+        assert_eq!(q.expire(1.0), vec![Grant { id: 2, engine: 1 }]);
+        assert_eq!(q.usage(1), (1, 1, 0));
+    }
+
+    #[test]
+    fn a_call_whose_engine_frees_in_time_stays() {
+        let mut q = GateQueue::new(&[1, 1], no_starvation());
+        assert_eq!(q.offer(1, ask(0, 0, 1.0, 2), 0.0), Offer::Run(0));
+        assert_eq!(q.offer(2, ask(0, 0, 1.0, 2), 0.0), Offer::Queued);
+        assert_eq!(q.release(0, 0.4), Some(Grant { id: 2, engine: 0 }));
+        assert_eq!(q.expire(2.0), vec![]);
+    }
+
+    #[test]
+    fn lower_levels_first_then_arrival() {
+        let mut q = GateQueue::new(&[1], no_starvation());
+        assert_eq!(q.offer(1, ask(0, 0, 1.0, 1), 0.0), Offer::Run(0));
+        for (id, level) in [(10, 4u8), (11, 0), (12, 0), (13, 2)] {
+            assert_eq!(q.offer(id, ask(level, 0, 1.0, 1), 0.0), Offer::Queued);
+        }
+        let mut order = Vec::new();
+        while let Some(g) = q.release(0, 0.0) {
+            order.push(g.id);
+        }
+        assert_eq!(order, vec![11, 12, 13, 10]);
+    }
+
+    #[test]
+    fn a_starving_call_is_served_as_level_zero() {
+        let cfg = GateConfig {
+            queue_starvation_ratio: 2.0,
+            service_floor: 1.0,
+            max_queue: 8,
+        };
+        let mut q = GateQueue::new(&[1], cfg);
+        assert_eq!(q.offer(1, ask(0, 0, 1.0, 1), 0.0), Offer::Run(0));
+        let heavy = Ask {
+            service: 1.0,
+            ..ask(4, 0, 1.0, 1)
+        };
+        assert_eq!(q.offer(2, heavy, 0.0), Offer::Queued);
+        assert_eq!(q.offer(3, ask(1, 0, 1.0, 1), 2.5), Offer::Queued);
+        // At 3 s the heavy call has waited 3 ≥ 2·max(1, 1): it goes first.
+        assert_eq!(q.release(0, 3.0), Some(Grant { id: 2, engine: 0 }));
+    }
+
+    #[test]
+    fn full_queues_refuse_and_cancelled_calls_leave() {
+        let cfg = GateConfig {
+            max_queue: 1,
+            ..no_starvation()
+        };
+        let mut q = GateQueue::new(&[1], cfg);
+        assert_eq!(q.offer(1, ask(0, 0, 1.0, 1), 0.0), Offer::Run(0));
+        assert_eq!(q.offer(2, ask(0, 0, 1.0, 1), 0.0), Offer::Queued);
+        assert_eq!(q.offer(3, ask(0, 0, 1.0, 1), 0.0), Offer::Full);
+        assert!(q.cancel(2));
+        assert!(!q.cancel(2));
+        assert_eq!(q.release(0, 1.0), None);
+        assert_eq!(q.usage(0), (0, 1, 0));
+    }
+
+    #[test]
+    fn raising_a_limit_hands_out_slots() {
+        let mut q = GateQueue::new(&[1], no_starvation());
+        assert_eq!(q.offer(1, ask(0, 0, 1.0, 1), 0.0), Offer::Run(0));
+        assert_eq!(q.offer(2, ask(0, 0, 1.0, 1), 0.0), Offer::Queued);
+        assert_eq!(q.offer(3, ask(0, 0, 1.0, 1), 0.0), Offer::Queued);
+        assert_eq!(q.set_limit(0, 3, 0.0).len(), 2);
+        assert_eq!(q.usage(0), (3, 3, 0));
+        // Lowering it takes nothing back; releases stop handing out slots.
+        assert!(q.set_limit(0, 1, 0.0).is_empty());
+        assert_eq!(q.release(0, 0.0), None);
+        assert_eq!(q.usage(0), (2, 1, 0));
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Offer { level: u8, pref: usize, delay: u8 },
+        Release(usize),
+        Cancel(usize),
+        Tick(u8),
+        Limit(usize, usize),
+    }
+
+    fn op(n: usize) -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..5, 0..n, 0u8..4).prop_map(|(level, pref, delay)| Op::Offer { level, pref, delay }),
+            3 => (0..n).prop_map(Op::Release),
+            1 => (0usize..64).prop_map(Op::Cancel),
+            1 => (1u8..20).prop_map(Op::Tick),
+            1 => (0..n, 1usize..4).prop_map(|(e, l)| Op::Limit(e, l)),
+        ]
+    }
+
+    proptest! {
+        /// Whatever happens, every call is accounted for exactly once (it
+        /// runs, waits, was refused or left), no engine runs more calls than
+        /// were granted on it, and no engine with room has an eligible
+        /// waiter after an operation that may fill it.
+        #[test]
+        fn no_call_is_lost_or_duplicated(ops in proptest::collection::vec(op(3), 1..200)) {
+            let n = 3;
+            let cfg = GateConfig { max_queue: 4, queue_starvation_ratio: 2.0, service_floor: 1.0 };
+            let mut q = GateQueue::new(&[1, 2, 1], cfg);
+            let mut now = 0.0;
+            let mut next_id = 0u64;
+            let mut running: Vec<Vec<u64>> = vec![Vec::new(); n];
+            let mut waiting: HashSet<u64> = HashSet::new();
+            let mut done: HashSet<u64> = HashSet::new();
+            let place = |g: Grant, waiting: &mut HashSet<u64>, running: &mut Vec<Vec<u64>>| {
+                assert!(waiting.remove(&g.id), "granted a call that was not waiting");
+                running[g.engine].push(g.id);
+            };
+            for o in ops {
+                match o {
+                    Op::Offer { level, pref, delay } => {
+                        next_id += 1;
+                        match q.offer(next_id, ask(level, pref, f64::from(delay), n), now) {
+                            Offer::Run(e) => running[e].push(next_id),
+                            Offer::Queued => { waiting.insert(next_id); }
+                            Offer::Full => { done.insert(next_id); }
+                        }
+                    }
+                    Op::Release(e) => {
+                        if let Some(id) = running[e].pop() {
+                            done.insert(id);
+                            if let Some(g) = q.release(e, now) { place(g, &mut waiting, &mut running); }
+                        }
+                    }
+                    Op::Cancel(k) => {
+                        if let Some(id) = waiting.iter().copied().nth(k % waiting.len().max(1)) {
+                            prop_assert!(q.cancel(id));
+                            waiting.remove(&id);
+                            done.insert(id);
+                        }
+                    }
+                    Op::Tick(dt) => {
+                        now += f64::from(dt) / 4.0;
+                        for g in q.expire(now) { place(g, &mut waiting, &mut running); }
+                    }
+                    Op::Limit(e, l) => {
+                        for g in q.set_limit(e, l, now) { place(g, &mut waiting, &mut running); }
+                    }
+                }
+                prop_assert_eq!(q.waiting(), waiting.len());
+                for (e, r) in running.iter().enumerate() {
+                    prop_assert_eq!(q.usage(e).0, r.len());
+                }
+                let total = running.iter().map(Vec::len).sum::<usize>() + waiting.len() + done.len();
+                prop_assert_eq!(total as u64, next_id);
+                // After expiring, no engine with room has an eligible waiter.
+                for g in q.expire(now) { place(g, &mut waiting, &mut running); }
+                for e in 0..n {
+                    if q.has_room(e) {
+                        prop_assert!(!q.waiters.values().any(|w| GateQueue::eligible(w, e, now)));
+                    }
+                }
+            }
+        }
+
+        /// A waiting call is dispatched before any call that arrived after it
+        /// once it is starving — the bound does not depend on how many fresh
+        /// calls keep coming.
+        #[test]
+        fn a_starving_call_is_not_overtaken_by_later_arrivals(
+            fresh in 1usize..30, service in 0.0f64..5.0, wait in 0.0f64..20.0
+        ) {
+            let cfg = GateConfig { max_queue: 1000, queue_starvation_ratio: 2.0, service_floor: 1.0 };
+            let mut q = GateQueue::new(&[1], cfg);
+            prop_assert_eq!(q.offer(0, ask(0, 0, 1.0, 1), 0.0), Offer::Run(0));
+            let old = Ask { service, ..ask(4, 0, 1.0, 1) };
+            prop_assert_eq!(q.offer(1, old, 0.0), Offer::Queued);
+            for i in 0..fresh {
+                prop_assert_eq!(q.offer(2 + i as u64, ask(0, 0, 1.0, 1), wait * 0.5), Offer::Queued);
+            }
+            let g = q.release(0, wait);
+            let bound = 2.0 * service.max(1.0);
+            prop_assert_eq!(g.map(|g| g.id == 1), Some(wait >= bound));
+        }
+    }
+}
