@@ -23,6 +23,9 @@ pub(crate) fn spawn_controller(
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let timeout = interval.max(Duration::from_millis(200));
+        // The last scrape's waiting queue per engine: only a queue seen twice
+        // in a row counts.
+        let mut last_waiting = vec![0.0f64; app.fleet.engines.len()];
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -41,9 +44,10 @@ pub(crate) fn spawn_controller(
                     max: max.get(i).copied().unwrap_or(limit),
                     in_use,
                     demand: app.gateway.waiting() > 0,
-                    engine_waiting: s.waiting,
+                    engine_waiting: s.waiting.min(last_waiting[i]),
                     kv_usage: s.kv_usage,
                 };
+                last_waiting[i] = s.waiting;
                 let next = next_limit(&cfg, &signal);
                 if next != limit {
                     app.gateway.set_limit(i, next);

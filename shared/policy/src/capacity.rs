@@ -6,7 +6,9 @@
 //! The rule, applied on every scrape of the engine's metrics (vLLM
 //! `num_requests_waiting`, `kv_cache_usage_perc`; SGLang's equivalents):
 //!
-//! - **Back off** when the engine queues more than `target_waiting` calls:
+//! - **Back off** when the engine queues more than `target_waiting` calls
+//!   on two scrapes in a row (a queue that persists; a call sent a moment
+//!   ago waits for the engine's next step, and that is no congestion):
 //!   the engine runs `in_use − waiting` of the gateway's calls, so the limit
 //!   becomes `in_use − (waiting − target_waiting)` (never above the current
 //!   limit). Calls already sent stay where they are.
@@ -55,7 +57,8 @@ pub struct CapacitySignal {
     pub in_use: usize,
     /// Whether calls wait at the gateway.
     pub demand: bool,
-    /// The engine's waiting queue, as it reports it.
+    /// The engine's waiting queue as it reports it: the least of the last
+    /// two scrapes.
     pub engine_waiting: f64,
     /// The engine's KV-cache usage, 0..=1.
     pub kv_usage: f64,
