@@ -103,6 +103,15 @@ impl Core {
                     .decisions
                     .get_or_create(&label("reason", d.reason.as_str()))
                     .inc();
+                let note = self.decider.last;
+                self.metrics
+                    .affinity
+                    .get_or_create(&label("affinity", note.affinity()))
+                    .inc();
+                self.metrics
+                    .prefix
+                    .get_or_create(&label("prefix", note.prefix()))
+                    .inc();
             }
             RouteReply::NoEngine { .. } => {
                 self.metrics.no_engine.inc();

@@ -32,6 +32,39 @@ pub struct PolicyKnobs {
     pub prefix_blocks: usize,
 }
 
+/// What the last decision did, for the metrics: the affinity kept or moved,
+/// the prefix match taken against the best available.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DecisionNote {
+    /// The session's affinity engine before the decision, if any.
+    pub had_affinity: Option<usize>,
+    /// The chosen engine.
+    pub engine: usize,
+    /// The chosen engine's prefix match ratio, and the best any healthy engine had.
+    pub chosen_match: f64,
+    pub best_match: f64,
+}
+
+impl DecisionNote {
+    pub fn affinity(&self) -> &'static str {
+        match self.had_affinity {
+            None => "none",
+            Some(a) if a == self.engine => "kept",
+            Some(_) => "moved",
+        }
+    }
+
+    pub fn prefix(&self) -> &'static str {
+        if self.best_match <= 0.0 {
+            "none"
+        } else if self.chosen_match + 1e-9 >= self.best_match {
+            "best"
+        } else {
+            "shorter"
+        }
+    }
+}
+
 /// KV-write marks count 64-token units.
 const MARK_UNIT: f64 = 64.0;
 
@@ -57,6 +90,8 @@ pub struct Decider {
     turn: u64,
     scratch: Vec<EngineLoad>,
     ratios: Vec<f64>,
+    /// What the last decision did.
+    pub last: DecisionNote,
 }
 
 impl Decider {
@@ -104,6 +139,7 @@ impl Decider {
             turn: 0,
             scratch: Vec::new(),
             ratios: Vec::new(),
+            last: DecisionNote::default(),
         }
     }
 
@@ -178,6 +214,19 @@ impl Decider {
             return RouteReply::NoEngine {
                 reason: format!("no healthy engine serves model {:?}", req.model),
             };
+        };
+        let best_match = self
+            .ratios
+            .iter()
+            .zip(&self.scratch)
+            .filter(|(_, e)| e.healthy)
+            .map(|(r, _)| *r)
+            .fold(0.0, f64::max);
+        self.last = DecisionNote {
+            had_affinity: session.and_then(|s| s.affinity()),
+            engine: p.engine,
+            chosen_match: self.ratios.get(p.engine).copied().unwrap_or(0.0),
+            best_match,
         };
         self.loads.start(req.call_id, p.engine, now_ms);
         let mark = self.mark(p.engine);

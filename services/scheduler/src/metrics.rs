@@ -16,6 +16,13 @@ pub struct Metrics {
     pub in_flight: Family<Labels, Gauge>,
     pub healthy: Family<Labels, Gauge>,
     pub expired_calls: Counter,
+    /// Decisions for sessions that had an affinity engine, by `affinity`:
+    /// `kept` (placed there) or `moved` (placed elsewhere); `none` without.
+    pub affinity: Family<Labels, Counter>,
+    /// Decisions by whether the chosen engine held the best prefix match
+    /// available: `prefix` = `best`, `shorter` (a longer match elsewhere,
+    /// e.g. for load), or `none` (no engine held any of the prompt).
+    pub prefix: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -59,6 +66,16 @@ impl Metrics {
             "tether_scheduler_engine_healthy",
             "1 when the engine is healthy",
             self.healthy.clone(),
+        );
+        r.register(
+            "tether_scheduler_affinity",
+            "Decisions by what happened to the session's affinity: kept, moved, none",
+            self.affinity.clone(),
+        );
+        r.register(
+            "tether_scheduler_prefix",
+            "Decisions by the chosen engine's prefix match: best, shorter (a longer one elsewhere), none",
+            self.prefix.clone(),
         );
         r.register(
             "tether_scheduler_expired_calls",
