@@ -35,7 +35,8 @@ bench: tools
     cargo bench --bench decide
     cargo bench --bench route_rtt
 
-# Compare routing policies on 4 engine-sims: writes docs/results/comparison.md.
-compare: tools
+# Load sweep of Tether vs sglang-router and vllm-router (ARGS to scripts/compare.py, e.g. --quick).
+compare *ARGS: tools
+    scripts/peers.sh >/dev/null
     cargo build --release --workspace --bins
-    python3 scripts/compare.py
+    python3 scripts/compare.py {{ARGS}}

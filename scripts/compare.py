@@ -1,23 +1,31 @@
 #!/usr/bin/env python3
-"""Regenerates docs/results/comparison.md and its plots.
+"""Load sweep: Tether against peer routers on the same fleet.
 
-Brings up a fleet of four engine-sims and the whole Tether system once per
-experiment (fresh NATS, fresh caches), replays a workload with tether-loadgen
-against the ingress under each routing policy, and writes a Markdown report
-with tables and SVG plots. Everything runs with simulated time scaled by
---time-scale (engines, replayer and scrape interval alike).
+Regenerates docs/results/comparison.md, its SVG plots and comparison.json.
 
-Usage: scripts/compare.py [--time-scale 20] [--max-requests 2000] [--quick]
-(`just compare` runs it after a release build).
+For every workload (the Mooncake trace as closed-loop chat; agent programs)
+and every load level, each system runs on a fresh fleet of four engine-sims
+(fresh caches, fresh router), driven by tether-loadgen, `--repeats` times.
+Systems: Tether under each scheduler strategy, sglang-router and vllm-router
+(installed by scripts/peers.sh into .tools/routers). All engines run FCFS
+and Tether's fleet file says `priority = false`: every system gets the same
+engines. Simulated time runs `--time-scale` times faster than wall time in
+the engines, the replayer and Tether's gateway alike.
+
+Usage: scripts/compare.py [--quick] [--repeats N] [--time-scale F]
+                          [--systems a,b] [--report-only] [--dry-run]
+(`just compare [ARGS]` installs the peers, builds, and runs it).
 """
 import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,18 +35,66 @@ import urllib.request
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
 OUT = ROOT / "docs" / "results"
-POLICIES = ["round-robin", "least-loaded", "session-hash", "cache-aware", "tether"]
+ROUTERS = ROOT / ".tools" / "routers" / "bin"
 
+# =====================================================================
+# What is compared. Edit here.
+# =====================================================================
+# A system: name -> how to run it. Tether systems: scheduler --strategy plus
+# extra scheduler / ingress arguments. Peers: the router and its --policy.
+SYSTEMS = {
+    "tether": {"kind": "tether", "strategy": "tether"},
+    "cache-aware": {"kind": "tether", "strategy": "cache-aware"},
+    "least-loaded": {"kind": "tether", "strategy": "least-loaded"},
+    "round-robin": {"kind": "tether", "strategy": "round-robin"},
+    "session-hash": {"kind": "tether", "strategy": "session-hash"},
+    "sglang-router cache_aware": {"kind": "sglang-router", "policy": "cache_aware"},
+    "vllm-router cache_aware": {"kind": "vllm-router", "policy": "cache_aware"},
+    "vllm-router consistent_hash": {"kind": "vllm-router", "policy": "consistent_hash"},
+}
+# --quick runs these only.
+QUICK_SYSTEMS = ["tether", "cache-aware", "sglang-router cache_aware", "vllm-router consistent_hash"]
+# The "never loses" target compares the default against the best of these.
+BASELINES = ["cache-aware", "sglang-router cache_aware", "vllm-router cache_aware", "vllm-router consistent_hash"]
+# The peer routers (the agent capacity and heaviest-level targets).
+PEERS = ["sglang-router cache_aware", "vllm-router cache_aware", "vllm-router consistent_hash"]
+DEFAULT = "tether"
 
-def sglang_router():
-    """The Python that runs sglang-router, if it is installed (on PATH, or in .tools/routers)."""
-    for script in [shutil.which("sglang-router"), str(ROOT / ".tools" / "routers" / "bin" / "sglang-router")]:
-        if script and pathlib.Path(script).exists():
-            python = pathlib.Path(script).parent / "python"
-            if python.exists():
-                return str(python)
-    return None
-OTHER_ROUTERS = ["sglang-router", "vllm-router"]
+# >>> OVERLOAD VARIANTS: Tether's default against itself with gateway ordering
+# off, at each workload's heaviest level. Extra arguments are passed through
+# as they are (flag names are still being settled: edit them here). A variant
+# whose flags the binary's --help does not list is skipped with a warning.
+# The first entry must be the default (it reuses the sweep's runs).
+OVERLOAD_VARIANTS = [
+    {"name": "tether", "scheduler_args": [], "ingress_args": []},
+    {"name": "tether, FCFS ordering", "scheduler_args": ["--ordering", "fcfs"], "ingress_args": []},
+]
+# <<< OVERLOAD VARIANTS
+
+# Extra arguments for every Tether run (scheduler, ingress).
+TETHER_SCHEDULER_ARGS = []
+TETHER_INGRESS_ARGS = []
+
+# Headers carrying the session id. Agents also send x-claude-code-session-id,
+# the header by which tether-ingress (--program-headers) tells agent
+# programs from chats; peers receive the same headers and ignore it.
+CHAT_EXTRA_HEADERS = []
+AGENT_EXTRA_HEADERS = ["x-claude-code-session-id"]
+
+# The agent workload (tether-loadgen agent; docs/loadgen.md). --sessions and
+# --rate are set per run.
+AGENT_FLAGS = ["--steps", "12", "--step-alpha", "1.0", "--fanout", "4", "--fanout-min", "1",
+               "--tool-pause-secs", "1.5", "--tool-pause-max-secs", "6",
+               "--system-prompts", "4", "--system-prompt-words", "2000",
+               "--prompt-min", "50", "--prompt-max", "300", "--answer-min", "16", "--answer-max", "160",
+               "--seed", "7"]
+# =====================================================================
+
+ENGINES = 4
+MODEL = "tether-sim"
+SLO_FACTOR = 2.0           # capacity at SLO: mean session completion within 2x unloaded
+NEVER_LOSES = 1.05
+TRACE_RATE_HINT = None     # filled from the trace: requests per simulated second
 
 
 def free_port():
@@ -47,82 +103,137 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_http(url, timeout=30.0):
+def http_ok(url, timeout=1.0, body=None, headers=None):
+    req = urllib.request.Request(url, data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read()
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def wait_until(pred, what, timeout=60.0):
     end = time.time() + timeout
     while time.time() < end:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            pass
+        if pred():
+            return
         time.sleep(0.05)
-    raise RuntimeError(f"{url} did not become ready")
+    raise RuntimeError(f"{what} did not become ready in {timeout:.0f} s")
+
+
+def help_text(binary):
+    try:
+        return subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=20).stdout
+    except Exception:
+        return ""
+
+
+def flags_missing(args, help_out):
+    return [a for a in args if a.startswith("--") and a.split("=")[0] not in help_out]
 
 
 class Stack:
-    """nats-server, 4 engine-sims, session-state, scheduler and ingress."""
+    """Four engine-sims and one router in front of them: Tether (NATS,
+    session-state, scheduler, ingress) or a peer router."""
 
-    def __init__(self, nats, strategy, time_scale, priority=False, mode="atlas", engines=4, log_dir=None, scheduler_args=(),
-                 external=None):
-        self.nats_bin, self.strategy, self.scale = nats, strategy, time_scale
-        self.scheduler_args = list(scheduler_args)
-        # (python, policy): run sglang-router in front of the engines instead of Tether.
-        self.external = external
-        self.priority, self.mode, self.n = priority, mode, engines
+    def __init__(self, system, scale, log_dir, ingress_time_scale):
+        self.sys, self.scale = system, scale
         self.procs = []
         self.tmp = pathlib.Path(tempfile.mkdtemp(prefix="tether-compare-"))
-        self.log_dir = log_dir or self.tmp
+        self.log_dir = log_dir
+        self.ingress_time_scale = ingress_time_scale
 
     def spawn(self, name, args, env=None):
         log = open(self.log_dir / f"{name}.log", "w")
         e = dict(os.environ, RUST_LOG="warn", **(env or {}))
-        self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=e))
+        self.procs.append(subprocess.Popen([str(a) for a in args], stdout=log, stderr=subprocess.STDOUT, env=e))
 
     def __enter__(self):
-        nats_port = free_port()
-        self.spawn("nats", [self.nats_bin, "-a", "127.0.0.1", "-p", str(nats_port), "-js", "-sd", str(self.tmp / "js")])
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _start(self):
         self.engine_urls = []
         fleet = []
-        for i in range(self.n):
+        for i in range(ENGINES):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             self.spawn(f"sim-{i}", [BIN / "tether-engine-sim", "--listen", f"127.0.0.1:{port}", "--name", f"sim-{i}",
-                                    "--time-scale", str(self.scale), "--max-model-len", "262144",
-                                    "--scheduling-policy", "priority" if self.priority else "fcfs"])
+                                    "--time-scale", self.scale, "--max-model-len", "262144",
+                                    "--scheduling-policy", "fcfs"])
             self.engine_urls.append(url)
-            fleet.append(f'[[engines]]\nname = "sim-{i}"\nurl = "{url}"\nmodels = ["tether-sim"]\n'
-                         f'priority = {"true" if self.priority else "false"}\ncache_tokens = 400000\n')
+            fleet.append(f'[[engines]]\nname = "sim-{i}"\nurl = "{url}"\nmodels = ["{MODEL}"]\n'
+                         'priority = false\ncache_tokens = 400000\n')
         (self.tmp / "fleet.toml").write_text("\n".join(fleet))
         for url in self.engine_urls:
-            wait_http(url + "/health")
-        if self.external:
-            python, policy = self.external
-            port = free_port()
-            self.ingress = f"http://127.0.0.1:{port}"
-            self.spawn("sglang-router", [python, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-                                         "--worker-urls", *self.engine_urls, "--policy", policy, "--log-level", "warn"])
-            wait_http(self.ingress + "/v1/models", timeout=60)
-            return self
-        env = {"TETHER_NATS_URL": f"nats://127.0.0.1:{nats_port}", "TETHER_FLEET": str(self.tmp / "fleet.toml")}
-        ss, sc = free_port(), free_port()
-        self.spawn("session-state", [BIN / "tether-session-state", "--admin-listen", f"127.0.0.1:{ss}"], env)
-        wait_http(f"http://127.0.0.1:{ss}/ready")
-        scrape = max(10, int(100 / self.scale))
-        self.spawn("scheduler", [BIN / "tether-scheduler", "--admin-listen", f"127.0.0.1:{sc}",
-                                 "--strategy", self.strategy, "--priority-mode", self.mode,
-                                 "--scrape-interval-ms", str(scrape)] + self.scheduler_args, env)
-        wait_http(f"http://127.0.0.1:{sc}/ready")
+            wait_until(lambda: http_ok(url + "/health"), url)
+        kind = self.sys["kind"]
         port = free_port()
-        self.ingress = f"http://127.0.0.1:{port}"
-        self.spawn("ingress", [BIN / "tether-ingress", "--listen", f"127.0.0.1:{port}",
-                               "--health-interval-ms", str(scrape), "--route-timeout-ms", "200"], env)
-        wait_http(self.ingress + "/ready")
+        self.url = f"http://127.0.0.1:{port}"
+        if kind == "sglang-router":
+            self.spawn("router", [ROUTERS / "python", "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+                                  "--port", port, "--worker-urls", *self.engine_urls, "--policy", self.sys["policy"],
+                                  "--prometheus-port", free_port(), "--log-level", "warn",
+                                  "--shutdown-grace-period-secs", "1"])
+        elif kind == "vllm-router":
+            self.spawn("router", [ROUTERS / "vllm-router", "--host", "127.0.0.1", "--port", port,
+                                  "--worker-urls", *self.engine_urls, "--policy", self.sys["policy"],
+                                  "--prometheus-port", free_port(), "--log-level", "warning"])
+        else:
+            nats_port = free_port()
+            nats = os.environ.get("TETHER_NATS_SERVER") or str(ROOT / ".tools" / "venv" / "bin" / "nats-server")
+            self.spawn("nats", [nats, "-a", "127.0.0.1", "-p", nats_port, "-js", "-sd", self.tmp / "js"])
+            env = {"TETHER_NATS_URL": f"nats://127.0.0.1:{nats_port}", "TETHER_FLEET": str(self.tmp / "fleet.toml")}
+            ss, sc = free_port(), free_port()
+            self.spawn("session-state", [BIN / "tether-session-state", "--admin-listen", f"127.0.0.1:{ss}"], env)
+            wait_until(lambda: http_ok(f"http://127.0.0.1:{ss}/ready"), "session-state")
+            scrape = max(10, int(100 / self.scale))
+            self.spawn("scheduler", [BIN / "tether-scheduler", "--admin-listen", f"127.0.0.1:{sc}",
+                                     "--strategy", self.sys["strategy"], "--scrape-interval-ms", scrape]
+                       + TETHER_SCHEDULER_ARGS + self.sys.get("scheduler_args", []), env)
+            wait_until(lambda: http_ok(f"http://127.0.0.1:{sc}/ready"), "scheduler")
+            ingress = [BIN / "tether-ingress", "--listen", f"127.0.0.1:{port}", "--health-interval-ms", scrape,
+                       "--route-timeout-ms", "200"]
+            if self.ingress_time_scale:
+                ingress += ["--time-scale", self.scale]
+            self.spawn("ingress", ingress + TETHER_INGRESS_ARGS + self.sys.get("ingress_args", []), env)
+            wait_until(lambda: http_ok(self.url + "/ready"), "ingress")
+        # Ready when a real (one-token) call goes through: a router may list
+        # its workers before it can route to them.
+        probe = json.dumps({"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "ready?"}]}).encode()
+        wait_until(lambda: http_ok(self.url + "/v1/chat/completions", 5.0, probe,
+                                   {"content-type": "application/json", "x-session-id": "compare-probe"}),
+                   f"{kind} at {self.url}", timeout=90)
         return self
+
+    def engine_lag(self):
+        """The largest value of any engine metric named like `*lag*` (none
+        when the engines do not expose one)."""
+        best = None
+        for url in self.engine_urls:
+            try:
+                with urllib.request.urlopen(url + "/metrics", timeout=2) as r:
+                    text = r.read().decode()
+            except Exception:
+                continue
+            for line in text.splitlines():
+                if line.startswith("#") or "lag" not in line.split("{")[0].split(" ")[0]:
+                    continue
+                try:
+                    v = float(line.rsplit(" ", 1)[1])
+                except ValueError:
+                    continue
+                best = v if best is None else max(best, v)
+        return best
 
     def __exit__(self, *exc):
         for p in reversed(self.procs):
-            p.terminate()
+            if p.poll() is None:
+                p.terminate()
         for p in self.procs:
             try:
                 p.wait(timeout=10)
@@ -132,215 +243,264 @@ class Stack:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def loadgen(stack, label, workload_args, scale, out_dir):
-    run_dir = out_dir / label
-    args = [BIN / "tether-loadgen", "--base-url", stack.ingress, "--time-scale", str(scale), "--label", label,
-            "--engine-metrics", ",".join(stack.engine_urls), "--out", str(run_dir)] + workload_args
+KEEP = ["label", "calls", "errors", "sessions", "sessions_complete", "ttft", "tpot", "e2e", "session_completion",
+        "duration", "calls_per_s", "output_tokens_per_s", "prompt_tokens", "cached_tokens", "cache_hit_rate",
+        "send_lag", "send_lag_max", "error_samples", "time_scale"]
+
+
+def run_one(system, workload_args, scale, run_dir, ingress_time_scale, wall_limit):
+    """One fresh fleet + router, one loadgen run; the trimmed summary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with Stack(system, scale, run_dir, ingress_time_scale) as s:
+        started = time.time()
+        args = [BIN / "tether-loadgen", "--base-url", s.url, "--model", MODEL, "--time-scale", scale,
+                "--label", run_dir.name, "--engine-metrics", ",".join(s.engine_urls), "--out", run_dir,
+                "--request-timeout-secs", "900"] + workload_args
+        with open(run_dir / "loadgen.log", "w") as log:
+            try:
+                subprocess.run([str(a) for a in args], check=True, stdout=subprocess.DEVNULL, stderr=log,
+                               timeout=wall_limit)
+            except subprocess.TimeoutExpired:
+                print(f"    loadgen ran over {wall_limit:.0f} s wall and was stopped", flush=True)
+                raise
+        load_wall = time.time() - started
+        lag = s.engine_lag()
     summary = json.loads((run_dir / "summary.json").read_text())
-    summary["wall_seconds"] = round(time.time() - t0, 1)
-    calls = [json.loads(l) for l in (run_dir / "calls.jsonl").read_text().splitlines() if l.strip()]
-    summary["ttfts"] = sorted(c["ttft"] for c in calls if c.get("ttft") is not None)
-    print(f"  {label:40s} ttft mean {summary['ttft']['mean']:.3f}s  session {summary['session_completion']['mean']:.2f}s  "
-          f"hit {summary.get('cache_hit_rate') or 0:.3f}  errors {summary['errors']}  ({summary['wall_seconds']}s)", flush=True)
-    return summary
+    out = {k: summary.get(k) for k in KEEP}
+    out["wall_seconds"] = round(time.time() - t0, 1)
+    out["load_wall_seconds"] = round(load_wall, 1)
+    out["engine_lag_max"] = lag
+    return out
 
 
-# ---------- SVG plots (no plotting library needed) ----------
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+# ---------- statistics over repeats ----------
+def metric(summary, name):
+    if summary is None:
+        return None
+    if name == "hit":
+        return summary.get("cache_hit_rate")
+    if name == "errors":
+        return summary.get("errors")
+    if name == "lag":
+        return summary.get("send_lag_max")
+    group, stat = name.split(".")
+    d = summary.get(group) or {}
+    if not d.get("count"):
+        return None
+    return d.get(stat)
 
 
-def svg_cdf(path, title, series, xlabel):
-    w, h, ml, mb, mt, mr = 640, 400, 60, 50, 30, 170
-    xmax = max((s[-1] for _, s in series if s), default=1.0)
-    xmax = max(xmax, 1e-9)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{ml}" y="18" font-size="14">{title}</text>']
-    pw, ph = w - ml - mr, h - mt - mb
-    out.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
-    for i in range(6):
-        x = ml + pw * i / 5
-        out.append(f'<text x="{x:.0f}" y="{h - mb + 16}" text-anchor="middle">{xmax * i / 5:.2f}</text>')
-        y = mt + ph * (1 - i / 5)
-        out.append(f'<text x="{ml - 6}" y="{y + 4:.0f}" text-anchor="end">{i / 5:.1f}</text>')
-    out.append(f'<text x="{ml + pw / 2}" y="{h - 10}" text-anchor="middle">{xlabel}</text>')
-    for k, (name, vals) in enumerate(series):
-        if not vals:
-            continue
-        n = len(vals)
-        step = max(1, n // 400)
-        pts = [(ml + pw * v / xmax, mt + ph * (1 - (i + 1) / n)) for i, v in enumerate(vals) if i % step == 0 or i == n - 1]
-        d = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
-        c = COLORS[k % len(COLORS)]
-        out.append(f'<polyline points="{d}" fill="none" stroke="{c}" stroke-width="2"/>')
-        out.append(f'<rect x="{w - mr + 12}" y="{mt + 18 * k}" width="12" height="12" fill="{c}"/>')
-        out.append(f'<text x="{w - mr + 30}" y="{mt + 18 * k + 10}">{name}</text>')
-    out.append("</svg>")
-    path.write_text("\n".join(out))
+def spread(values):
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None
+    return statistics.median(vals), min(vals), max(vals)
 
 
-def svg_bars(path, title, items, fmt="{:.2f}"):
-    w, h, ml, mb, mt = 640, 360, 60, 90, 30
-    vmax = max((v for _, v in items), default=1.0) or 1.0
-    pw, ph = w - ml - 20, h - mt - mb
-    bw = pw / max(1, len(items))
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{w}" height="{h}" fill="white"/>', f'<text x="{ml}" y="18" font-size="14">{title}</text>',
-           f'<line x1="{ml}" y1="{mt + ph}" x2="{ml + pw}" y2="{mt + ph}" stroke="#888"/>']
-    for i, (name, v) in enumerate(items):
-        bh = ph * v / vmax
-        x = ml + i * bw + bw * 0.15
-        out.append(f'<rect x="{x:.1f}" y="{mt + ph - bh:.1f}" width="{bw * 0.7:.1f}" height="{bh:.1f}" fill="{COLORS[i % len(COLORS)]}"/>')
-        out.append(f'<text x="{x + bw * 0.35:.1f}" y="{mt + ph - bh - 4:.1f}" text-anchor="middle">{fmt.format(v)}</text>')
-        out.append(f'<text x="{x + bw * 0.35:.1f}" y="{mt + ph + 16}" text-anchor="middle" transform="rotate(20 {x + bw * 0.35:.1f} {mt + ph + 16})">{name}</text>')
-    out.append("</svg>")
-    path.write_text("\n".join(out))
+def fmt(s, kind="s"):
+    if s is None:
+        return "–"
+    med, lo, hi = s
+    if kind == "pct":
+        f = lambda v: f"{v:.1%}"
+    elif kind == "int":
+        f = lambda v: f"{v:.0f}"
+    else:
+        f = lambda v: f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return f(med) if lo == hi else f"{f(med)} ({f(lo)}–{f(hi)})"
 
 
-def table(rows, title):
-    head = "| policy | calls | errors | TTFT mean | TTFT p50 | TTFT p90 | TTFT p99 | TPOT mean | E2E mean | session completion mean | cache hit rate |"
-    lines = [f"**{title}**", "", head, "|" + "---|" * 11]
-    for r in rows:
-        hit = r.get("cache_hit_rate")
-        lines.append(f"| {r['label'].split('/')[-1]} | {r['calls']} | {r['errors']} | {r['ttft']['mean']:.3f} | {r['ttft']['p50']:.3f} | "
-                     f"{r['ttft']['p90']:.3f} | {r['ttft']['p99']:.3f} | {r['tpot']['mean'] * 1000:.1f} ms | {r['e2e']['mean']:.2f} | "
-                     f"{r['session_completion']['mean']:.2f} | {'' if hit is None else f'{hit:.1%}'} |")
-    return "\n".join(lines) + "\n"
+# ---------- the plan ----------
+def trace_span(trace, n):
+    ts = []
+    with open(trace) as f:
+        for line in f:
+            if line.strip():
+                ts.append(json.loads(line)["timestamp"])
+    ts.sort()
+    ts = ts[:n]
+    return (ts[-1] - ts[0]) / 1000.0 if len(ts) > 1 else 1.0
+
+
+def workloads(a):
+    """(name, levels [(label, x, loadgen args, est. simulated seconds)], unloaded (x, args, est.), x-axis label)."""
+    span = trace_span(a.trace, a.chat_requests)
+
+    def chat_args(speedup):
+        return ["--extra-session-headers", ",".join(CHAT_EXTRA_HEADERS)] * bool(CHAT_EXTRA_HEADERS) + [
+            "--max-requests", str(a.chat_requests), "mooncake", "--trace", a.trace, "--pacing", "closed",
+            "--speedup", f"{speedup:g}", "--max-think", "3"]
+
+    def agent_args(rate):
+        return ["--extra-session-headers", ",".join(AGENT_EXTRA_HEADERS)] * bool(AGENT_EXTRA_HEADERS) + [
+            "agent", "--sessions", str(a.agent_programs), "--rate", f"{rate:g}"] + AGENT_FLAGS
+
+    chat_rate = a.chat_requests / span
+    # Simulated seconds a run lasts: arrivals, then the tail (later turns,
+    # long programs, the backlog past saturation) — fitted to measured runs.
+    chat_sim = lambda s: span / s + 5 + 20 * max(0.0, s - 0.6)
+    agent_sim = lambda r: a.agent_programs / r + min(90.0, 30 + 3 * r)
+    chat = [(f"x{s:g}", s * chat_rate, chat_args(s), chat_sim(s)) for s in a.chat_speedups]
+    agent = [(f"{r:g}/s", r, agent_args(r), agent_sim(r)) for r in a.agent_rates]
+    cu = min(a.chat_speedups) * a.unloaded_fraction
+    au = min(a.agent_rates) * a.unloaded_fraction
+    return [
+        {"name": "chat", "title": "Mooncake trace, closed-loop chat", "levels": chat,
+         "unloaded": (cu * chat_rate, chat_args(cu), chat_sim(cu)),
+         "xlabel": "offered load (trace requests per simulated second)"},
+        {"name": "agent", "title": "Agent programs", "levels": agent,
+         "unloaded": (au, agent_args(au), agent_sim(au)),
+         "xlabel": "program arrivals per simulated second"},
+    ]
+
+
+# Wall seconds to start and stop a fleet and its router.
+STARTUP = {"tether": 2.5, "sglang-router": 2.0, "vllm-router": 1.2}
+
+
+def estimate(seconds_sim, kind, scale):
+    return seconds_sim / scale + STARTUP[kind]
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--time-scale", type=float, default=20.0)
-    ap.add_argument("--small-time-scale", type=float, default=10.0)
-    ap.add_argument("--max-requests", type=int, default=2000)
+    global OUT
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--time-scale", type=float, default=10.0, help="simulated seconds per wall second (default 10)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs per point (default 3; --quick: 1)")
+    ap.add_argument("--chat-requests", type=int, default=None, help="first N trace requests per chat run (default 200; --quick: 100)")
+    ap.add_argument("--chat-speedups", default=None, help="chat load levels: trace speed-ups (default 0.6,1.2,1.8,2.4)")
+    ap.add_argument("--agent-programs", type=int, default=None, help="programs per agent run (default 280, about 2,040 calls; --quick: 80)")
+    ap.add_argument("--agent-rates", default=None, help="agent load levels: programs per second (default 2.5,5,10,20)")
+    ap.add_argument("--unloaded-fraction", type=float, default=0.5,
+                    help="the unloaded reference runs at this fraction of the lightest level (default 0.5)")
+    ap.add_argument("--systems", default=None, help="comma-separated subset of the systems")
+    ap.add_argument("--workloads", default="chat,agent")
     ap.add_argument("--trace", default=str(ROOT.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"))
-    ap.add_argument("--closed-speedups", default="1,1.1,1.2,1.3,1.5,2")
-    ap.add_argument("--quick", action="store_true", help="a few hundred requests, for trying the script")
+    ap.add_argument("--quick", action="store_true", help="fewer requests, 2 levels, 1 repeat, 4 systems: a few minutes")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
+    ap.add_argument("--out", default=str(OUT), help="where the report, plots and runs go (default docs/results)")
     ap.add_argument("--report-only", action="store_true",
-                    help="re-render the report from the last run's records (docs/results/comparison.json and runs/)")
+                    help="re-render the report from docs/results/comparison.json")
     a = ap.parse_args()
-    # Recorded before anything is written, so the report names the code that made it.
-    a.commit, a.dirty = git_state()
+    OUT = pathlib.Path(a.out).resolve()
+    OUT.mkdir(parents=True, exist_ok=True)
     if a.report_only:
         saved = json.loads((OUT / "comparison.json").read_text())
-        for regime, rows in saved["results"].items():
-            for r in rows:
-                calls = OUT / "runs" / r["label"] / "calls.jsonl"
-                recs = [json.loads(l) for l in calls.read_text().splitlines() if l.strip()] if calls.exists() else []
-                r["ttfts"] = sorted(c["ttft"] for c in recs if c.get("ttft") is not None)
-        for k, v in saved.get("args", {}).items():
-            setattr(a, k, v)
-        write_report(a, saved["results"], saved["unloaded_ttft"], saved["closed_speedup"], saved.get("elapsed", 0.0))
+        write_report(saved)
         return
-    if a.quick:
-        a.max_requests = 300
-    nats = os.environ.get("TETHER_NATS_SERVER") or str(ROOT / ".tools" / "venv" / "bin" / "nats-server")
-    trace = pathlib.Path(a.trace)
-    if not trace.exists():
-        sys.exit(f"trace not found: {trace}")
-    runs = OUT / "runs"
-    shutil.rmtree(runs, ignore_errors=True)
-    runs.mkdir(parents=True)
+    a.repeats = a.repeats or (1 if a.quick else 3)
+    a.chat_requests = a.chat_requests or (100 if a.quick else 200)
+    a.agent_programs = a.agent_programs or (80 if a.quick else 280)
+    a.chat_speedups = [float(x) for x in (a.chat_speedups or ("0.6,2.4" if a.quick else "0.6,1.2,1.8,2.4")).split(",")]
+    a.agent_rates = [float(x) for x in (a.agent_rates or ("2.5,20" if a.quick else "2.5,5,10,20")).split(",")]
+    names = a.systems.split(",") if a.systems else (QUICK_SYSTEMS if a.quick else list(SYSTEMS))
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        sys.exit(f"unknown systems {unknown}; known: {list(SYSTEMS)}")
+    if not pathlib.Path(a.trace).exists():
+        sys.exit(f"trace not found: {a.trace}")
+    commit, dirty = git_state()
     F = a.time_scale
+
+    needed = ["tether-engine-sim", "tether-loadgen"]
+    if any(SYSTEMS[n]["kind"] == "tether" for n in names):
+        needed += ["tether-ingress", "tether-scheduler", "tether-session-state"]
+    missing = [b for b in needed if not (BIN / b).exists()]
+    if missing and not a.dry_run:
+        sys.exit(f"missing binaries {missing}: cargo build --release --workspace --bins")
+    for n in names:
+        kind = SYSTEMS[n]["kind"]
+        if kind != "tether" and not (ROUTERS / ("python" if kind == "sglang-router" else kind)).exists():
+            sys.exit(f"{kind} is not installed: scripts/peers.sh")
+    ingress_help = help_text(BIN / "tether-ingress") if (BIN / "tether-ingress").exists() else ""
+    scheduler_help = help_text(BIN / "tether-scheduler") if (BIN / "tether-scheduler").exists() else ""
+    ingress_time_scale = "--time-scale" in ingress_help
+    if not ingress_time_scale and ingress_help:
+        print("note: tether-ingress has no --time-scale; not passing it", flush=True)
+    variants = []
+    if DEFAULT in names:
+        for v in OVERLOAD_VARIANTS[1:]:
+            miss = flags_missing(v["scheduler_args"], scheduler_help) + flags_missing(v["ingress_args"], ingress_help)
+            if miss:
+                print(f"warning: overload variant {v['name']!r} skipped: flags {miss} are not in the binaries' --help",
+                      flush=True)
+            else:
+                variants.append(v)
+
+    wls = [w for w in workloads(a) if w["name"] in a.workloads.split(",")]
+    # The plan: (workload, level label, x, system name, system spec, repeat, args, est. sim seconds)
+    plan = []
+    for w in wls:
+        ux, uargs, usim = w["unloaded"]
+        ref = DEFAULT if DEFAULT in names else names[0]
+        plan.append((w["name"], "unloaded", ux, ref, SYSTEMS[ref], 0, uargs, usim))
+        for rep in range(a.repeats):
+            for label, x, args, sim in w["levels"]:
+                for n in names:
+                    plan.append((w["name"], label, x, n, SYSTEMS[n], rep, args, sim))
+        label, x, args, sim = w["levels"][-1]
+        for v in variants:
+            spec = dict(SYSTEMS[DEFAULT], scheduler_args=v["scheduler_args"], ingress_args=v["ingress_args"])
+            for rep in range(a.repeats):
+                plan.append((w["name"], label, x, v["name"], spec, rep, args, sim))
+    est = sum(estimate(sim, spec["kind"], F) for _, _, _, _, spec, _, _, sim in plan)
+    print(f"{len(plan)} runs: {len(names)} systems × {len(a.chat_speedups)} chat and {len(a.agent_rates)} agent levels × "
+          f"{a.repeats} repeats, + {len(wls)} unloaded references and {len(variants) * len(wls) * a.repeats} overload "
+          f"variant runs; time scale {F:g}. Estimated {est / 60:.0f} minutes.", flush=True)
+    if a.dry_run:
+        for p in plan:
+            print(f"  {p[0]:6s} {p[1]:9s} {p[3]:30s} repeat {p[5]}  ~{estimate(p[7], p[4]['kind'], F):.0f} s")
+        return
+
+    runs_dir = OUT / "runs"
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    runs_dir.mkdir(parents=True)
+    for old in OUT.glob("*.svg"):  # plots of an earlier report
+        old.unlink()
+    saved = {
+        "meta": {"commit": commit, "dirty": dirty, "time_scale": F, "repeats": a.repeats, "quick": a.quick,
+                 "chat_requests": a.chat_requests, "agent_programs": a.agent_programs,
+                 "chat_speedups": a.chat_speedups, "agent_rates": a.agent_rates, "trace": a.trace,
+                 "trace_rate": a.chat_requests / trace_span(a.trace, a.chat_requests),
+                 "unloaded_fraction": a.unloaded_fraction, "systems": names,
+                 "variants": [v["name"] for v in variants], "agent_flags": AGENT_FLAGS,
+                 "agent_extra_headers": AGENT_EXTRA_HEADERS, "ingress_time_scale": ingress_time_scale,
+                 "overload_variants": OVERLOAD_VARIANTS, "estimate_minutes": est / 60,
+                 "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                 "machine": f"{platform.machine()} with {os.cpu_count()} cores ({platform.platform()})",
+                 "workloads": {w["name"]: {"title": w["title"], "xlabel": w["xlabel"],
+                                           "levels": [[label, x] for label, x, _, _ in w["levels"]],
+                                           "unloaded_x": w["unloaded"][0]} for w in wls}},
+        "runs": [],
+    }
     started = time.time()
-    moon = lambda pacing, speedup: ["mooncake", "--trace", str(trace), "--pacing", pacing, "--speedup", str(speedup),
-                                    "--max-think", "3", "--max-requests", str(a.max_requests)]
-
-    # 1. Unloaded TTFT: the first 100 requests one at a time, round-robin.
-    print("unloaded reference", flush=True)
-    with Stack(nats, "round-robin", F) as s:
-        base = loadgen(s, "unloaded", ["--concurrency-limit", "1"] + moon("closed", 1000)[:-2] + ["--max-requests", "100"], F, runs)
-    unloaded = base["ttft"]["mean"]
-
-    # 2. Closed-loop load: the lowest speed-up where round-robin's mean TTFT ≥ 2.5× unloaded.
-    print("calibrating the closed-loop load", flush=True)
-    chosen, rr = None, None
-    for sp in [float(x) for x in a.closed_speedups.split(",")]:
-        with Stack(nats, "round-robin", F) as s:
-            r = loadgen(s, f"calibrate-x{sp:g}", moon("closed", sp), F, runs)
-        chosen, rr = sp, r
-        if r["ttft"]["mean"] >= 2.5 * unloaded:
-            break
-    print(f"closed-loop speed-up {chosen:g}", flush=True)
-
-    results = {}
-    sgl = sglang_router()
-    for regime, pacing, sp in [("closed", "closed", chosen), ("open", "open", 1.0)]:
-        print(regime, flush=True)
-        results[regime] = []
-        for p in POLICIES:
-            if regime == "closed" and p == "round-robin":
-                # The calibration run at the chosen load is this run.
-                rr = dict(rr)
-                rr["label"] = "closed/round-robin"
-                shutil.copytree(runs / f"calibrate-x{chosen:g}", runs / "closed" / "round-robin")
-                results[regime].append(rr)
-                continue
-            with Stack(nats, p, F, priority=(p == "tether")) as s:
-                results[regime].append(loadgen(s, f"{regime}/{p}", moon(pacing, sp), F, runs))
-        if sgl:
-            with Stack(nats, "-", F, external=(sgl, "cache_aware")) as s:
-                results[regime].append(loadgen(s, f"{regime}/sglang-router", moon(pacing, sp), F, runs))
-
-    # 3. Overload: 1.5× the closed-loop load; tether placement, priority queues vs FCFS.
-    print("overload", flush=True)
-    results["overload"] = []
-    variants = [("tether FCFS", False, "atlas", []), ("tether ATLAS", True, "atlas", []), ("tether PLAS", True, "plas", []),
-                ("tether ATLAS + prompt cost", True, "atlas", ["--level-prompt-cost", "0.0001"])]
-    for label, prio, mode, extra in variants:
-        with Stack(nats, "tether", F, priority=prio, mode=mode, scheduler_args=extra) as s:
-            results["overload"].append(loadgen(s, f"overload/{label}", moon("closed", chosen * 1.5), F, runs))
-
-    # 4. Agent programs (fan-out/join).
-    print("agent", flush=True)
-    results["agent"] = []
-    agent = ["agent", "--sessions", "60", "--rate", "1.5", "--steps", "12", "--fanout", "4", "--prompt-min", "200",
-             "--prompt-max", "800", "--answer-min", "16", "--answer-max", "300", "--seed", "7"]
-    for p in POLICIES:
-        with Stack(nats, p, F, priority=(p == "tether")) as s:
-            results["agent"].append(loadgen(s, f"agent/{p}", agent, F, runs))
-    if sgl:
-        with Stack(nats, "-", F, external=(sgl, "cache_aware")) as s:
-            results["agent"].append(loadgen(s, "agent/sglang-router", agent, F, runs))
-
-    # 5. A smaller time scale: the closed-loop result for the two headline policies.
-    print(f"time scale {a.small_time_scale:g}", flush=True)
-    results["small-scale"] = []
-    for p in ["least-loaded", "tether"]:
-        with Stack(nats, p, a.small_time_scale, priority=(p == "tether")) as s:
-            results["small-scale"].append(loadgen(s, f"closed-F{a.small_time_scale:g}/{p}", moon("closed", chosen), a.small_time_scale, runs))
-
-    write_report(a, results, unloaded, chosen, time.time() - started)
-
-
-def trace_stats(path, n):
-    """What the replayed slice of the trace offers: sessions under loadgen's
-    default rule (a request continues the latest earlier request with which it
-    shares the longest leading run of blocks, at least one), and the hit rate
-    of an ideal, infinite, shared cache."""
-    reqs = [json.loads(l) for l in pathlib.Path(path).read_text().splitlines() if l.strip()][:n]
-    reqs.sort(key=lambda r: r["timestamp"])
-    latest = {}  # prefix -> session of the latest request holding it
-    sizes = []
-    cont = hit = total = 0
-    for r in reqs:
-        ids = tuple(r["hash_ids"])
-        best = next((k for k in range(len(ids), 0, -1) if ids[:k] in latest), 0)
-        if best:
-            sess = latest[ids[:best]]
-            cont += 1
-            sizes[sess] += 1
-        else:
-            sess = len(sizes)
-            sizes.append(1)
-        hit += best
-        total += len(ids)
-        for k in range(1, len(ids) + 1):
-            latest[ids[:k]] = sess
-    return {"requests": len(reqs), "continuations": cont, "sessions": len(sizes),
-            "multi_turn": sum(1 for x in sizes if x > 1), "ideal_hit": hit / max(1, total)}
+    done_est = 0.0
+    for i, (wl, label, x, name, spec, rep, args, sim) in enumerate(plan):
+        run_dir = runs_dir / wl / label.replace("/", "per") / f"{name.replace(' ', '_').replace(',', '')}-{rep}"
+        e = estimate(sim, spec["kind"], F)
+        try:
+            summary = run_one(spec, args, F, run_dir, ingress_time_scale, wall_limit=max(300.0, 6 * e))
+        except Exception as exc:  # a failed run is recorded, the sweep goes on
+            why = str(exc) if not isinstance(exc, subprocess.CalledProcessError) else \
+                f"loadgen exited {exc.returncode}: " + " / ".join(
+                    (run_dir / "loadgen.log").read_text().strip().splitlines()[-3:])
+            print(f"  {wl} {label} {name} #{rep}: FAILED ({why}); logs in {run_dir}", flush=True)
+            summary = None
+        saved["runs"].append({"workload": wl, "level": label, "x": x, "system": name, "repeat": rep,
+                              "summary": summary})
+        done_est += e
+        elapsed = time.time() - started
+        if summary:
+            sc = summary["session_completion"]
+            print(f"  [{i + 1}/{len(plan)}] {wl:5s} {label:9s} {name:30s} #{rep}  ttft {summary['ttft']['mean']:.3f}/"
+                  f"{summary['ttft']['p99']:.2f}  session {sc['mean']:.2f}/{sc['p99']:.2f}  hit "
+                  f"{summary.get('cache_hit_rate') or 0:.2f}  err {summary['errors']}  lag "
+                  f"{summary.get('send_lag_max') or 0:.2f}  ({summary['wall_seconds']:.0f} s; "
+                  f"{elapsed / 60:.1f}/{elapsed / done_est * est / 60:.0f} min)", flush=True)
+        saved["meta"]["elapsed"] = elapsed
+        (OUT / "comparison.json").write_text(json.dumps(saved, indent=1))
+    write_report(saved)
 
 
 def git_state():
@@ -351,150 +511,308 @@ def git_state():
     return commit, bool(dirty)
 
 
-def write_report(a, results, unloaded, chosen, elapsed):
-    def by(regime, name):
-        return next(r for r in results[regime] if r["label"].endswith("/" + name))
+# ---------- SVG line plots (no plotting library needed) ----------
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+          "#17becf"]
 
-    for regime in ["closed", "open", "agent"]:
-        svg_cdf(OUT / f"ttft-cdf-{regime}.svg", f"TTFT CDF, {regime}", [(r["label"].split("/")[-1], r["ttfts"]) for r in results[regime]], "TTFT (simulated s)")
-        svg_bars(OUT / f"session-completion-{regime}.svg", f"Mean session completion time, {regime} (s)",
-                 [(r["label"].split("/")[-1], r["session_completion"]["mean"]) for r in results[regime]])
-        svg_bars(OUT / f"cache-hit-{regime}.svg", f"Fleet prefix-cache hit rate, {regime}",
-                 [(r["label"].split("/")[-1], r.get("cache_hit_rate") or 0.0) for r in results[regime]], "{:.1%}")
-    svg_cdf(OUT / "ttft-cdf-overload.svg", "TTFT CDF, overload", [(r["label"].split("/")[-1], r["ttfts"]) for r in results["overload"]], "TTFT (simulated s)")
 
-    ts = trace_stats(a.trace, a.max_requests)
-    commit, dirty = a.commit, a.dirty
-    t, ll, ca = by("closed", "tether"), by("closed", "least-loaded"), by("closed", "cache-aware")
-    ot, oll, oca = by("open", "tether"), by("open", "least-loaded"), by("open", "cache-aware")
-    fc = next(r for r in results["overload"] if "FCFS" in r["label"])
-    at = next(r for r in results["overload"] if r["label"].endswith("ATLAS"))
-    ap_ = next((r for r in results["overload"] if "prompt cost" in r["label"]), None)
+def svg_lines(path, title, xlabel, ylabel, series):
+    """series: [(name, [(x, (median, lo, hi)) ...])]; log y axis, min–max whiskers."""
+    w, h, ml, mr, mt, mb = 720, 420, 64, 230, 34, 50
+    pw, ph = w - ml - mr, h - mt - mb
+    pts = [(x, s) for _, ps in series for x, s in ps if s is not None]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>', f'<text x="{ml}" y="20" font-size="14">{title}</text>']
+    if not pts:
+        out.append("</svg>")
+        path.write_text("\n".join(out))
+        return
+    xs = [x for x, _ in pts]
+    ys = [v for _, s in pts for v in s if v and v > 0]
+    xmin, xmax = min(xs), max(xs)
+    if xmax == xmin:
+        xmin, xmax = xmin * 0.9, xmax * 1.1 + 1e-9
+    pad = (xmax - xmin) * 0.05
+    xmin, xmax = max(0.0, xmin - pad), xmax + pad
+    ylo = 10 ** math.floor(math.log10(min(ys))) if ys else 0.01
+    yhi = 10 ** math.ceil(math.log10(max(ys))) if ys else 1.0
+    if yhi <= ylo:
+        yhi = ylo * 10
+    X = lambda x: ml + pw * (x - xmin) / (xmax - xmin)
+    Y = lambda y: mt + ph * (1 - (math.log10(max(y, ylo)) - math.log10(ylo)) / (math.log10(yhi) - math.log10(ylo)))
+    out.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
+    d = ylo
+    while d <= yhi * 1.0001:
+        for m in (1, 2, 5):
+            v = d * m
+            if ylo <= v <= yhi * 1.0001:
+                y = Y(v)
+                out.append(f'<line x1="{ml}" y1="{y:.1f}" x2="{ml + pw}" y2="{y:.1f}" stroke="#eee"/>')
+                out.append(f'<text x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end">{v:g}</text>')
+        d *= 10
+    for x in sorted(set(xs)):
+        out.append(f'<line x1="{X(x):.1f}" y1="{mt + ph}" x2="{X(x):.1f}" y2="{mt + ph + 5}" stroke="#888"/>')
+        out.append(f'<text x="{X(x):.1f}" y="{mt + ph + 18}" text-anchor="middle">{x:.3g}</text>')
+    out.append(f'<text x="{ml + pw / 2}" y="{h - 8}" text-anchor="middle">{xlabel}</text>')
+    out.append(f'<text x="14" y="{mt + ph / 2}" text-anchor="middle" transform="rotate(-90 14 {mt + ph / 2})">{ylabel}</text>')
+    for k, (name, ps) in enumerate(series):
+        c = COLORS[k % len(COLORS)]
+        ps = [(x, s) for x, s in ps if s is not None]
+        dash = ' stroke-dasharray="5,3"' if k >= len(COLORS) else ""
+        if ps:
+            line = " ".join(f"{X(x):.1f},{Y(s[0]):.1f}" for x, s in ps)
+            out.append(f'<polyline points="{line}" fill="none" stroke="{c}" stroke-width="{2.5 if k == 0 else 1.6}"{dash}/>')
+            for x, (med, lo, hi) in ps:
+                out.append(f'<line x1="{X(x):.1f}" y1="{Y(lo):.1f}" x2="{X(x):.1f}" y2="{Y(hi):.1f}" stroke="{c}"/>')
+                out.append(f'<circle cx="{X(x):.1f}" cy="{Y(med):.1f}" r="3" fill="{c}"/>')
+        out.append(f'<rect x="{w - mr + 12}" y="{mt + 18 * k}" width="12" height="12" fill="{c}"/>')
+        out.append(f'<text x="{w - mr + 30}" y="{mt + 18 * k + 10}">{name}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out))
+
+
+# ---------- the report ----------
+def write_report(saved):
+    meta, runs = saved["meta"], saved["runs"]
+    systems = meta["systems"]
+    variants = meta.get("variants", [])
+
+    def reps(wl, level, name):
+        return [r["summary"] for r in runs if r["workload"] == wl and r["level"] == level and r["system"] == name]
+
+    def point(wl, level, name, m):
+        return spread([metric(s, m) for s in reps(wl, level, name)])
+
+    def med(wl, level, name, m):
+        p = point(wl, level, name, m)
+        return None if p is None else p[0]
+
+    wls = list(meta["workloads"])
+    unloaded = {wl: med(wl, "unloaded", DEFAULT if DEFAULT in systems else systems[0], "session_completion.mean")
+                for wl in wls}
+    unloaded_ttft = {wl: med(wl, "unloaded", DEFAULT if DEFAULT in systems else systems[0], "ttft.mean") for wl in wls}
+
+    # Capacity at SLO: the highest level up to which every level keeps mean
+    # session completion within SLO_FACTOR x the unloaded value.
+    capacity = {}
+    for wl in wls:
+        levels = meta["workloads"][wl]["levels"]
+        for name in systems:
+            cap = 0.0
+            ref = unloaded.get(wl)
+            for label, x in levels:
+                v = med(wl, label, name, "session_completion.mean")
+                if ref is None or v is None or v > SLO_FACTOR * ref:
+                    break
+                cap = x
+            capacity[(wl, name)] = cap
 
     def verdict(ok):
         return "met" if ok else "**missed**"
 
-    checks = [
-        ("closed: mean session completion ≤ 0.5× least-loaded", f"{t['session_completion']['mean']:.2f} s vs {ll['session_completion']['mean']:.2f} s ({t['session_completion']['mean'] / ll['session_completion']['mean']:.2f}×)", verdict(t['session_completion']['mean'] <= 0.5 * ll['session_completion']['mean'])),
-        ("closed: mean session completion ≤ cache-aware", f"{t['session_completion']['mean']:.2f} s vs {ca['session_completion']['mean']:.2f} s", verdict(t['session_completion']['mean'] <= ca['session_completion']['mean'])),
-        ("closed: hit rate within 5 % of the ideal shared cache (≈ 64 % over the whole trace)",
-         f"{(t.get('cache_hit_rate') or 0):.1%} (ideal for the replayed slice: {ts['ideal_hit']:.1%})",
-         verdict((t.get('cache_hit_rate') or 0) >= ts['ideal_hit'] - 0.05)),
-        ("open: mean TTFT ≤ 0.9× least-loaded", f"{ot['ttft']['mean']:.3f} s vs {oll['ttft']['mean']:.3f} s ({ot['ttft']['mean'] / oll['ttft']['mean']:.2f}×)", verdict(ot['ttft']['mean'] <= 0.9 * oll['ttft']['mean'])),
-        ("open: mean TTFT ≤ cache-aware", f"{ot['ttft']['mean']:.3f} s vs {oca['ttft']['mean']:.3f} s", verdict(ot['ttft']['mean'] <= oca['ttft']['mean'])),
-        ("overload: ATLAS mean TTFT ≤ 0.5× FCFS", f"{at['ttft']['mean']:.3f} s vs {fc['ttft']['mean']:.3f} s ({at['ttft']['mean'] / fc['ttft']['mean']:.2f}×)", verdict(at['ttft']['mean'] <= 0.5 * fc['ttft']['mean'])),
+    def ratio(a, b):
+        if a is None or b is None:
+            return None
+        return a / b if b > 0 else (1.0 if a <= 0 else math.inf)
+
+    targets = []
+    # (i) never loses
+    never_rows = []
+    base_here = [b for b in BASELINES if b in systems]
+    all_ok = bool(base_here) and DEFAULT in systems
+    metrics4 = [("ttft.mean", "mean TTFT"), ("ttft.p99", "p99 TTFT"), ("session_completion.mean", "mean session"),
+                ("session_completion.p99", "p99 session")]
+    if DEFAULT in systems and base_here:
+        for wl in wls:
+            for label, x in meta["workloads"][wl]["levels"]:
+                cells = []
+                for m, _ in metrics4:
+                    mine = med(wl, label, DEFAULT, m)
+                    others = [(med(wl, label, b, m), b) for b in base_here]
+                    others = [(v, b) for v, b in others if v is not None]
+                    if mine is None or not others:
+                        cells.append("–")
+                        all_ok = False
+                        continue
+                    best, who = min(others)
+                    r = ratio(mine, best)
+                    ok = r <= NEVER_LOSES
+                    all_ok &= ok
+                    cells.append(f"{r:.2f}× {who}" + ("" if ok else " ✗"))
+                never_rows.append(f"| {wl} | {label} | " + " | ".join(cells) + " |")
+    targets.append((f"(i) never loses: at every level of both workloads, `{DEFAULT}`'s mean and p99 TTFT and mean and "
+                    f"p99 session completion ≤ {NEVER_LOSES}× the best of {', '.join(base_here) or '(none run)'}",
+                    "every ratio in the table below", verdict(all_ok)))
+    # (ii) agent
+    if "agent" in wls and DEFAULT in systems:
+        peers_here = [p for p in PEERS if p in systems]
+        mine = capacity.get(("agent", DEFAULT), 0.0)
+        best_peer = max((capacity.get(("agent", p), 0.0) for p in peers_here), default=None)
+        if best_peer is None:
+            targets.append(("(ii) agent: capacity at SLO ≥ 1.5× the best peer's", "no peer ran", verdict(False)))
+        else:
+            r = mine / best_peer if best_peer > 0 else (math.inf if mine > 0 else None)
+            rs = "–" if r is None else ("∞" if r == math.inf else f"{r:.2f}×")
+            targets.append(("(ii) agent: capacity at SLO ≥ 1.5× the best peer's",
+                            f"{mine:g} vs {best_peer:g} programs/s ({rs})", verdict(r is not None and r >= 1.5)))
+            label, x = meta["workloads"]["agent"]["levels"][-1]
+            for m, lim, what in [("session_completion.mean", 0.5, "mean"), ("session_completion.p99", 1.0, "p99")]:
+                v = med("agent", label, DEFAULT, m)
+                peer = [(med("agent", label, p, m), p) for p in peers_here]
+                peer = [(pv, p) for pv, p in peer if pv is not None]
+                if v is None or not peer:
+                    targets.append((f"(ii) agent, heaviest level ({label}): {what} session completion ≤ {lim}× the best "
+                                    "peer's", "not measured", verdict(False)))
+                    continue
+                best, who = min(peer)
+                r = ratio(v, best)
+                targets.append((f"(ii) agent, heaviest level ({label}): {what} session completion ≤ {lim}× the best "
+                                "peer's", f"{v:.2f} s vs {best:.2f} s ({who}): {r:.2f}×", verdict(r <= lim)))
+    # (iii) overload
+    for v in variants:
+        for wl in wls:
+            label, x = meta["workloads"][wl]["levels"][-1]
+            for m, lim, what in [("ttft.mean", 0.5, "mean"), ("ttft.p99", 1.5, "p99")]:
+                mine, theirs = med(wl, label, DEFAULT, m), med(wl, label, v["name"] if isinstance(v, dict) else v, m)
+                r = ratio(mine, theirs)
+                targets.append((f"(iii) overload, {wl} at {label}: `{DEFAULT}`'s {what} TTFT ≤ {lim}× `{v}`",
+                                "not measured" if r is None else f"{mine:.3f} s vs {theirs:.3f} s ({r:.2f}×)",
+                                verdict(r is not None and r <= lim)))
+
+    # Plots
+    for wl in wls:
+        levels = meta["workloads"][wl]["levels"]
+        for m, what in metrics4:
+            series = [(name, [(x, point(wl, label, name, m)) for label, x in levels]) for name in systems]
+            fname = f"{wl}-{m.replace('.', '-').replace('_', '-')}.svg"
+            svg_lines(OUT / fname, f"{meta['workloads'][wl]['title']}: {what} (median, min–max)",
+                      meta["workloads"][wl]["xlabel"], f"{what} (simulated s)", series)
+
+    def table(wl, label, names):
+        head = ("| system | TTFT mean | TTFT p99 | session mean | session p99 | hit rate | errors | send lag max |")
+        lines = [head, "|---|---|---|---|---|---|---|---|"]
+        for name in names:
+            if not reps(wl, label, name):
+                continue
+            cells = [fmt(point(wl, label, name, "ttft.mean")), fmt(point(wl, label, name, "ttft.p99")),
+                     fmt(point(wl, label, name, "session_completion.mean")),
+                     fmt(point(wl, label, name, "session_completion.p99")), fmt(point(wl, label, name, "hit"), "pct"),
+                     fmt(point(wl, label, name, "errors"), "int"), fmt(point(wl, label, name, "lag"))]
+            failed = sum(1 for s in reps(wl, label, name) if s is None)
+            lines.append(f"| {name}{f' ({failed} failed)' if failed else ''} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    elapsed = meta.get("elapsed", 0.0)
+    agent_flags = " ".join(meta.get("agent_flags", []))
+    lags = [r["summary"].get("send_lag_max") or 0.0 for r in runs if r["summary"]]
+    elags = [r["summary"].get("engine_lag_max") for r in runs if r["summary"] and r["summary"].get("engine_lag_max") is not None]
+    failed = [r for r in runs if r["summary"] is None]
+    calls = {wl: [r["summary"]["calls"] for r in runs if r["workload"] == wl and r["summary"] and r["level"] != "unloaded"]
+             for wl in wls}
+    L = [
+        "# Load sweep: Tether against peer routers",
+        "",
+        f"Generated by `just compare` (`scripts/compare.py`{' --quick' if meta.get('quick') else ''}), started "
+        f"{meta.get('started', '?')} UTC, commit `{meta['commit']}`{' (with uncommitted changes)' if meta['dirty'] else ''}, "
+        f"on {meta.get('machine', '?')}. **Do not edit by hand**: rerun the recipe (`--report-only` re-renders this "
+        f"page from `comparison.json`). The sweep took {elapsed / 60:.1f} minutes "
+        f"(estimated {meta.get('estimate_minutes', 0):.0f}).",
+        "",
+        "## Set-up",
+        "",
+        f"Every run starts a fresh fleet of four engine-sims (Llama-3-8B on an H100 each, 400,000 tokens of KV, "
+        "`--max-model-len 262144`, all **FCFS**; see [engine-sim.md](../engine-sim.md)) and one router in front of "
+        "them, then replays the workload with `tether-loadgen` (streamed calls, the session id in `x-session-id`). "
+        f"Simulated time runs **{meta['time_scale']:g}×** faster than wall time in the engines, the replayer"
+        + (", Tether's gateway (`--time-scale`)" if meta.get("ingress_time_scale") else "") + " and Tether's scrape "
+        "interval alike; every latency here is in simulated seconds. Each point is run "
+        f"**{meta['repeats']}** time(s); tables give the median with the min–max spread in brackets, plots the median "
+        "with min–max whiskers.",
+        "",
+        "| system | what |",
+        "|---|---|",
     ]
-    checks += [
-        ("overload: ATLAS p99 TTFT ≤ 1.5× FCFS", f"{at['ttft']['p99']:.3f} s vs {fc['ttft']['p99']:.3f} s ({at['ttft']['p99'] / fc['ttft']['p99']:.2f}×)", verdict(at['ttft']['p99'] <= 1.5 * fc['ttft']['p99'])),
-    ]
-    if ap_ is not None:
-        checks += [
-            ("overload, ATLAS with the prompt's cost in the level: mean TTFT ≤ 0.5× FCFS", f"{ap_['ttft']['mean']:.3f} s vs {fc['ttft']['mean']:.3f} s ({ap_['ttft']['mean'] / fc['ttft']['mean']:.2f}×)", verdict(ap_['ttft']['mean'] <= 0.5 * fc['ttft']['mean'])),
-            ("overload, ATLAS with the prompt's cost in the level: p99 TTFT ≤ 1.5× FCFS", f"{ap_['ttft']['p99']:.3f} s vs {fc['ttft']['p99']:.3f} s ({ap_['ttft']['p99'] / fc['ttft']['p99']:.2f}×)", verdict(ap_['ttft']['p99'] <= 1.5 * fc['ttft']['p99'])),
-        ]
-    lines = [
-        "# Policy comparison",
-        "",
-        f"Generated by `just compare` (`scripts/compare.py`) on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"commit `{commit}`{' (with uncommitted changes)' if dirty else ''}, on {platform.machine()} with {os.cpu_count()} cores "
-        f"({platform.platform()}). Do not edit by hand: rerun the recipe. It took {elapsed / 60:.1f} minutes.",
-        "",
-        "**Set-up.** Four engine-sims (Llama-3-8B on H100 defaults, see [engine-sim.md](../engine-sim.md), with `--max-model-len` raised "
-        "to 262,144 because the trace holds prompts over 128 k tokens), the whole Tether system "
-        "(NATS, session-state, scheduler, ingress), fresh for every run; `tether-loadgen` streams every call. "
-        f"Simulated time runs {a.time_scale:g}× faster than wall time for engines, replayer and the scheduler's scrape interval alike; "
-        "all latencies are simulated seconds. Baselines run FCFS engines without a priority field; `tether` runs engines with "
-        "`--scheduling-policy priority` and sends its level as `priority`.",
-        "",
-        f"**Workload.** The first {a.max_requests} requests of the Mooncake synthetic trace, sessions reconstructed from `hash_ids` "
-        "([loadgen.md](../loadgen.md)). Unloaded mean TTFT (100 requests one at a time): "
-        f"**{unloaded:.3f} s**. Closed loop: turns follow answers after the trace's gap capped at 3 s, with session arrivals "
-        f"sped up **{chosen:g}×** — the first speed-up tried at which round-robin's mean TTFT reached 2.5× the unloaded value "
-        f"({by('closed', 'round-robin')['ttft']['mean'] / unloaded:.1f}× there). Open loop: every request at its own timestamp. "
-        "Overload: the closed loop at 1.5× that speed-up.",
-        "",
-        "## Targets",
-        "",
-        "| target | measured | |",
-        "|---|---|---|",
-    ] + [f"| {c} | {m} | {v} |" for c, m, v in checks] + [
-        "",
-        "## Reading the results",
-        "",
-        "Each figure is a single run. On this 2-core machine, which also runs the engines, the services and the replayer, "
-        "repeated runs of one configuration have differed by up to about 15 % in mean TTFT under overload and by a few "
-        "per cent in the other regimes, so smaller differences between policies are not significant.",
-        "",
-        f"What the replayed slice offers a router: of its {ts['requests']} requests, {ts['continuations']} continue an earlier "
-        f"conversation (loadgen's session rule), giving {ts['sessions']} sessions of which only {ts['multi_turn']} have more "
-        f"than one turn; an ideal, infinite cache shared by the whole fleet would serve {ts['ideal_hit']:.1%} of the prompt "
-        "blocks. Each engine-sim holds 400,000 tokens of KV; at this trace's rate (mean prompt ≈ 15,000 tokens) an "
-        "engine's cache turns over within tens of seconds, so reuse further apart than that is lost whatever the router "
-        "does — which bounds every policy's hit rate far below the ideal. Every session's first call starts at level 0 "
-        "whatever its size, so least-attained-service ordering acts on later turns only: it moves them behind fresh "
-        "sessions' calls. In these runs the priority queue is the engine's own waiting queue, which has no "
-        "anti-starvation: the router's starvation rule sees only the time a call waited at the gateway, not in the "
-        "engine, so under overload a long session's later turns can wait behind a stream of fresh calls and the TTFT "
-        "tail grows.",
-        "",
-        "What would close the gaps: (1) cache hit rate — more KV per engine relative to traffic, or a KV tier shared "
-        "across engines (Mooncake's own answer), since the router can only choose among caches that still hold the "
-        "prefix; a longer-memory prefix index helps only if the engines keep the blocks; (2) session completion and "
-        "TTFT against least-loaded — workloads whose sessions really continue (the agent workload below, or a trace "
-        "reconstructed with a looser turn rule); (3) overload — a signal that separates level-0 calls: the prompt's "
-        "prefill cost is known at arrival (non-clairvoyant about outputs, as ATLAS requires) and could seed the "
-        "level, and preemptive priority inside the engine (vLLM's priority policy preempts running lower-priority "
-        "requests; engine-sim only orders its waiting queue); (4) the overload tail — hold the queue at the gateway "
-        "(an engine `max_concurrency` near its batch size) where the anti-starvation bound of policy.md applies, or "
-        "feed the engine's queue time back into the session's wait.",
-        "",
-        "## Closed loop",
-        "",
-        table(results["closed"], "Mooncake trace, closed loop (seconds)"),
-        "![TTFT CDF](ttft-cdf-closed.svg) ![session completion](session-completion-closed.svg) ![cache hit rate](cache-hit-closed.svg)",
-        "",
-        "## Open loop",
-        "",
-        table(results["open"], "Mooncake trace, open loop at trace timestamps (seconds)"),
-        "![TTFT CDF](ttft-cdf-open.svg) ![session completion](session-completion-open.svg) ![cache hit rate](cache-hit-open.svg)",
-        "",
-        "## Overload: priority queues vs FCFS, same placement",
-        "",
-        table(results["overload"], "Mooncake trace, closed loop at 1.5× load (seconds)"),
-        "![TTFT CDF](ttft-cdf-overload.svg)",
-        "",
-        "## Agent programs",
-        "",
-        "60 sessions arriving at 1.5/s; each runs 1–12 steps (bounded Pareto, α = 1.2: most programs are short, a few long) "
-        "of 4 parallel calls (prompts 200–800 words, answers 16–300 tokens) that join; the history grows.",
-        "",
-        table(results["agent"], "Agent workload (seconds)"),
-        "![TTFT CDF](ttft-cdf-agent.svg) ![session completion](session-completion-agent.svg) ![cache hit rate](cache-hit-agent.svg)",
-        "",
-        f"## The same at time scale {a.small_time_scale:g}",
-        "",
-        "The gateway's own real overhead is magnified by the time scale; the closed-loop result for the two headline policies at a "
-        "smaller factor:",
-        "",
-        table(results["small-scale"], f"Closed loop at time scale {a.small_time_scale:g} (seconds)"),
-        "",
-        "Raw records: `docs/results/runs/<run>/{calls,sessions}.jsonl` and `summary.json` (regenerated, not committed); "
-        "`comparison.json` holds the summaries.",
-        "",
-        "Other routers: " + ("`sglang-router` (its `cache_aware` policy, default thresholds) was found and runs on the same fleet "
-                             "and workloads as the row `sglang-router`; it does not see sessions, only prompts. "
-                             if any(r["label"].endswith("/sglang-router") for rs in results.values() for r in rs)
-                             else "`sglang-router` is not installed here, so it has no row. ")
-        + "`vllm-router` is not driven by this script yet. (Both are on PyPI; the recipe looks for `sglang-router` on PATH "
-        "and in `.tools/routers`.)",
-        "",
-    ]
-    (OUT / "comparison.md").write_text("\n".join(lines))
-    summary = {k: [{kk: vv for kk, vv in r.items() if kk != "ttfts"} for r in v] for k, v in results.items()}
-    args = {"time_scale": a.time_scale, "small_time_scale": a.small_time_scale, "max_requests": a.max_requests, "trace": a.trace,
-            "commit": a.commit, "dirty": a.dirty}
-    (OUT / "comparison.json").write_text(json.dumps({"unloaded_ttft": unloaded, "closed_speedup": chosen, "elapsed": elapsed,
-                                                     "args": args, "results": summary}, indent=1))
+    for name in systems + variants:
+        spec = SYSTEMS.get(name)
+        if spec is None:
+            v = next((v for v in meta.get("overload_variants", []) if v["name"] == name), {})
+            L.append(f"| {name} | Tether, strategy `tether`, scheduler args `{' '.join(v.get('scheduler_args', []))}`, "
+                     f"ingress args `{' '.join(v.get('ingress_args', []))}` (overload comparison only) |")
+        elif spec["kind"] == "tether":
+            L.append(f"| {name} | Tether (NATS, session-state, scheduler, ingress), scheduler `--strategy {spec['strategy']}`"
+                     f"{' — the default' if name == DEFAULT else ''}; fleet file `priority = false` |")
+        else:
+            L.append(f"| {name} | {spec['kind']} from PyPI (scripts/peers.sh), `--policy {spec['policy']}` |")
+    chat_meta = meta["workloads"].get("chat")
+    agent_meta = meta["workloads"].get("agent")
+    L += ["", "**Workloads and levels.**", ""]
+    if chat_meta:
+        L.append(f"- *chat*: the first {meta['chat_requests']} requests of the Mooncake synthetic trace "
+                 f"({meta['trace_rate']:.2f} requests per second at its own pace; mean prompt ≈ 15,000 tokens), sessions "
+                 "reconstructed from shared prefixes ([loadgen.md](../loadgen.md)), closed loop: a session's next turn "
+                 "follows its previous answer after the trace's gap (÷ speed-up, at most 3 s). Levels: trace speed-ups "
+                 + ", ".join(f"{l}" for l, _ in chat_meta["levels"]) + f" (fixed multipliers; x-axis: requests per "
+                 f"second offered); the unloaded reference runs at ×{chat_meta['unloaded_x'] / meta['trace_rate']:g}. "
+                 f"Calls per run: {min(calls['chat'], default=0)}–{max(calls['chat'], default=0)}.")
+    if agent_meta:
+        f = dict(zip(meta["agent_flags"][::2], meta["agent_flags"][1::2]))
+        g = lambda k, d="?": f.get(k, d)
+        L.append(f"- *agent*: {meta['agent_programs']} agent programs arriving as a Poisson process (`tether-loadgen agent "
+                 f"{agent_flags}`): heavy-tailed lengths (1–{g('--steps')} steps, bounded Pareto α = "
+                 f"{g('--step-alpha', '1.2')}), each step a fan-out of {g('--fanout-min')}–{g('--fanout')} parallel "
+                 f"calls ({g('--prompt-min')}–{g('--prompt-max')} new words each, answers of {g('--answer-min')}–"
+                 f"{g('--answer-max')} tokens) joined before the next step, a random tool-call pause between steps "
+                 f"(exponential, mean {g('--tool-pause-secs')} s, at most {g('--tool-pause-max-secs')} s), the context "
+                 f"growing by every joined branch and answer, and {g('--system-prompts')} shared "
+                 f"{int(g('--system-prompt-words', '0')):,}-word system prompts, each opening about "
+                 f"1/{g('--system-prompts')} of the programs. Requests also carry the session id in "
+                 f"{', '.join(f'`{h}`' for h in meta.get('agent_extra_headers', [])) or 'no other header'}. The program "
+                 "mix is the same at every level; only arrivals speed up. Levels: "
+                 + ", ".join(l for l, _ in agent_meta["levels"]) + " programs per second (fixed); the unloaded "
+                 f"reference runs at {agent_meta['unloaded_x']:g}/s. Calls per run: "
+                 f"{min(calls['agent'], default=0)}–{max(calls['agent'], default=0)}.")
+    L += ["", "**Unloaded reference** (one light run of the default): "
+          + "; ".join(f"{wl}: mean session completion {unloaded[wl]:.2f} s, mean TTFT {unloaded_ttft[wl]:.3f} s"
+                      for wl in wls if unloaded.get(wl) is not None and unloaded_ttft.get(wl) is not None) + ".",
+          ""]
+    L += ["## Targets", "", "Computed from the medians over repeats.", "", "| target | measured | |", "|---|---|---|"]
+    L += [f"| {t} | {m} | {v} |" for t, m, v in targets]
+    if never_rows:
+        L += ["", f"Ratios of `{DEFAULT}` to the best baseline at each level (which baseline was best beside it; ✗: over "
+              f"{NEVER_LOSES}×):", "", "| workload | level | " + " | ".join(w for _, w in metrics4) + " |",
+              "|---|---|" + "---|" * len(metrics4)] + never_rows
+    L += ["", f"## Capacity at SLO", "",
+          f"The highest level up to which a system's mean session completion stays within {SLO_FACTOR:g}× the "
+          "unloaded value (0: not even the lightest level).", "",
+          "| system | " + " | ".join(f"{wl} ({'requests/s' if wl == 'chat' else 'programs/s'})" for wl in wls) + " |",
+          "|---|" + "---|" * len(wls)]
+    for name in systems:
+        L.append(f"| {name} | " + " | ".join(f"{capacity.get((wl, name), 0.0):.3g}" for wl in wls) + " |")
+    for wl in wls:
+        wm = meta["workloads"][wl]
+        L += ["", f"## {wm['title']}", ""]
+        L += [" ".join(f"![{what}]({wl}-{m.replace('.', '-').replace('_', '-')}.svg)" for m, what in metrics4), ""]
+        for label, x in wm["levels"]:
+            L += [f"**{wl}, level {label}** (offered {x:.3g} {'requests' if wl == 'chat' else 'programs'}/s)", "",
+                  table(wl, label, systems + [v for v in variants if label == wm["levels"][-1][0]]), ""]
+    if variants:
+        L += ["## Overload: gateway ordering", "",
+              f"At each workload's heaviest level, `{DEFAULT}` against the same system with the variant's arguments "
+              "(the overload rows in the tables above; the variants are listed at the top of `scripts/compare.py`).", ""]
+    L += ["## Did the machine keep up?", "",
+          "`send lag` is how late the replayer sent a step against its plan (simulated seconds; a few × 0.01 s is "
+          "timer granularity × the time scale). "
+          f"Largest send lag over all runs: {max(lags, default=0):.2f} s; median of the runs' maxima: "
+          f"{statistics.median(lags) if lags else 0:.2f} s. "
+          + (f"Largest engine-sim lag reported: {max(elags):.2f} s." if elags else
+             "engine-sim exposes no lag metric, so the engines' own delay is not measured here.")
+          + (f" {len(failed)} run(s) failed: " + ", ".join(f"{r['workload']}/{r['level']}/{r['system']}#{r['repeat']}"
+                                                          for r in failed) + "." if failed else ""),
+          "",
+          "Raw records: `docs/results/runs/<workload>/<level>/<system>-<repeat>/` (`calls.jsonl`, `sessions.jsonl`, "
+          "`summary.json`, every process's log; regenerated, not committed); `comparison.json` holds every run's summary.",
+          ""]
+    (OUT / "comparison.md").write_text("\n".join(L))
     print(f"wrote {OUT / 'comparison.md'}")
 
 
