@@ -516,8 +516,18 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
           "#17becf"]
 
 
-def svg_lines(path, title, xlabel, ylabel, series):
-    """series: [(name, [(x, (median, lo, hi)) ...])]; log y axis, min–max whiskers."""
+def nice_bounds(lo, hi):
+    """A 1-2-5 value at or below lo and one at or above hi."""
+    steps = [m * 10 ** e for e in range(-4, 6) for m in (1, 2, 5)]
+    below = max((v for v in steps if v <= lo), default=steps[0])
+    above = min((v for v in steps if v >= hi), default=steps[-1])
+    return below, above if above > below else below * 10
+
+
+def svg_lines(path, title, xlabel, ylabel, series, hline=None, dashed=()):
+    """series: [(name, [(x, (median, lo, hi)) ...])]: one line per system on a
+    log y axis, min–max whiskers; hline: (y, label) drawn dashed; systems
+    named in `dashed` are drawn dashed."""
     w, h, ml, mr, mt, mb = 720, 420, 64, 230, 34, 50
     pw, ph = w - ml - mr, h - mt - mb
     pts = [(x, s) for _, ps in series for x, s in ps if s is not None]
@@ -528,45 +538,46 @@ def svg_lines(path, title, xlabel, ylabel, series):
         path.write_text("\n".join(out))
         return
     xs = [x for x, _ in pts]
-    ys = [v for _, s in pts for v in s if v and v > 0]
+    ys = [v for _, s in pts for v in s if v and v > 0] + ([hline[0]] if hline and hline[0] > 0 else [])
     xmin, xmax = min(xs), max(xs)
     if xmax == xmin:
         xmin, xmax = xmin * 0.9, xmax * 1.1 + 1e-9
     pad = (xmax - xmin) * 0.05
     xmin, xmax = max(0.0, xmin - pad), xmax + pad
-    ylo = 10 ** math.floor(math.log10(min(ys))) if ys else 0.01
-    yhi = 10 ** math.ceil(math.log10(max(ys))) if ys else 1.0
-    if yhi <= ylo:
-        yhi = ylo * 10
+    ylo, yhi = nice_bounds(min(ys), max(ys)) if ys else (0.01, 1.0)
     X = lambda x: ml + pw * (x - xmin) / (xmax - xmin)
     Y = lambda y: mt + ph * (1 - (math.log10(max(y, ylo)) - math.log10(ylo)) / (math.log10(yhi) - math.log10(ylo)))
     out.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
-    d = ylo
-    while d <= yhi * 1.0001:
-        for m in (1, 2, 5):
-            v = d * m
-            if ylo <= v <= yhi * 1.0001:
-                y = Y(v)
-                out.append(f'<line x1="{ml}" y1="{y:.1f}" x2="{ml + pw}" y2="{y:.1f}" stroke="#eee"/>')
-                out.append(f'<text x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end">{v:g}</text>')
-        d *= 10
+    ticks = [m * 10 ** e for e in range(-4, 6) for m in (1, 2, 5) if ylo <= m * 10 ** e <= yhi * 1.0001]
+    if len(ticks) > 10:
+        ticks = [t for t in ticks if f"{t:g}".lstrip("0.").startswith("1")]
+    for v in ticks:
+        y = Y(v)
+        out.append(f'<line x1="{ml}" y1="{y:.1f}" x2="{ml + pw}" y2="{y:.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end">{v:g}</text>')
     for x in sorted(set(xs)):
         out.append(f'<line x1="{X(x):.1f}" y1="{mt + ph}" x2="{X(x):.1f}" y2="{mt + ph + 5}" stroke="#888"/>')
         out.append(f'<text x="{X(x):.1f}" y="{mt + ph + 18}" text-anchor="middle">{x:.3g}</text>')
     out.append(f'<text x="{ml + pw / 2}" y="{h - 8}" text-anchor="middle">{xlabel}</text>')
     out.append(f'<text x="14" y="{mt + ph / 2}" text-anchor="middle" transform="rotate(-90 14 {mt + ph / 2})">{ylabel}</text>')
+    if hline:
+        y = Y(hline[0])
+        out.append(f'<line x1="{ml}" y1="{y:.1f}" x2="{ml + pw}" y2="{y:.1f}" stroke="#444" stroke-dasharray="2,4"/>')
+        out.append(f'<text x="{ml + 4}" y="{y - 4:.1f}" fill="#444">{hline[1]}</text>')
     for k, (name, ps) in enumerate(series):
         c = COLORS[k % len(COLORS)]
         ps = [(x, s) for x, s in ps if s is not None]
-        dash = ' stroke-dasharray="5,3"' if k >= len(COLORS) else ""
+        dash = ' stroke-dasharray="6,3"' if name in dashed else ""
+        width = 2.8 if k == 0 else 1.6
         if ps:
             line = " ".join(f"{X(x):.1f},{Y(s[0]):.1f}" for x, s in ps)
-            out.append(f'<polyline points="{line}" fill="none" stroke="{c}" stroke-width="{2.5 if k == 0 else 1.6}"{dash}/>')
+            out.append(f'<polyline points="{line}" fill="none" stroke="{c}" stroke-width="{width}"{dash}/>')
             for x, (med, lo, hi) in ps:
                 out.append(f'<line x1="{X(x):.1f}" y1="{Y(lo):.1f}" x2="{X(x):.1f}" y2="{Y(hi):.1f}" stroke="{c}"/>')
                 out.append(f'<circle cx="{X(x):.1f}" cy="{Y(med):.1f}" r="3" fill="{c}"/>')
-        out.append(f'<rect x="{w - mr + 12}" y="{mt + 18 * k}" width="12" height="12" fill="{c}"/>')
-        out.append(f'<text x="{w - mr + 30}" y="{mt + 18 * k + 10}">{name}</text>')
+        ly = mt + 18 * k + 6
+        out.append(f'<line x1="{w - mr + 10}" y1="{ly}" x2="{w - mr + 30}" y2="{ly}" stroke="{c}" stroke-width="{width}"{dash}/>')
+        out.append(f'<text x="{w - mr + 36}" y="{ly + 4}">{name}</text>')
     out.append("</svg>")
     path.write_text("\n".join(out))
 
@@ -685,8 +696,12 @@ def write_report(saved):
         for m, what in metrics4:
             series = [(name, [(x, point(wl, label, name, m)) for label, x in levels]) for name in systems]
             fname = f"{wl}-{m.replace('.', '-').replace('_', '-')}.svg"
+            hline = None
+            if m == "session_completion.mean" and unloaded.get(wl):
+                hline = (SLO_FACTOR * unloaded[wl], f"SLO: {SLO_FACTOR:g}× unloaded")
             svg_lines(OUT / fname, f"{meta['workloads'][wl]['title']}: {what} (median, min–max)",
-                      meta["workloads"][wl]["xlabel"], f"{what} (simulated s)", series)
+                      meta["workloads"][wl]["xlabel"], f"{what} (simulated s)", series, hline,
+                      dashed=[n for n in systems if SYSTEMS.get(n, {}).get("kind", "tether") != "tether"])
 
     def table(wl, label, names):
         head = ("| system | TTFT mean | TTFT p99 | session mean | session p99 | hit rate | errors | send lag max |")
@@ -771,7 +786,7 @@ def write_report(saved):
                  + ", ".join(l for l, _ in agent_meta["levels"]) + " programs per second (fixed); the unloaded "
                  f"reference runs at {agent_meta['unloaded_x']:g}/s. Calls per run: "
                  f"{min(calls['agent'], default=0)}–{max(calls['agent'], default=0)}.")
-    L += ["", "**Unloaded reference** (one light run of the default): "
+    L += ["", f"**Unloaded reference** (one light run of `{DEFAULT if DEFAULT in systems else systems[0]}`): "
           + "; ".join(f"{wl}: mean session completion {unloaded[wl]:.2f} s, mean TTFT {unloaded_ttft[wl]:.3f} s"
                       for wl in wls if unloaded.get(wl) is not None and unloaded_ttft.get(wl) is not None) + ".",
           ""]
@@ -792,6 +807,13 @@ def write_report(saved):
         wm = meta["workloads"][wl]
         L += ["", f"## {wm['title']}", ""]
         L += [" ".join(f"![{what}]({wl}-{m.replace('.', '-').replace('_', '-')}.svg)" for m, what in metrics4), ""]
+        for m, what in [("session_completion.mean", "Mean session completion"), ("ttft.mean", "Mean TTFT")]:
+            L += [f"{what} (s) at each level:", "",
+                  "| system | " + " | ".join(label for label, _ in wm["levels"]) + " |",
+                  "|---|" + "---|" * len(wm["levels"])]
+            for name in systems:
+                L.append(f"| {name} | " + " | ".join(fmt(point(wl, label, name, m)) for label, _ in wm["levels"]) + " |")
+            L.append("")
         for label, x in wm["levels"]:
             L += [f"**{wl}, level {label}** (offered {x:.3g} {'requests' if wl == 'chat' else 'programs'}/s)", "",
                   table(wl, label, systems + [v for v in variants if label == wm["levels"][-1][0]]), ""]
