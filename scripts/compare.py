@@ -356,7 +356,7 @@ def workloads(a):
 
 
 # Wall seconds to start and stop a fleet and its router.
-STARTUP = {"tether": 2.5, "sglang-router": 2.0, "vllm-router": 1.2}
+STARTUP = {"tether": 1.5, "sglang-router": 1.3, "vllm-router": 1.1}
 
 
 def estimate(seconds_sim, kind, scale):
