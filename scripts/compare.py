@@ -12,8 +12,12 @@ and Tether's fleet file says `priority = false`: every system gets the same
 engines. Simulated time runs `--time-scale` times faster than wall time in
 the engines, the replayer and Tether's gateway alike.
 
-Usage: scripts/compare.py [--quick] [--repeats N] [--time-scale F]
-                          [--systems a,b] [--report-only] [--dry-run]
+Usage: scripts/compare.py [--quick] [--repeats N] [--time-scale F] [--systems a,b]
+                          [--chat-speedups ...] [--agent-rates ...] [--out DIR]
+                          [--report-only] [--dry-run]
+The full sweep (8 systems x 2 workloads x 4 levels x 3 repeats, ~200 runs)
+takes about 36 minutes on 2 cores; --quick about 2. The systems, the
+overload variants and the agent workload are listed at the top of this file.
 (`just compare [ARGS]` installs the peers, builds, and runs it).
 """
 import argparse
@@ -94,7 +98,6 @@ ENGINES = 4
 MODEL = "tether-sim"
 SLO_FACTOR = 2.0           # capacity at SLO: mean session completion within 2x unloaded
 NEVER_LOSES = 1.05
-TRACE_RATE_HINT = None     # filled from the trace: requests per simulated second
 
 
 def free_port():
