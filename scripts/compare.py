@@ -202,7 +202,9 @@ class Stack:
             ingress = [BIN / "tether-ingress", "--listen", f"127.0.0.1:{port}", "--health-interval-ms", scrape,
                        "--route-timeout-ms", "200"]
             if self.ingress_time_scale:
-                ingress += ["--time-scale", self.scale]
+                # The gateway's waiting bounds and its capacity control's
+                # engine scrape run on simulated time too.
+                ingress += ["--time-scale", self.scale, "--capacity-interval-ms", scrape]
             self.spawn("ingress", ingress + TETHER_INGRESS_ARGS + self.sys.get("ingress_args", []), env)
             wait_until(lambda: http_ok(self.url + "/ready"), "ingress")
         # Ready when a real (one-token) call goes through: a router may list

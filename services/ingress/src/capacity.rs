@@ -16,6 +16,7 @@ pub(crate) fn spawn_controller(
     app: Arc<App>,
     cfg: CapacityConfig,
     max: Vec<usize>,
+    replicas: usize,
     interval: Duration,
     shutdown: Shutdown,
 ) -> tokio::task::JoinHandle<()> {
@@ -26,6 +27,7 @@ pub(crate) fn spawn_controller(
         // The last scrape's waiting queue per engine: only a queue seen twice
         // in a row counts.
         let mut last_waiting = vec![0.0f64; app.fleet.engines.len()];
+        let mut peaks = vec![0usize; app.fleet.engines.len()];
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -45,10 +47,13 @@ pub(crate) fn spawn_controller(
                     in_use,
                     demand: app.gateway.waiting() > 0,
                     engine_waiting: s.waiting.min(last_waiting[i]),
+                    engine_running: s.running,
+                    replicas,
                     kv_usage: s.kv_usage,
                 };
                 last_waiting[i] = s.waiting;
-                let next = next_limit(&cfg, &signal);
+                let (next, peak) = next_limit(&cfg, &signal, peaks[i]);
+                peaks[i] = peak;
                 if next != limit {
                     app.gateway.set_limit(i, next);
                 }

@@ -210,6 +210,7 @@ pub async fn start_with_fleet(
             app.clone(),
             capacity,
             limits,
+            replicas as usize,
             Duration::from_millis(config.capacity_interval_ms.max(5)),
             shutdown.clone(),
         ));

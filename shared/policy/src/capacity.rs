@@ -4,23 +4,31 @@
 //! engine's waiting queue — without idling the engine.
 //!
 //! The rule, applied on every scrape of the engine's metrics (vLLM
-//! `num_requests_waiting`, `kv_cache_usage_perc`; SGLang's equivalents):
+//! `num_requests_running`, `num_requests_waiting`, `kv_cache_usage_perc`;
+//! SGLang's equivalents):
 //!
-//! - **Back off** when the engine queues more than `target_waiting` calls
+//! - **Congested** when the engine queues more than `target_waiting` calls
 //!   on two scrapes in a row (a queue that persists; a call sent a moment
-//!   ago waits for the engine's next step, and that is no congestion):
-//!   the engine runs `in_use − waiting` of the gateway's calls, so the limit
-//!   becomes `in_use − (waiting − target_waiting)` (never above the current
-//!   limit). Calls already sent stay where they are.
+//!   ago waits for the engine's next step, and that is no congestion). Then
+//!   the engine runs all it can: the *peak* — the most it has been seen
+//!   running while congested — is what it holds, and the limit becomes
+//!   `⌈(peak + target_waiting) / replicas⌉`. An engine that is full of seats
+//!   (vLLM `max_num_seqs`) or of KV blocks thus gets exactly its capacity,
+//!   plus one call staged for its next step.
 //! - **Probe up** when the gateway holds calls back (some wait, and the
-//!   engine has all its limit in use), the engine queues at most
-//!   `target_waiting` and its KV cache is below `kv_high`: the limit grows
-//!   by `max(1, limit / 8)`.
+//!   engine has all its limit in use), the engine is not congested and its
+//!   KV cache is below `kv_high`: the limit grows by `max(1, limit / 8)`.
 //! - Otherwise keep the limit. It stays within `[1, max]`, `max` being the
 //!   engine's `max_concurrency` share (the fleet file).
 //!
-//! Like TCP's congestion control, it is additive-ish increase and a direct
-//! cut on the congestion signal; the signal is the engine's queue, not loss.
+//! Why the peak and not the running count of the moment: an engine also
+//! queues for a moment when its step's token budget is taken by long
+//! prefills (it is busy computing, not full); cutting the limit to the few
+//! it runs then would starve its decode batch for seconds. The peak only
+//! grows, so a transient queue never lowers the limit below what the engine
+//! has shown it can run. An engine whose capacity shrinks (restarted with a
+//! smaller configuration) is handled by its queue: the limit never grows
+//! while it is congested.
 
 /// The knobs.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -60,31 +68,34 @@ pub struct CapacitySignal {
     /// The engine's waiting queue as it reports it: the least of the last
     /// two scrapes.
     pub engine_waiting: f64,
+    /// The engine's running requests, as it reports them.
+    pub engine_running: f64,
+    /// Ingress replicas sharing the engine.
+    pub replicas: usize,
     /// The engine's KV-cache usage, 0..=1.
     pub kv_usage: f64,
 }
 
-/// The next limit under the rule in the module docs.
-pub fn next_limit(cfg: &CapacityConfig, s: &CapacitySignal) -> usize {
+/// The next limit and peak under the rule in the module docs. `peak` is the
+/// most the engine has been seen running while congested (0 at first).
+pub fn next_limit(cfg: &CapacityConfig, s: &CapacitySignal, peak: usize) -> (usize, usize) {
     let max = s.max.max(1);
     if !cfg.enabled {
-        return max;
+        return (max, peak);
     }
     let limit = s.limit.clamp(1, max);
-    let waiting = if s.engine_waiting.is_finite() {
-        s.engine_waiting.max(0.0)
-    } else {
-        0.0
-    };
+    let finite = |v: f64| if v.is_finite() { v.max(0.0) } else { 0.0 };
+    let (waiting, running) = (finite(s.engine_waiting), finite(s.engine_running));
     let target = cfg.target_waiting.max(0.0);
     if waiting > target {
-        let excess = (waiting - target).ceil() as usize;
-        return s.in_use.saturating_sub(excess).clamp(1, limit);
+        let peak = peak.max(running.round() as usize);
+        let share = ((peak as f64 + target) / s.replicas.max(1) as f64).ceil() as usize;
+        return (share.clamp(1, max), peak);
     }
     if s.demand && s.in_use >= limit && s.kv_usage < cfg.kv_high {
-        return (limit + (limit / 8).max(1)).min(max);
+        return ((limit + (limit / 8).max(1)).min(max), peak);
     }
-    limit
+    (limit, peak)
 }
 
 #[cfg(test)]
@@ -92,35 +103,58 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn sig(limit: usize, in_use: usize, demand: bool, waiting: f64, kv: f64) -> CapacitySignal {
+    fn sig(
+        limit: usize,
+        in_use: usize,
+        demand: bool,
+        waiting: f64,
+        running: f64,
+    ) -> CapacitySignal {
         CapacitySignal {
             limit,
             max: 256,
             in_use,
             demand,
             engine_waiting: waiting,
-            kv_usage: kv,
+            engine_running: running,
+            kv_usage: 0.5,
+            replicas: 1,
         }
     }
 
     #[test]
-    fn backs_off_to_what_the_engine_runs() {
+    fn a_full_engine_gets_its_capacity_plus_one_staged() {
         let c = CapacityConfig::default();
-        // 40 sent, the engine queues 12: it runs 28; keep one staged.
-        assert_eq!(next_limit(&c, &sig(256, 40, true, 12.0, 0.9)), 29);
-        // Never to zero.
-        assert_eq!(next_limit(&c, &sig(4, 2, true, 50.0, 1.0)), 1);
+        // 40 sent, the engine runs 28 and queues 12: it holds 28.
+        assert_eq!(next_limit(&c, &sig(256, 40, true, 12.0, 28.0), 0), (29, 28));
+        // Two ingress replicas share it.
+        let two = CapacitySignal {
+            replicas: 2,
+            ..sig(256, 40, true, 12.0, 28.0)
+        };
+        assert_eq!(next_limit(&c, &two, 0).0, 15);
+    }
+
+    #[test]
+    fn a_transient_queue_never_cuts_below_the_peak() {
+        let c = CapacityConfig::default();
+        // Long prefills fill a step: 2 run, 3 wait — the engine has run 28.
+        assert_eq!(next_limit(&c, &sig(29, 5, true, 3.0, 2.0), 28), (29, 28));
     }
 
     #[test]
     fn probes_up_only_when_holding_calls_back() {
         let c = CapacityConfig::default();
-        assert_eq!(next_limit(&c, &sig(16, 16, true, 0.0, 0.5)), 18);
-        assert_eq!(next_limit(&c, &sig(16, 16, false, 0.0, 0.5)), 16);
-        assert_eq!(next_limit(&c, &sig(16, 10, true, 0.0, 0.5)), 16);
+        assert_eq!(next_limit(&c, &sig(16, 16, true, 0.0, 16.0), 15).0, 18);
+        assert_eq!(next_limit(&c, &sig(16, 16, false, 0.0, 16.0), 15).0, 16);
+        assert_eq!(next_limit(&c, &sig(16, 10, true, 0.0, 10.0), 15).0, 16);
         // A nearly full cache: the next admission would preempt.
-        assert_eq!(next_limit(&c, &sig(16, 16, true, 0.0, 0.97)), 16);
-        assert_eq!(next_limit(&c, &sig(256, 256, true, 0.0, 0.1)), 256);
+        let full = CapacitySignal {
+            kv_usage: 0.97,
+            ..sig(16, 16, true, 0.0, 16.0)
+        };
+        assert_eq!(next_limit(&c, &full, 15).0, 16);
+        assert_eq!(next_limit(&c, &sig(256, 256, true, 0.0, 256.0), 0).0, 256);
     }
 
     #[test]
@@ -129,21 +163,24 @@ mod tests {
             enabled: false,
             ..CapacityConfig::default()
         };
-        assert_eq!(next_limit(&c, &sig(3, 40, true, 12.0, 0.9)), 256);
+        assert_eq!(next_limit(&c, &sig(3, 40, true, 12.0, 28.0), 0).0, 256);
     }
 
     proptest! {
         #[test]
-        fn stays_in_bounds_and_never_grows_while_the_engine_queues(
+        fn stays_in_bounds_and_never_grows_past_the_peak_while_the_engine_queues(
             limit in 0usize..300, max in 0usize..300, in_use in 0usize..400,
-            demand: bool, waiting in -1.0f64..100.0, kv in 0.0f64..1.0
+            demand: bool, waiting in -1.0f64..100.0, running in -1.0f64..300.0,
+            kv in 0.0f64..1.0, peak in 0usize..300,
         ) {
             let c = CapacityConfig::default();
-            let s = CapacitySignal { limit, max, in_use, demand, engine_waiting: waiting, kv_usage: kv };
-            let n = next_limit(&c, &s);
+            let s = CapacitySignal { limit, max, in_use, demand, engine_waiting: waiting,
+                engine_running: running, kv_usage: kv, replicas: 1 };
+            let (n, p) = next_limit(&c, &s, peak);
             prop_assert!(n >= 1 && n <= max.max(1));
+            prop_assert!(p >= peak);
             if waiting > c.target_waiting {
-                prop_assert!(n <= limit.clamp(1, max.max(1)));
+                prop_assert!(n <= (p + 1).max(1));
             }
         }
     }
