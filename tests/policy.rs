@@ -70,6 +70,8 @@ async fn a_fresh_session_overtakes_a_heavy_one_in_the_gateway_queue() -> anyhow:
     let u = Universe::start(Options {
         engines: 1,
         max_concurrency: 1,
+        // Every session counts as a program here, so that levels apply.
+        ingress_args: vec!["--program-headers".into(), "x-session-id".into()],
         ..Options::default()
     })
     .await?;
@@ -190,6 +192,7 @@ async fn the_priority_field_reaches_a_priority_capable_engine() -> anyhow::Resul
     let u = Universe::start(Options {
         engines: 1,
         priority_engines: vec![0],
+        ingress_args: vec!["--program-headers".into(), "x-session-id".into()],
         ..Options::default()
     })
     .await?;

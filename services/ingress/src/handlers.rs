@@ -89,11 +89,20 @@ async fn handle(
     span.record("session", key.as_str());
     span.record("call_id", call_id);
 
-    let program = app
-        .program_headers
-        .iter()
-        .any(|h| headers.contains_key(h.as_str()));
-    let r = route(&app, call_id, &key, &call, program).await?;
+    // A program: the client says so, or the session runs calls in parallel.
+    let parallel = app.programs.enter(key.hash());
+    let program = parallel
+        || app
+            .program_headers
+            .iter()
+            .any(|h| headers.contains_key(h.as_str()));
+    let r = match route(&app, call_id, &key, &call, program).await {
+        Ok(r) => r,
+        Err(e) => {
+            app.programs.leave(key.hash());
+            return Err(e);
+        }
+    };
     // From here the scheduler counts the call: every path reports its end.
     let mut tracker = Tracker::new(
         app.clone(),

@@ -14,6 +14,7 @@
 //! - [`errors`]   — OpenAI-style JSON errors.
 //! - [`request`]  — the request body, parsed once; what the ingress reads and changes in it.
 //! - [`session`]  — the session key: header, body field or implicit.
+//! - [`programs`] — which sessions run calls in parallel (agent programs).
 //! - [`routing`]  — route requests to the scheduler and the local fallback.
 //! - [`tracker`]  — a response body wrapper that measures the call and reports its end.
 //! - [`proxy`]    — forwarding to the engine.
@@ -30,6 +31,7 @@ pub mod errors;
 pub mod events;
 pub mod handlers;
 pub mod metrics;
+pub mod programs;
 pub mod proxy;
 pub mod request;
 pub mod routing;

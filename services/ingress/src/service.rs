@@ -36,6 +36,8 @@ pub struct App {
     pub session_headers: Vec<String>,
     /// Headers that mark a session as an agent program (lower case).
     pub program_headers: Vec<String>,
+    /// Sessions with calls in flight here, and those that ran in parallel.
+    pub programs: crate::programs::Programs,
     pub session_field: String,
     pub route_timeout_ms: u64,
     pub max_body_bytes: usize,
@@ -148,6 +150,7 @@ pub async fn start_with_fleet(
     let app = Arc::new(App {
         gateway: Gateway::new(&limits, gate_cfg, config.time_scale),
         program_headers: headers(&config.program_headers),
+        programs: crate::programs::Programs::default(),
         fleet,
         health,
         health_cfg,

@@ -104,6 +104,7 @@ impl Tracker {
     /// Reports the call's end (once; later calls do nothing).
     pub fn finish(&mut self, outcome: Outcome) {
         let Some(info) = self.info.take() else { return };
+        self.app.programs.leave(info.session_hash);
         self.permit = None;
         let (wall, waited, work) = match self.dispatched {
             Some(at) => {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tether_fleet::{FleetConfig, FleetHealth, FleetLoad};
 use tether_policy::{
     Affinity, CacheAwareConfig, CostModel, EngineLoad, Inputs, PlacementConfig, PriorityConfig,
-    PriorityMode, SessionService, Strategy, call_level, choose, freshness, is_program,
+    PriorityMode, SessionService, Strategy, call_level, choose, freshness,
 };
 use tether_protocol::{
     EventKind, RequestEvent, RouteDecision, RouteReason, RouteReply, RouteRequest, StateDelta,
@@ -240,8 +240,12 @@ impl Decider {
         // Only Tether's own strategy orders calls and binds them late; the
         // baselines are first come, first served and keep their pick.
         let (level, bind_delay) = if self.knobs.strategy == Strategy::Tether {
-            let program = is_program(&service, req.program);
-            let level = call_level(&self.knobs.priority, &service, req.prompt_tokens, program);
+            let level = call_level(
+                &self.knobs.priority,
+                &service,
+                req.prompt_tokens,
+                req.program,
+            );
             // What the cache on the chosen engine saves: the prefix it
             // probably holds, or — placed by affinity without a prefix
             // match — the session's history weighed by its freshness.

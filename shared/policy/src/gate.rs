@@ -239,11 +239,7 @@ impl GateQueue {
             .waiters
             .iter()
             .filter(|(_, w)| Self::eligible(w, engine, now))
-            .min_by(|(_, a), (_, b)| {
-                Self::order(a, now)
-                    .partial_cmp(&Self::order(b, now))
-                    .unwrap_or(std::cmp::Ordering::Equal)
-            })
+            .min_by_key(|(_, w)| Self::order(w, engine, now))
             .map(|(id, _)| *id)?;
         self.take(id, engine)
     }
@@ -261,10 +257,14 @@ impl GateQueue {
         w.ask.preferred == engine || (now >= w.bind_at && w.ask.candidates.contains(&engine))
     }
 
-    /// (effective level, arrival order): lower goes first.
-    fn order(w: &Waiter, now: f64) -> (u8, u64) {
+    /// (effective level, not its preferred engine, arrival order): lower
+    /// goes first. Within a level a slot goes to a call that wants this very
+    /// engine before one that moves here (its bind delay ran out elsewhere):
+    /// a move costs the call its cache, so it takes only a slot no local
+    /// call wants — delay scheduling's rule.
+    fn order(w: &Waiter, engine: usize, now: f64) -> (u8, bool, u64) {
         let level = if now >= w.starving_at { 0 } else { w.ask.level };
-        (level, w.seq)
+        (level, w.ask.preferred != engine, w.seq)
     }
 
     /// Waiters whose bind delay has run out take free slots on any candidate.
@@ -348,6 +348,18 @@ mod tests {
         assert_eq!(q.next_deadline(0.5), Some(1.0));
         assert_eq!(q.expire(1.0), vec![Grant { id: 2, engine: 1 }]);
         assert_eq!(q.usage(1), (1, 1, 0));
+    }
+
+    #[test]
+    fn a_freed_slot_goes_to_a_local_call_before_a_moving_one() {
+        let mut q = GateQueue::new(&[1, 1], no_starvation());
+        assert_eq!(q.offer(1, ask(0, 0, 1.0, 2), 0.0), Offer::Run(0));
+        assert_eq!(q.offer(2, ask(0, 1, 1.0, 2), 0.0), Offer::Run(1));
+        // A call for engine 0 waits past its delay; then one for engine 1 arrives.
+        assert_eq!(q.offer(3, ask(0, 0, 1.0, 2), 0.0), Offer::Queued);
+        assert_eq!(q.offer(4, ask(0, 1, 1.0, 2), 1.5), Offer::Queued);
+        // Engine 1 frees: its own caller goes first, though it came later.
+        assert_eq!(q.release(1, 2.0), Some(Grant { id: 4, engine: 1 }));
     }
 
     #[test]

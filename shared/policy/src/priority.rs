@@ -11,8 +11,8 @@
 //! `session_starvation_ratio` is promoted to level 0.
 //!
 //! Whom it orders ([`Ordering`]): by default only *programs* — sessions that
-//! run calls in parallel (now, or in the past: their total attained service
-//! exceeds their critical path) or that the client marks as an agent. A
+//! the ingress has seen run calls in parallel, or that the client marks as
+//! an agent (a program header). A
 //! conversation's turn has a person waiting for it and is never pushed back
 //! because the conversation is long: it is level 0, FIFO with the others.
 
@@ -98,16 +98,8 @@ pub struct SessionService {
     pub in_flight: u32,
 }
 
-/// Whether a session is a program (see the module docs): the client says
-/// so (`hinted`), it has calls in flight now, or it ran calls in parallel
-/// before — then its attained service exceeds its critical path (for
-/// sequential calls the two are equal).
-pub fn is_program(s: &SessionService, hinted: bool) -> bool {
-    hinted || s.in_flight > 0 || s.attained > s.cst * 1.01 + 1e-3
-}
-
 /// The queue level of a call with `prompt_tokens` of prompt, of a session
-/// that is a program or not ([`is_program`]). Under [`Ordering::Programs`] a
+/// that is a program or not (the ingress tells: see the module docs). Under [`Ordering::Programs`] a
 /// non-program's call is level 0; else the session's service (plus
 /// `prompt_cost · prompt_tokens`) picks the level. Anti-starvation looks at
 /// the session's own service only.
@@ -255,25 +247,11 @@ mod tests {
     #[test]
     fn conversations_are_not_pushed_back_programs_are_ordered() {
         let cfg = PriorityConfig::default();
-        // A long conversation: sequential calls, so attained == critical path.
+        // A long conversation is level 0; the same service as a program is ordered.
         let chat = svc(50.0);
-        assert!(!is_program(&chat, false));
-        assert_eq!(call_level(&cfg, &chat, 0, is_program(&chat, false)), 0);
-        // A program that ran calls in parallel: attained > critical path.
-        let agent = SessionService {
-            cst: 20.0,
-            attained: 70.0,
-            ..SessionService::default()
-        };
-        assert!(is_program(&agent, false));
+        assert_eq!(call_level(&cfg, &chat, 0, false), 0);
+        let agent = svc(20.0);
         assert_eq!(call_level(&cfg, &agent, 0, true), 3);
-        // Calls in flight, or the client's word, make a program too.
-        let busy = SessionService {
-            in_flight: 1,
-            ..svc(5.0)
-        };
-        assert!(is_program(&busy, false));
-        assert!(is_program(&chat, true));
         // Ordering everyone, or no one.
         let all = PriorityConfig {
             ordering: Ordering::All,

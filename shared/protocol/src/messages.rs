@@ -147,8 +147,9 @@ pub struct RouteRequest {
     /// Engines the ingress can reach and believes healthy (names); empty means
     /// "no opinion".
     pub candidates: Vec<String>,
-    /// The client marked the session as an agent program (one of the
-    /// ingress's `--program-headers` was present).
+    /// The session is an agent program: the call carried one of the
+    /// ingress's `--program-headers`, or the ingress has seen the session
+    /// run calls in parallel.
     pub program: bool,
 }
 
