@@ -4,6 +4,8 @@
 //! and benchmarks and tests drive it directly.
 
 use std::collections::HashMap;
+use tether_protocol::CallId;
+use tether_protocol::hash::BuildU64Hasher;
 use std::sync::Arc;
 use tether_fleet::{FleetConfig, FleetHealth, FleetLoad};
 use tether_policy::{
@@ -92,7 +94,15 @@ pub struct Decider {
     ratios: Vec<f64>,
     /// What the last decision did.
     pub last: DecisionNote,
+    /// Calls decided for late binding and not yet dispatched: the engine
+    /// decided and the prompt's blocks, so that a call the gateway moves is
+    /// indexed where it ran. Bounded by [`PENDING_CAP`].
+    pending: HashMap<CallId, (usize, Vec<u64>), BuildU64Hasher>,
 }
+
+/// Most calls remembered for late binding; beyond, the memory is cleared
+/// (a moved call then leaves the index pointing at the engine decided).
+const PENDING_CAP: usize = 65_536;
 
 impl Decider {
     pub fn new(
@@ -140,6 +150,7 @@ impl Decider {
             scratch: Vec::new(),
             ratios: Vec::new(),
             last: DecisionNote::default(),
+            pending: HashMap::default(),
         }
     }
 
@@ -237,6 +248,13 @@ impl Decider {
             u32::try_from(now_ms / 1000).unwrap_or(u32::MAX),
         );
         self.prefix.insert(&req.block_hashes, p.engine);
+        if self.knobs.strategy == Strategy::Tether && !req.block_hashes.is_empty() {
+            if self.pending.len() >= PENDING_CAP {
+                self.pending.clear();
+            }
+            self.pending
+                .insert(req.call_id, (p.engine, req.block_hashes.clone()));
+        }
         // Only Tether's own strategy orders calls and binds them late; the
         // baselines are first come, first served and keep their pick.
         let (level, bind_delay) = if self.knobs.strategy == Strategy::Tether {
@@ -284,9 +302,18 @@ impl Decider {
             return;
         };
         match &e.kind {
-            EventKind::Dispatched { .. } => self.loads.start(e.call_id, engine, e.at_ms),
+            EventKind::Dispatched { .. } => {
+                self.loads.start(e.call_id, engine, e.at_ms);
+                // Moved by late binding: its prompt's blocks are where it ran.
+                if let Some((decided, blocks)) = self.pending.remove(&e.call_id)
+                    && decided != engine
+                {
+                    self.prefix.insert(&blocks, engine);
+                }
+            }
             EventKind::Finished(f) => {
                 self.loads.finish(e.call_id);
+                self.pending.remove(&e.call_id);
                 let new_kv = f
                     .prompt_tokens
                     .saturating_sub(f.cached_tokens)
