@@ -73,6 +73,7 @@ OVERLOAD_VARIANTS = [
     {"name": "tether", "scheduler_args": [], "ingress_args": []},
     {"name": "tether, FCFS ordering", "scheduler_args": ["--ordering", "fcfs"], "ingress_args": []},
 ]
+
 # <<< OVERLOAD VARIANTS
 
 # Extra arguments for every Tether run (scheduler, ingress).
@@ -95,6 +96,7 @@ AGENT_FLAGS = ["--steps", "12", "--step-alpha", "1.0", "--fanout", "4", "--fanou
 # =====================================================================
 
 ENGINES = 4
+MIN_SCRAPE_MS = 50
 MODEL = "tether-sim"
 SLO_FACTOR = 2.0           # capacity at SLO: mean session completion within 2x unloaded
 NEVER_LOSES = 1.05
@@ -194,7 +196,15 @@ class Stack:
             ss, sc = free_port(), free_port()
             self.spawn("session-state", [BIN / "tether-session-state", "--admin-listen", f"127.0.0.1:{ss}"], env)
             wait_until(lambda: http_ok(f"http://127.0.0.1:{ss}/ready"), "session-state")
-            scrape = max(10, int(100 / self.scale))
+            # Tether's engine scrapes (scheduler load, ingress health and
+            # capacity) run every 100 ms of simulated time, but never more
+            # often than MIN_SCRAPE_MS of wall time: at 10 ms and time scale
+            # 10 the three loops sent ~1,200 requests/s to four engine-sims,
+            # and the CPU they took slowed every Tether strategy on this
+            # 2-core machine (agent at 10/s: mean session 23.6 s; 16-18 s at
+            # 50 ms). The price: Tether's control loops see the engines
+            # every 0.5 simulated seconds at time scale 10.
+            scrape = max(MIN_SCRAPE_MS, int(100 / self.scale))
             self.spawn("scheduler", [BIN / "tether-scheduler", "--admin-listen", f"127.0.0.1:{sc}",
                                      "--strategy", self.sys["strategy"], "--scrape-interval-ms", scrape]
                        + TETHER_SCHEDULER_ARGS + self.sys.get("scheduler_args", []), env)

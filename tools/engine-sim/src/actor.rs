@@ -124,6 +124,8 @@ async fn run(
             }
         } else {
             // Behind schedule (a fast time scale, or a busy machine): catch up.
+            let behind = Instant::now().duration_since(deadline).as_secs_f64() * scale;
+            metrics.observe_lag(behind);
             tokio::task::yield_now().await;
         }
         for out in step.outputs {

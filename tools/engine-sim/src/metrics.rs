@@ -64,6 +64,8 @@ impl Histogram {
 
 #[derive(Debug)]
 struct State {
+    /// The most a step has ended behind its simulated schedule, simulated seconds.
+    lag_max: f64,
     running: usize,
     waiting: usize,
     kv_usage: f64,
@@ -106,6 +108,7 @@ impl Metrics {
             block_size: cfg.block_size,
             num_blocks: cfg.kv_cache_tokens / cfg.block_size.max(1),
             state: Mutex::new(State {
+                lag_max: 0.0,
                 running: 0,
                 waiting: 0,
                 kv_usage: 0.0,
@@ -129,6 +132,15 @@ impl Metrics {
         s.waiting = waiting;
         s.kv_usage = kv_usage;
         s.stats = stats;
+    }
+
+    /// A step ended `lag` simulated seconds behind schedule (the machine
+    /// did not keep up with the time scale).
+    pub fn observe_lag(&self, lag: f64) {
+        let mut s = self.lock();
+        if lag.is_finite() && lag > s.lag_max {
+            s.lag_max = lag;
+        }
     }
 
     pub fn observe_finished(&self, t: &Timing, completion_tokens: usize) {
@@ -170,6 +182,11 @@ impl Metrics {
             "vllm:kv_cache_usage_perc",
             "KV cache usage (1 = 100%).",
             s.kv_usage,
+        );
+        gauge(
+            "tether_sim_lag_seconds_max",
+            "The most a step has ended behind its simulated schedule, simulated seconds (0: the machine kept up).",
+            s.lag_max,
         );
         gauge(
             "tether_sim_max_num_seqs",
