@@ -24,6 +24,18 @@ fn body(content: &str, max_tokens: u32, stream: bool) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+/// A non-streamed call of session `doc` with `content`.
+async fn call_doc(u_http: &http::HttpClient, url: &str, content: &str) -> anyhow::Result<http::Reply> {
+    http::fetch(
+        u_http,
+        http::Method::POST,
+        url,
+        &[("x-session-id", "doc")],
+        body(content, 1, false),
+    )
+    .await
+}
+
 async fn until(what: &str, cond: impl Fn() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cond() {
@@ -49,14 +61,7 @@ async fn setup() -> anyhow::Result<(Universe, String, String, Box<dyn std::any::
     })
     .await?;
     let doc = prompt("shared document", 10_000);
-    let first = http::fetch(
-        &u.http,
-        http::Method::POST,
-        &u.url("/v1/chat/completions"),
-        &[("x-session-id", "doc")],
-        body(&doc, 1, false),
-    )
-    .await?;
+    let first = call_doc(&u.http, &u.url("/v1/chat/completions"), &doc).await?;
     anyhow::ensure!(first.status == 200, "first call: {}", first.text());
     let a = engine_of(&first);
     // A streamed call of the same session holds A's only slot.
@@ -89,14 +94,7 @@ async fn a_call_queued_for_a_busy_engine_moves_to_an_idle_one_after_its_delay() 
     let (u, a, doc, blocker) = setup().await?;
     let a_idx = u.fleet.index_of(&a).unwrap_or(0);
     let started = Instant::now();
-    let r = http::fetch(
-        &u.http,
-        http::Method::POST,
-        &u.url("/v1/chat/completions"),
-        &[("x-session-id", "doc")],
-        body(&doc, 1, false),
-    )
-    .await?;
+    let r = call_doc(&u.http, &u.url("/v1/chat/completions"), &doc).await?;
     let waited = started.elapsed();
     assert_eq!(r.status, 200, "{}", r.text());
     let ran_on = engine_of(&r);
@@ -125,15 +123,9 @@ async fn a_call_whose_engine_frees_in_time_stays() -> anyhow::Result<()> {
     let a_idx = u.fleet.index_of(&a).unwrap_or(0);
     let (client, url) = (u.http.clone(), u.url("/v1/chat/completions"));
     let call = tokio::spawn(async move {
-        http::fetch(
-            &client,
-            http::Method::POST,
-            &url,
-            &[("x-session-id", "doc")],
-            body(&doc, 1, false),
-        )
-        .await
-        .map(|r| (r.status, engine_of(&r)))
+        call_doc(&client, &url, &doc)
+            .await
+            .map(|r| (r.status, engine_of(&r)))
     });
     until("the call waits at the gateway", || {
         u.ingress.app.gateway.usage(a_idx).2 == 1
