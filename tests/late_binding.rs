@@ -25,7 +25,11 @@ fn body(content: &str, max_tokens: u32, stream: bool) -> Vec<u8> {
 }
 
 /// A non-streamed call of session `doc` with `content`.
-async fn call_doc(u_http: &http::HttpClient, url: &str, content: &str) -> anyhow::Result<http::Reply> {
+async fn call_doc(
+    u_http: &http::HttpClient,
+    url: &str,
+    content: &str,
+) -> anyhow::Result<http::Reply> {
     http::fetch(
         u_http,
         http::Method::POST,

@@ -4,14 +4,14 @@
 //! and benchmarks and tests drive it directly.
 
 use std::collections::HashMap;
-use tether_protocol::CallId;
-use tether_protocol::hash::BuildU64Hasher;
 use std::sync::Arc;
 use tether_fleet::{FleetConfig, FleetHealth, FleetLoad};
 use tether_policy::{
     Affinity, CacheAwareConfig, CostModel, EngineLoad, Inputs, PlacementConfig, PriorityConfig,
     PriorityMode, SessionService, Strategy, call_level, choose, freshness,
 };
+use tether_protocol::CallId;
+use tether_protocol::hash::BuildU64Hasher;
 use tether_protocol::{
     EventKind, RequestEvent, RouteDecision, RouteReason, RouteReply, RouteRequest, StateDelta,
     stable_hash,
