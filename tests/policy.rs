@@ -7,9 +7,8 @@ use tether_protocol::{EventKind, Finished, Outcome, RequestEvent, SessionKey, Su
 use tether_universe::tether_testkit::http;
 use tether_universe::{MODEL, Options, Universe};
 
-/// Publishes two finished, parallel calls for a session straight onto the
-/// bus, as an ingress would, so it is a program (attained service above its
-/// critical path) with a critical path of `executed` seconds.
+/// Publishes a finished call for a session straight onto the bus, as an
+/// ingress would, so it has `executed` seconds of attained service.
 async fn give_service(u: &Universe, key: &str, executed: f64) -> anyhow::Result<()> {
     let bus = tether_bus::Bus::connect(
         &tether_bus::BusConfig {
@@ -20,27 +19,25 @@ async fn give_service(u: &Universe, key: &str, executed: f64) -> anyhow::Result<
     )
     .await?;
     let key = SessionKey::explicit(key)?;
-    for call_id in [1, 2] {
-        let event = RequestEvent {
-            call_id,
-            session_hash: key.hash(),
-            session_key: key.as_str().into(),
-            at_ms: tether_protocol::now_ms(),
-            engine: "sim-0".into(),
-            kind: EventKind::Finished(Finished {
-                inherited_cst: 0.0,
-                executed,
-                waited: 0.0,
-                wall: executed,
-                prompt_tokens: 0,
-                cached_tokens: 0,
-                completion_tokens: 0,
-                outcome: Outcome::Ok,
-            }),
-        };
-        bus.publish(bus.subjects.events(shard_of(key.hash(), u.shards)), &event)
-            .await?;
-    }
+    let event = RequestEvent {
+        call_id: 1,
+        session_hash: key.hash(),
+        session_key: key.as_str().into(),
+        at_ms: tether_protocol::now_ms(),
+        engine: "sim-0".into(),
+        kind: EventKind::Finished(Finished {
+            inherited_cst: 0.0,
+            executed,
+            waited: 0.0,
+            wall: executed,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            outcome: Outcome::Ok,
+        }),
+    };
+    bus.publish(bus.subjects.events(shard_of(key.hash(), u.shards)), &event)
+        .await?;
     bus.client.flush().await?;
     Ok(())
 }

@@ -96,7 +96,7 @@ async fn handle(
             .program_headers
             .iter()
             .any(|h| headers.contains_key(h.as_str()));
-    let r = match route(&app, call_id, &key, &call, program).await {
+    let mut r = match route(&app, call_id, &key, &call, program).await {
         Ok(r) => r,
         Err(e) => {
             app.programs.leave(key.hash());
@@ -128,7 +128,7 @@ async fn handle(
         service: r.service,
         preferred: r.engine,
         bind_delay: r.bind_delay,
-        candidates: r.candidates.clone(),
+        candidates: std::mem::take(&mut r.candidates),
     };
     let engine = match app.gateway.acquire(call_id, ask).await {
         Ok(permit) => {

@@ -5,7 +5,8 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tether_policy::{
-    CacheAwareConfig, CostModel, Ordering, PlacementConfig, PriorityConfig, PriorityMode, Strategy,
+    CacheAwareConfig, CostModel, Ordering, PlacementConfig, PolicyConfig, PriorityConfig,
+    PriorityMode, Strategy,
 };
 
 #[derive(Clone, Debug, Parser)]
@@ -119,17 +120,20 @@ impl Config {
 
     pub fn knobs(&self) -> crate::decider::PolicyKnobs {
         crate::decider::PolicyKnobs {
-            strategy: self.strategy,
-            priority: self.priority(),
-            placement: self.placement(),
-            cache: CacheAwareConfig {
-                balance_abs: self.cache_balance_abs,
-                balance_rel: self.cache_balance_rel,
-                match_threshold: self.cache_match_threshold,
-            },
-            cost: CostModel {
-                prefill_per_token: self.cost_prefill_per_token,
-                ..CostModel::default()
+            policy: PolicyConfig {
+                strategy: self.strategy,
+                priority: self.priority(),
+                placement: self.placement(),
+                cache: CacheAwareConfig {
+                    balance_abs: self.cache_balance_abs,
+                    balance_rel: self.cache_balance_rel,
+                    match_threshold: self.cache_match_threshold,
+                },
+                cost: CostModel {
+                    prefill_per_token: self.cost_prefill_per_token,
+                    ..CostModel::default()
+                },
+                ..PolicyConfig::default()
             },
             prefix_blocks: self.prefix_index_blocks,
         }

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tether_fleet::{FleetConfig, FleetHealth, FleetLoad};
 use tether_policy::{
-    Affinity, CacheAwareConfig, CostModel, EngineLoad, Inputs, PlacementConfig, PriorityConfig,
-    PriorityMode, SessionService, Strategy, call_level, choose, freshness,
+    Affinity, EngineLoad, Inputs, PolicyConfig, PriorityMode, SessionService, Strategy, call_level,
+    choose, freshness,
 };
 use tether_protocol::CallId;
 use tether_protocol::hash::BuildU64Hasher;
@@ -24,12 +24,10 @@ use crate::replica::{DeltaOutcome, Replica};
 /// The policy's knobs, as configured.
 #[derive(Clone, Debug, Default)]
 pub struct PolicyKnobs {
-    pub strategy: Strategy,
-    pub priority: PriorityConfig,
-    pub placement: PlacementConfig,
-    pub cache: CacheAwareConfig,
-    /// Prices the prefill a cache hit saves (the bind delay).
-    pub cost: CostModel,
+    /// The policy (the scheduler reads its strategy, priority, placement,
+    /// cache thresholds and cost model; the gate and capacity parts are the
+    /// ingress's).
+    pub policy: PolicyConfig,
     /// Blocks held by the prefix index.
     pub prefix_blocks: usize,
 }
@@ -190,7 +188,6 @@ impl Decider {
                 cst: f64::from(s.cst),
                 attained: f64::from(s.attained),
                 wait: f64::from(s.wait),
-                in_flight: u32::from(s.in_flight),
             })
             .unwrap_or_default();
         let affinity = session.and_then(|s| {
@@ -217,9 +214,9 @@ impl Decider {
             turn: self.turn,
         };
         let Some(p) = choose(
-            self.knobs.strategy,
-            &self.knobs.placement,
-            &self.knobs.cache,
+            self.knobs.policy.strategy,
+            &self.knobs.policy.placement,
+            &self.knobs.policy.cache,
             &inputs,
         ) else {
             return RouteReply::NoEngine {
@@ -248,7 +245,7 @@ impl Decider {
             u32::try_from(now_ms / 1000).unwrap_or(u32::MAX),
         );
         self.prefix.insert(&req.block_hashes, p.engine);
-        if self.knobs.strategy == Strategy::Tether && !req.block_hashes.is_empty() {
+        if self.knobs.policy.strategy == Strategy::Tether && !req.block_hashes.is_empty() {
             if self.pending.len() >= PENDING_CAP {
                 self.pending.clear();
             }
@@ -257,9 +254,9 @@ impl Decider {
         }
         // Only Tether's own strategy orders calls and binds them late; the
         // baselines are first come, first served and keep their pick.
-        let (level, bind_delay) = if self.knobs.strategy == Strategy::Tether {
+        let (level, bind_delay) = if self.knobs.policy.strategy == Strategy::Tether {
             let level = call_level(
-                &self.knobs.priority,
+                &self.knobs.policy.priority,
                 &service,
                 req.prompt_tokens,
                 req.program,
@@ -275,6 +272,7 @@ impl Decider {
             }
             let saving = self
                 .knobs
+                .policy
                 .cost
                 .prefill_saving(cached.clamp(0.0, 1.0) * f64::from(req.prompt_tokens));
             (level, saving)
@@ -286,7 +284,7 @@ impl Decider {
             engine: self.fleet.engines[p.engine].name.clone(),
             level,
             inherited_cst: service.cst,
-            service: match self.knobs.priority.mode {
+            service: match self.knobs.policy.priority.mode {
                 PriorityMode::Atlas => service.cst,
                 PriorityMode::Plas => service.attained,
             },

@@ -94,8 +94,6 @@ pub struct SessionService {
     pub attained: f64,
     /// Total wait, seconds (including the current wait, if the caller adds it).
     pub wait: f64,
-    /// Calls of the session in flight.
-    pub in_flight: u32,
 }
 
 /// The queue level of a call with `prompt_tokens` of prompt, of a session
@@ -169,7 +167,7 @@ mod tests {
         fn starvation_puts_a_session_on_top(m in mode(), service in 0.0f64..1e4, extra in 0.0f64..1e4) {
             let cfg = PriorityConfig { mode: m, ..PriorityConfig::default() };
             let wait = cfg.session_starvation_ratio * service.max(cfg.service_floor) + extra;
-            let s = SessionService { cst: service, attained: service, wait, in_flight: 0 };
+            let s = SessionService { cst: service, attained: service, wait };
             prop_assert_eq!(level(&cfg, &s), 0);
             // And waiting longer never lowers the level.
             let s2 = SessionService { wait: wait * 2.0, ..s };
@@ -203,7 +201,6 @@ mod tests {
             cst: 100.0,
             attained: 100.0,
             wait: 199.0,
-            in_flight: 0,
         };
         assert_eq!(level(&cfg, &s), 4);
         let s = SessionService { wait: 200.0, ..s };
