@@ -30,6 +30,11 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
+# Check the deployment files offline: Dockerfile toolchain vs Cargo.lock, compose
+# against the Compose schema, every Kubernetes overlay rendered and validated.
+check-deploy *WHAT:
+    scripts/check-deploy.sh {{WHAT}}
+
 # Benchmarks: decision speed and memory, route round trip over NATS vs a bare echo.
 bench: tools
     cargo bench --bench decide
