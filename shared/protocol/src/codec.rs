@@ -88,6 +88,29 @@ mod tests {
     }
 
     #[test]
+    fn kv_batch_round_trip() {
+        let batch = KvEventBatch {
+            engine: "sim-1".into(),
+            epoch: 9,
+            seq: 1,
+            engine_seq: 41,
+            at_ms: 5,
+            events: vec![
+                KvEvent::Stored {
+                    hashes: vec![1, 2],
+                    parent: None,
+                    block_size: 16,
+                },
+                KvEvent::Removed { hashes: vec![1] },
+                KvEvent::Cleared,
+                KvEvent::Reset,
+            ],
+        };
+        let bytes = encode(&batch).unwrap();
+        assert_eq!(decode::<KvEventBatch>(&bytes).unwrap(), batch);
+    }
+
+    #[test]
     fn wrong_version_is_refused() {
         let mut bytes = encode(&event()).unwrap();
         bytes[0] = 9;
@@ -122,6 +145,7 @@ mod tests {
             let _ = decode::<RequestEvent>(&bytes);
             let _ = decode::<StateDelta>(&bytes);
             let _ = decode::<RouteRequest>(&bytes);
+            let _ = decode::<KvEventBatch>(&bytes);
         }
     }
 }

@@ -209,3 +209,43 @@ pub enum RouteReply {
         reason: String,
     },
 }
+
+/// What one engine's KV cache did, relayed from the engine's own KV cache
+/// events (vLLM's `--kv-events-config` ZMQ publisher) by `tether-kv-events`
+/// on `<p>.kv.<engine>`. One message per engine batch (one engine step).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KvEventBatch {
+    /// The engine (its configured name).
+    pub engine: String,
+    /// Random per relay stream (subscriber start or reconnect): a new epoch
+    /// means the receiver must forget what it knew of the engine.
+    pub epoch: u64,
+    /// 1, 2, 3, … within an epoch; a gap means lost messages.
+    pub seq: u64,
+    /// The engine's own batch sequence number (0 for a relay-made reset).
+    pub engine_seq: u64,
+    /// When the engine made the batch, ms since the Unix epoch.
+    pub at_ms: u64,
+    pub events: Vec<KvEvent>,
+}
+
+/// One KV cache event. Block hashes are the engine's own (vLLM's
+/// `ExternalBlockHash`: ints as they come, byte strings as their last 8
+/// bytes big-endian, which is vLLM's own int form).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum KvEvent {
+    /// Full blocks now cached, in chain order; `parent` is the block before
+    /// the first (None: the first starts a prompt).
+    Stored {
+        hashes: Vec<u64>,
+        parent: Option<u64>,
+        block_size: u32,
+    },
+    /// Blocks evicted.
+    Removed { hashes: Vec<u64> },
+    /// The engine dropped its whole prefix cache (vLLM `AllBlocksCleared`).
+    Cleared,
+    /// The relay lost track of the engine (a sequence gap it could not
+    /// replay, or the engine restarted): forget everything it held.
+    Reset,
+}

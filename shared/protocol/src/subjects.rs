@@ -65,6 +65,27 @@ impl Subjects {
         format!("{}.route", self.prefix)
     }
 
+    /// `<p>.kv.<engine>` — [`crate::KvEventBatch`]es of one engine. Characters
+    /// a NATS subject token cannot hold (`.`, `*`, `>`, whitespace) become `_`.
+    pub fn kv(&self, engine: &str) -> String {
+        let token: String = engine
+            .chars()
+            .map(|c| {
+                if matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control() {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        format!("{}.kv.{token}", self.prefix)
+    }
+
+    /// `<p>.kv.*` — every engine's KV cache events.
+    pub fn kv_all(&self) -> String {
+        format!("{}.kv.*", self.prefix)
+    }
+
     /// The shard number at the end of a per-shard subject, if it has one.
     pub fn shard_suffix(subject: &str) -> Option<u16> {
         subject.rsplit('.').next()?.parse().ok()
@@ -83,5 +104,8 @@ mod tests {
         assert_eq!(s.route(), "acme.route");
         assert_eq!(Subjects::shard_suffix("acme.events.12"), Some(12));
         assert_eq!(Subjects::shard_suffix("acme.route"), None);
+        assert_eq!(s.kv("sim-1"), "acme.kv.sim-1");
+        assert_eq!(s.kv("a.b *>"), "acme.kv.a_b___");
+        assert_eq!(s.kv_all(), "acme.kv.*");
     }
 }
