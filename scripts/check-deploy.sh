@@ -12,7 +12,7 @@
 #              (`kubectl kustomize`) and validates strictly and offline against
 #              Kubernetes $K8S_VERSION (kubernetes-validate).
 #
-# With no argument, runs all three. Tools go into .tools/venv (ignored by git).
+# With no argument, runs all three; otherwise the ones named. Tools go into .tools/venv (ignored by git).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -80,7 +80,7 @@ check_compose() {
 import os, re, sys
 base = "deploy/compose"
 text = open(os.path.join(base, "docker-compose.yml")).read()
-missing = [p for p in re.findall(r"^\s*-\s*(\./[^:\s]+):", text, re.M)
+missing = [p for p in re.findall(r"^\s*-\s*(\.\.?/[^:\s]+):", text, re.M)
            if not os.path.exists(os.path.join(base, p))]
 if missing:
     sys.exit("compose mounts files that do not exist: " + ", ".join(missing))
@@ -116,10 +116,13 @@ check_k8s() {
   done
 }
 
-case "${1:-all}" in
-  toolchain) check_toolchain ;;
-  compose) check_compose ;;
-  k8s) check_k8s ;;
-  all) check_toolchain; check_compose; check_k8s ;;
-  *) fail "usage: $0 [toolchain|compose|k8s|all]" ;;
-esac
+[ $# -gt 0 ] || set -- all
+for what in "$@"; do
+  case "$what" in
+    toolchain) check_toolchain ;;
+    compose) check_compose ;;
+    k8s) check_k8s ;;
+    all) check_toolchain; check_compose; check_k8s ;;
+    *) fail "usage: $0 [toolchain|compose|k8s|all]..." ;;
+  esac
+done
