@@ -110,7 +110,7 @@ check_k8s() {
     "$venv/bin/kubernetes-validate" --strict --kubernetes-version "$K8S_VERSION" \
       "$out/$(basename "$overlay").yaml" >"$out/log" 2>&1 \
       || { cat "$out/log" >&2; fail "$overlay does not validate against Kubernetes $K8S_VERSION"; }
-    python3 scripts/check-k8s-policy.py "$out/$(basename "$overlay").yaml" \
+    "$venv/bin/python" scripts/check-k8s-policy.py "$out/$(basename "$overlay").yaml" \
       || fail "$overlay breaks a deployment rule"
     echo "k8s: $overlay renders and validates (Kubernetes $K8S_VERSION, strict)"
   done
