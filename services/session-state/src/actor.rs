@@ -154,9 +154,13 @@ impl ShardActor {
         }
         self.metrics.events.inc();
         let before = self.table.len();
-        let evicted = self.table.apply(event, self.seq + 1);
-        self.changed.insert(event.session_hash);
-        self.note_evicted(evicted);
+        let applied = self.table.apply(event, self.seq + 1);
+        if applied.refused {
+            self.metrics.refused.inc();
+        } else {
+            self.changed.insert(event.session_hash);
+        }
+        self.note_evicted(applied.evicted);
         self.adjust_gauge(before);
     }
 

@@ -13,6 +13,9 @@ pub struct Metrics {
     pub deltas: Counter,
     pub delta_records: Counter,
     pub evicted: Counter,
+    /// New sessions refused at the session cap because every held session
+    /// was active within the idle TTL (or had a call in flight).
+    pub refused: Counter,
     pub snapshots: Counter,
     pub queries: Counter,
 }
@@ -46,8 +49,13 @@ impl Metrics {
         );
         r.register(
             "tether_session_evicted",
-            "Sessions evicted (idle or over the bound)",
+            "Sessions evicted (idle, or idle and over the bound)",
             self.evicted.clone(),
+        );
+        r.register(
+            "tether_session_refused",
+            "New sessions refused at the cap because every held session was active within the idle TTL",
+            self.refused.clone(),
         );
         r.register(
             "tether_session_snapshot_pages",

@@ -9,4 +9,4 @@ pub mod state;
 pub mod table;
 
 pub use state::SessionState;
-pub use table::{SessionTable, TableLimits};
+pub use table::{Applied, SessionTable, TableLimits};

@@ -7,9 +7,10 @@
 //! not by their sum. PLAS's attained service is the plain sum of `t`. Wait is
 //! summed.
 
+use serde::{Deserialize, Serialize};
 use tether_protocol::{CallId, EventKind, RequestEvent, SessionRecord};
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SessionState {
     /// The session key as the client sent it (or the implicit key).
     pub key: String,

@@ -1,11 +1,31 @@
 //! A shard's sessions. Owned by one actor; no locks.
 //!
 //! Memory is bounded: at most `max_sessions` sessions. When a new session
-//! would pass the bound, the least recently active sixteenth of the table is
-//! evicted at once (amortised O(1) per insert, instead of a scan per insert).
+//! would pass the bound, up to a sixteenth of the table is evicted at once —
+//! the least recently active of the sessions that are *idle*: no call in
+//! flight and no activity within the idle TTL, as of the newcomer's event
+//! time. A session active within the idle TTL is never evicted for a
+//! newcomer: when no session is idle the newcomer is refused (not tracked;
+//! the caller counts it). After a scan that found nothing idle, the table
+//! remembers the earliest time any held session can become idle and refuses
+//! newcomers before then without scanning again, so a flood of new keys costs
+//! O(1) per key.
+//!
+//! Every decision depends only on the events and their order (event times,
+//! not the wall clock), so replaying the same events gives the same table.
 
 use std::collections::HashMap;
 use tether_protocol::{RequestEvent, SessionHash, SessionRecord};
+
+/// What applying one event did to the table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Sessions evicted to make room (usually none).
+    pub evicted: Vec<SessionHash>,
+    /// The event would have created a session at the cap while every held
+    /// session was active: it was not applied.
+    pub refused: bool,
+}
 
 use crate::SessionState;
 
@@ -33,6 +53,10 @@ impl Default for TableLimits {
 pub struct SessionTable {
     sessions: HashMap<SessionHash, SessionState>,
     limits: TableLimits,
+    /// No held session can be idle before this event time (ms): set by a
+    /// scan at the cap that found none, cleared when sessions may have become
+    /// idle by other means (lost calls forgotten).
+    no_idle_before: u64,
 }
 
 impl SessionTable {
@@ -40,7 +64,25 @@ impl SessionTable {
         Self {
             sessions: HashMap::new(),
             limits,
+            no_idle_before: 0,
         }
+    }
+
+    /// A table holding `sessions` (restored from a snapshot).
+    pub fn from_sessions(
+        limits: TableLimits,
+        sessions: impl IntoIterator<Item = (SessionHash, SessionState)>,
+    ) -> Self {
+        Self {
+            sessions: sessions.into_iter().collect(),
+            limits,
+            no_idle_before: 0,
+        }
+    }
+
+    /// Every session, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&SessionHash, &SessionState)> {
+        self.sessions.iter()
     }
 
     pub fn len(&self) -> usize {
@@ -55,15 +97,20 @@ impl SessionTable {
         self.sessions.get(&hash)
     }
 
-    /// Applies an event, stamping the session with `version`. Returns the
-    /// hashes of sessions evicted to make room (usually none).
-    pub fn apply(&mut self, event: &RequestEvent, version: u64) -> Vec<SessionHash> {
-        let mut evicted = Vec::new();
+    /// Applies an event, stamping the session with `version`. A new session
+    /// at the cap first evicts idle sessions, or is refused when none is idle
+    /// (see the module documentation).
+    pub fn apply(&mut self, event: &RequestEvent, version: u64) -> Applied {
+        let mut out = Applied::default();
         if !self.sessions.contains_key(&event.session_hash)
             && self.limits.max_sessions > 0
             && self.sessions.len() >= self.limits.max_sessions
         {
-            evicted = self.evict_least_recent((self.limits.max_sessions / 16).max(1));
+            out.evicted = self.evict_idle_for_newcomer(event.at_ms);
+            if out.evicted.is_empty() {
+                out.refused = true;
+                return out;
+            }
         }
         let state = self
             .sessions
@@ -71,7 +118,45 @@ impl SessionTable {
             .or_insert_with(|| SessionState::new(event.session_key.clone()));
         state.apply(event);
         state.version = version;
-        evicted
+        out
+    }
+
+    /// Evicts up to a sixteenth of the table, least recently active first,
+    /// among the sessions idle at `now_ms` (no call in flight, inactive for
+    /// the idle TTL). Empty when none is idle.
+    fn evict_idle_for_newcomer(&mut self, now_ms: u64) -> Vec<SessionHash> {
+        if now_ms < self.no_idle_before {
+            return Vec::new();
+        }
+        let ttl = self.limits.idle_ttl_ms;
+        let cutoff = now_ms.saturating_sub(ttl);
+        let mut earliest = now_ms;
+        let mut idle: Vec<(u64, SessionHash)> = Vec::new();
+        for (h, s) in &self.sessions {
+            if !s.in_flight.is_empty() {
+                continue;
+            }
+            if s.last_active_ms < cutoff || (ttl == 0 && s.last_active_ms <= now_ms) {
+                idle.push((s.last_active_ms, *h));
+            } else {
+                earliest = earliest.min(s.last_active_ms);
+            }
+        }
+        if idle.is_empty() {
+            // A session now in flight becomes idle no earlier than `now + ttl`
+            // (its end event makes it active at its time).
+            self.no_idle_before = earliest.saturating_add(ttl).saturating_add(1);
+            return Vec::new();
+        }
+        let n = (self.limits.max_sessions / 16).clamp(1, idle.len());
+        if n < idle.len() {
+            idle.select_nth_unstable(n - 1);
+        }
+        let victims: Vec<SessionHash> = idle[..n].iter().map(|(_, h)| *h).collect();
+        for h in &victims {
+            self.sessions.remove(h);
+        }
+        victims
     }
 
     /// Evicts sessions idle since before `now_ms - idle_ttl` with no call in
@@ -84,6 +169,8 @@ impl SessionTable {
         let mut evicted = Vec::new();
         for (hash, s) in &mut self.sessions {
             if s.forget_calls_before(call_cutoff) {
+                // Sessions with no call left may be idle now.
+                self.no_idle_before = 0;
                 changed.push(*hash);
             }
             if s.in_flight.is_empty() && s.last_active_ms < idle_cutoff {
@@ -105,24 +192,6 @@ impl SessionTable {
                 s.version = version;
             }
         }
-    }
-
-    fn evict_least_recent(&mut self, n: usize) -> Vec<SessionHash> {
-        let mut by_age: Vec<(u64, SessionHash)> = self
-            .sessions
-            .iter()
-            .map(|(h, s)| (s.last_active_ms, *h))
-            .collect();
-        let n = n.min(by_age.len());
-        if n == 0 {
-            return Vec::new();
-        }
-        by_age.select_nth_unstable(n - 1);
-        let victims: Vec<SessionHash> = by_age[..n].iter().map(|(_, h)| *h).collect();
-        for h in &victims {
-            self.sessions.remove(h);
-        }
-        victims
     }
 
     /// Up to `limit` records with hash greater than `after`, in hash order,
@@ -230,19 +299,58 @@ mod tests {
     }
 
     #[test]
-    fn the_table_is_bounded() {
+    fn the_table_is_bounded_and_evicts_idle_sessions_first() {
         let limits = TableLimits {
             max_sessions: 32,
+            idle_ttl_ms: 50,
             ..TableLimits::default()
         };
         let mut t = SessionTable::new(limits);
         for s in 0..100u64 {
-            t.apply(&event(s, 1000 + s), s);
+            let applied = t.apply(&event(s, 1000 + s * 100), s);
+            assert!(!applied.refused, "session {s} refused");
             assert!(t.len() <= 32);
         }
         // The most recent session is always kept.
         assert!(t.get(99).is_some());
         assert!(t.get(0).is_none());
+    }
+
+    #[test]
+    fn a_flood_of_new_keys_never_evicts_an_active_session() {
+        let limits = TableLimits {
+            max_sessions: 64,
+            idle_ttl_ms: 60_000,
+            ..TableLimits::default()
+        };
+        let mut t = SessionTable::new(limits);
+        // An old idle session, a live one, and one with a call in flight
+        // since long ago.
+        t.apply(&event(1, 1_000), 1);
+        t.apply(&event(2, 100_000), 2);
+        let mut busy = event(3, 2_000);
+        busy.kind = EventKind::Dispatched {
+            inherited_cst: 0.0,
+            level: 0,
+        };
+        t.apply(&busy, 3);
+        let mut refused = 0;
+        let mut evicted = Vec::new();
+        for i in 0..5_000u64 {
+            let a = t.apply(&event(1_000_000 + i, 100_500 + i / 100), 4);
+            refused += u64::from(a.refused);
+            evicted.extend(a.evicted);
+            assert!(t.len() <= 64);
+        }
+        // Only the idle session went; the live and the busy ones stay.
+        assert_eq!(evicted, vec![1]);
+        assert!(t.get(2).is_some() && t.get(3).is_some());
+        assert_eq!(refused, 5_000 - 62);
+        // Once the table's sessions are idle, newcomers get in again.
+        let later = t.apply(&event(9, 100_500 + 60_000 + 1_000), 5);
+        assert!(!later.refused);
+        assert!(!later.evicted.is_empty());
+        assert!(t.get(9).is_some() && t.get(3).is_some());
     }
 
     #[test]
