@@ -59,7 +59,14 @@ pub fn spawn_publisher(
 
 async fn publish(bus: &Bus, shards: u16, event: RequestEvent, span: tracing::Span) {
     let subject = bus.subjects.events(shard_of(event.session_hash, shards));
-    if let Err(err) = bus.publish(subject, &event).instrument(span).await {
+    // Core publish (no acknowledgement wait); the events stream captures it,
+    // and the id lets JetStream drop a repeat (see docs/protocol.md).
+    let id = tether_bus::jetstream::event_msg_id(&event);
+    if let Err(err) = bus
+        .publish_with_id(subject, &event, &id)
+        .instrument(span)
+        .await
+    {
         tracing::warn!(%err, call_id = event.call_id, "event publish failed");
     }
 }

@@ -6,10 +6,22 @@
 //! number (split into several deltas, each with its own number, when large).
 //! Each changed record carries the number of the delta it goes out in as its
 //! version, so replicas can merge deltas and snapshot pages in any order.
+//!
+//! Durable mode: events arrive with their events-stream sequence; one at or
+//! below the last applied sequence is a repeat and is skipped, so applying is
+//! idempotent per event. The last delivery is acknowledged (ack-all) after
+//! it was applied, at the next flush. Every `snapshot_interval`, and on
+//! shutdown, the shard writes a snapshot of itself with the sequence it
+//! reflects (see [`crate::snapshot`]).
+//!
+//! Every `announce_interval` the shard also publishes an empty delta (its
+//! current sequence, no records): a scheduler that holds another epoch of the
+//! shard learns that it restarted and resynchronises it even when it is idle.
 
 use std::collections::HashSet;
 use std::time::Duration;
 use tether_bus::Bus;
+use tether_bus::jetstream::JsMessage;
 use tether_protocol::{
     RequestEvent, SessionHash, SessionQuery, SessionView, SnapshotPage, SnapshotRequest,
     StateDelta, now_ms, random_u64, shard_of, stable_hash,
@@ -20,11 +32,20 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::metrics::Metrics;
+use crate::snapshot::{self, ShardSnapshotRef};
 
 /// What a shard actor is asked to do.
 pub enum ShardMsg {
     /// Apply an event; the span is the event's trace (from its NATS headers).
     Event(RequestEvent, tracing::Span),
+    /// A delivery from the events stream: its stream sequence, the event
+    /// (None when it did not decode: counted by the intake, skipped here) and
+    /// the message, to acknowledge once applied.
+    Durable {
+        seq: u64,
+        event: Option<(RequestEvent, tracing::Span)>,
+        msg: Box<JsMessage>,
+    },
     Snapshot(SnapshotRequest, oneshot::Sender<SnapshotPage>),
     Query(SessionQuery, oneshot::Sender<SessionView>),
 }
@@ -38,6 +59,24 @@ pub struct ActorConfig {
     pub delta_interval: Duration,
     pub max_delta_records: usize,
     pub evict_interval: Duration,
+    /// How often an empty delta announces the shard's epoch.
+    pub announce_interval: Duration,
+    /// How often a changed shard writes its snapshot (durable mode).
+    pub snapshot_interval: Duration,
+}
+
+/// Where a durable shard writes its snapshots.
+#[derive(Clone)]
+pub struct SnapshotSink {
+    pub store: tether_bus::jetstream::ObjectStore,
+}
+
+/// What a shard starts from: a restored snapshot, or nothing.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub table: Option<SessionTable>,
+    pub stream_seq: u64,
+    pub delta_seq: u64,
 }
 
 pub struct ShardActor {
@@ -51,6 +90,14 @@ pub struct ShardActor {
     cfg: ActorConfig,
     bus: Bus,
     metrics: Metrics,
+    /// The last events-stream sequence applied (durable mode).
+    applied: u64,
+    /// The latest delivery applied and not yet acknowledged.
+    unacked: Option<Box<JsMessage>>,
+    sink: Option<SnapshotSink>,
+    /// Changed since the last snapshot was taken.
+    dirty: bool,
+    writing: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ShardActor {
@@ -65,7 +112,40 @@ impl ShardActor {
             cfg,
             bus,
             metrics,
+            applied: 0,
+            unacked: None,
+            sink: None,
+            dirty: false,
+            writing: None,
         }
+    }
+
+    /// A durable shard: starts from `restored` and writes snapshots to `sink`.
+    pub fn durable(
+        shard: u16,
+        cfg: ActorConfig,
+        bus: Bus,
+        metrics: Metrics,
+        restored: Restored,
+        sink: SnapshotSink,
+    ) -> Self {
+        let mut actor = Self::new(shard, cfg, bus, metrics);
+        if let Some(table) = restored.table {
+            actor
+                .metrics
+                .sessions
+                .inc_by(i64::try_from(table.len()).unwrap_or(i64::MAX));
+            actor.table = table;
+        }
+        actor.applied = restored.stream_seq;
+        actor.seq = restored.delta_seq;
+        actor.sink = Some(sink);
+        actor
+    }
+
+    /// The last events-stream sequence applied.
+    pub fn applied(&self) -> u64 {
+        self.applied
     }
 
     /// Spawns the actor; returns its mailbox.
@@ -90,7 +170,18 @@ impl ShardActor {
         let mut evict =
             tokio::time::interval(self.cfg.evict_interval.max(Duration::from_millis(10)));
         evict.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tracing::debug!(epoch = self.epoch, "shard actor started");
+        let mut announce =
+            tokio::time::interval(self.cfg.announce_interval.max(Duration::from_millis(10)));
+        announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut snap =
+            tokio::time::interval(self.cfg.snapshot_interval.max(Duration::from_millis(10)));
+        snap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        snap.reset();
+        tracing::debug!(
+            epoch = self.epoch,
+            applied = self.applied,
+            "shard actor started"
+        );
         loop {
             tokio::select! {
                 biased;
@@ -101,9 +192,90 @@ impl ShardActor {
                 },
                 _ = flush.tick() => self.flush().await,
                 _ = evict.tick() => self.evict(now_ms()),
+                _ = announce.tick() => self.announce().await,
+                _ = snap.tick() => self.snapshot(false).await,
             }
         }
         self.flush().await;
+        self.snapshot(true).await;
+    }
+
+    /// Publishes an empty delta carrying the shard's epoch and sequence.
+    async fn announce(&mut self) {
+        let delta = StateDelta {
+            shard: self.shard,
+            epoch: self.epoch,
+            seq: self.seq,
+            updated: Vec::new(),
+            evicted: Vec::new(),
+        };
+        if let Err(err) = self
+            .bus
+            .publish(self.bus.subjects.state(self.shard), &delta)
+            .await
+        {
+            tracing::debug!(%err, "epoch announcement failed");
+        }
+    }
+
+    /// Writes a snapshot when the shard changed since the last one (durable
+    /// mode). The write runs off the actor; `last` (shutdown) waits for it.
+    async fn snapshot(&mut self, last: bool) {
+        let Some(sink) = self.sink.clone() else {
+            return;
+        };
+        if let Some(writing) = &self.writing {
+            if !writing.is_finished() && !last {
+                return; // the previous write is still going: next tick
+            }
+            if let Some(w) = self.writing.take() {
+                let _ = w.await;
+            }
+        }
+        if !self.dirty {
+            return;
+        }
+        let bytes = match snapshot::encode(&ShardSnapshotRef {
+            shard: self.shard,
+            shards: self.cfg.shards,
+            stream_seq: self.applied,
+            delta_seq: self.seq,
+            taken_ms: now_ms(),
+            sessions: self.table.iter().map(|(h, s)| (*h, s)).collect(),
+        }) {
+            Ok(b) => b,
+            Err(err) => {
+                tracing::error!(%err, "snapshot could not be encoded");
+                return;
+            }
+        };
+        self.dirty = false;
+        let shard = self.shard;
+        let seq = self.applied;
+        let metrics = self.metrics.clone();
+        let write = async move {
+            let name = tether_bus::jetstream::snapshot_object_name(shard);
+            match sink.store.put(name.as_str(), &mut bytes.as_slice()).await {
+                Ok(_) => {
+                    metrics.snapshots_written.inc();
+                    tracing::debug!(shard, seq, bytes = bytes.len(), "snapshot written");
+                }
+                Err(err) => {
+                    metrics.snapshot_failures.inc();
+                    tracing::warn!(shard, %err, "snapshot write failed; the next one retries");
+                }
+            }
+        };
+        if last {
+            if tokio::time::timeout(Duration::from_secs(10), write)
+                .await
+                .is_err()
+            {
+                tracing::warn!(shard, "final snapshot timed out");
+            }
+        } else {
+            self.writing = Some(tokio::spawn(write));
+        }
     }
 
     fn handle(&mut self, msg: ShardMsg) {
@@ -111,6 +283,19 @@ impl ShardActor {
             ShardMsg::Event(event, span) => {
                 let _entered = span.enter();
                 self.apply(&event);
+            }
+            ShardMsg::Durable { seq, event, msg } => {
+                if seq <= self.applied {
+                    self.metrics.duplicates.inc();
+                    return;
+                }
+                if let Some((event, span)) = event {
+                    let _entered = span.enter();
+                    self.apply(&event);
+                }
+                self.applied = seq;
+                self.dirty = true;
+                self.unacked = Some(msg);
             }
             ShardMsg::Snapshot(req, reply) => {
                 self.metrics.snapshots.inc();
@@ -167,6 +352,7 @@ impl ShardActor {
     fn evict(&mut self, now: u64) {
         let before = self.table.len();
         let (evicted, changed) = self.table.evict_idle(now);
+        self.dirty |= !evicted.is_empty() || !changed.is_empty();
         self.table.touch(&changed, self.seq + 1);
         self.changed.extend(changed);
         self.note_evicted(evicted);
@@ -193,8 +379,14 @@ impl ShardActor {
         }
     }
 
-    /// Publishes what changed since the last flush.
+    /// Acknowledges what was applied, then publishes what changed since the
+    /// last flush.
     async fn flush(&mut self) {
+        if let Some(msg) = self.unacked.take()
+            && let Err(err) = msg.ack().await
+        {
+            tracing::debug!(%err, "ack failed; the delivery may repeat and is then skipped");
+        }
         if self.changed.is_empty() && self.evicted.is_empty() {
             return;
         }

@@ -6,9 +6,10 @@
 //! - [`shards`]  — which shards this process owns (`all` or `0-7,12`).
 //! - [`actor`]   — the shard actor: applies events, batches and publishes
 //!   sequenced deltas, evicts idle sessions, answers snapshots and queries.
-//! - [`intake`]  — where events come from (core NATS today), decoded and fed
-//!   to the actors' mailboxes. The only module that would change to source
-//!   events from a JetStream stream and replay them after a restart.
+//! - [`intake`]  — where events come from (each shard's durable consumer on
+//!   the JetStream events stream, or core NATS in memory-only mode), decoded
+//!   and fed to the actors' mailboxes in stream order.
+//! - [`snapshot`] — the versioned shard snapshot format.
 //! - [`responders`] — request-reply endpoints: snapshot pages and session queries.
 //! - [`metrics`] — the Prometheus metrics.
 //! - [`service`] — wiring: connect, spawn, serve the admin endpoint, shut down.
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod responders;
 pub mod service;
 pub mod shards;
+pub mod snapshot;
 
 pub use config::Config;
 pub use service::{Running, start};

@@ -17,6 +17,14 @@ pub struct Metrics {
     /// was active within the idle TTL (or had a call in flight).
     pub refused: Counter,
     pub snapshots: Counter,
+    /// Stream deliveries at or below the applied sequence: skipped.
+    pub duplicates: Counter,
+    pub snapshots_written: Counter,
+    pub snapshot_failures: Counter,
+    /// Shards started from a stored snapshot.
+    pub snapshots_loaded: Counter,
+    /// Shard consumers recreated after a reconnect or a stream error.
+    pub consumer_restarts: Counter,
     pub queries: Counter,
 }
 
@@ -56,6 +64,31 @@ impl Metrics {
             "tether_session_refused",
             "New sessions refused at the cap because every held session was active within the idle TTL",
             self.refused.clone(),
+        );
+        r.register(
+            "tether_session_duplicate_events",
+            "Events-stream deliveries skipped because they were already applied",
+            self.duplicates.clone(),
+        );
+        r.register(
+            "tether_session_snapshots_written",
+            "Shard snapshots written to the snapshot store",
+            self.snapshots_written.clone(),
+        );
+        r.register(
+            "tether_session_snapshot_failures",
+            "Shard snapshot writes that failed",
+            self.snapshot_failures.clone(),
+        );
+        r.register(
+            "tether_session_snapshots_loaded",
+            "Shards started from a stored snapshot",
+            self.snapshots_loaded.clone(),
+        );
+        r.register(
+            "tether_session_consumer_restarts",
+            "Shard consumers recreated after a reconnect or a stream error",
+            self.consumer_restarts.clone(),
         );
         r.register(
             "tether_session_snapshot_pages",

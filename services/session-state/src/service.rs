@@ -1,15 +1,21 @@
-//! Wiring: connect to NATS, spawn the owned shards' actors, their intake and
-//! responders, and the admin endpoint; stop everything on shutdown.
+//! Wiring: connect to NATS, set up the events stream and the snapshot store
+//! (durable mode), restore and spawn the owned shards' actors, their intake
+//! and responders, and the admin endpoint; stop everything on shutdown.
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tether_session::TableLimits;
+use tether_bus::jetstream::{
+    self as js, EventsStreamConfig, GetErrorKind, ObjectStore, snapshot_object_name,
+};
+use tether_session::{SessionTable, TableLimits};
 use tether_telemetry::{AdminState, Shutdown, admin_router, spawn_server};
+use tokio::io::AsyncReadExt;
 
-use crate::actor::{ActorConfig, ShardActor};
-use crate::{Config, intake, metrics::Metrics, responders, shards};
+use crate::actor::{ActorConfig, Restored, ShardActor, SnapshotSink};
+use crate::intake::DurableIntake;
+use crate::{Config, intake, metrics::Metrics, responders, shards, snapshot};
 
 /// A started service.
 pub struct Running {
@@ -24,6 +30,63 @@ impl Running {
     pub async fn join(self) {
         for t in self.tasks {
             let _ = t.await;
+        }
+    }
+
+    /// Stops every task at once, without the shutdown path (no final flush,
+    /// acknowledgement or snapshot): what a crash leaves behind, for tests.
+    pub fn abort(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Loads a shard's snapshot; nothing (replay every retained event) when
+/// there is none or it cannot be used.
+async fn restore(
+    store: &ObjectStore,
+    shard: u16,
+    shards: u16,
+    limits: TableLimits,
+) -> anyhow::Result<Restored> {
+    let name = snapshot_object_name(shard);
+    let mut object = match store.get(&name).await {
+        Ok(o) => o,
+        Err(e) if e.kind() == GetErrorKind::NotFound => return Ok(Restored::default()),
+        Err(e) => return Err(e).with_context(|| format!("loading snapshot {name}")),
+    };
+    let mut bytes = Vec::new();
+    object
+        .read_to_end(&mut bytes)
+        .await
+        .with_context(|| format!("reading snapshot {name}"))?;
+    match snapshot::decode(&bytes) {
+        Ok(s) if s.shard == shard && s.shards == shards => {
+            tracing::info!(
+                shard,
+                sessions = s.sessions.len(),
+                stream_seq = s.stream_seq,
+                "snapshot loaded; replaying the events after it"
+            );
+            Ok(Restored {
+                table: Some(SessionTable::from_sessions(limits, s.sessions)),
+                stream_seq: s.stream_seq,
+                delta_seq: s.delta_seq,
+            })
+        }
+        Ok(s) => {
+            tracing::warn!(
+                shard,
+                snapshot_shards = s.shards,
+                shards,
+                "snapshot taken with another shard count ignored; replaying every retained event"
+            );
+            Ok(Restored::default())
+        }
+        Err(err) => {
+            tracing::warn!(shard, %err, "snapshot unusable; replaying every retained event");
+            Ok(Restored::default())
         }
     }
 }
@@ -53,15 +116,83 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         delta_interval: Duration::from_millis(config.delta_interval_ms),
         max_delta_records: config.max_delta_records,
         evict_interval: Duration::from_secs(config.idle_ttl_secs.clamp(1, 60)),
+        announce_interval: Duration::from_millis(config.announce_interval_ms),
+        snapshot_interval: Duration::from_millis(config.snapshot_interval_ms),
+    };
+
+    let durable = if config.durable {
+        let context = bus.jetstream();
+        let retention = config.events_retention_secs.max(config.idle_ttl_secs);
+        if retention > config.events_retention_secs {
+            tracing::info!(retention, "events retention raised to the idle TTL");
+        }
+        let stream = js::ensure_events_stream(
+            &context,
+            &bus.subjects,
+            EventsStreamConfig {
+                max_age: Duration::from_secs(retention),
+                replicas: config.js_replicas,
+                duplicate_window: Duration::from_secs(config.events_dedup_window_secs.max(1)),
+            },
+        )
+        .await?;
+        let store = js::snapshot_store(&context, &bus.subjects, config.js_replicas).await?;
+        Some((
+            DurableIntake {
+                stream,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: config.max_ack_pending.max(1),
+                batch: 512,
+            },
+            store,
+        ))
+    } else {
+        None
     };
 
     let mut tasks = Vec::new();
     for &shard in &owned {
-        let actor = ShardActor::new(shard, actor_cfg.clone(), bus.clone(), metrics.clone());
+        let Some((intake_cfg, store)) = &durable else {
+            let actor = ShardActor::new(shard, actor_cfg.clone(), bus.clone(), metrics.clone());
+            let (mailbox, handle) = actor.spawn(config.mailbox, shutdown.clone());
+            tasks.push(handle);
+            tasks.push(intake::spawn_intake(&bus, shard, mailbox.clone(), shutdown.clone()).await?);
+            tasks.push(responders::spawn_responders(&bus, shard, mailbox, shutdown.clone()).await?);
+            continue;
+        };
+        let restored = restore(store, shard, config.bus.shards, actor_cfg.limits).await?;
+        if restored.table.is_some() {
+            metrics.snapshots_loaded.inc();
+        }
+        let sink = SnapshotSink {
+            store: store.clone(),
+        };
+        let actor = ShardActor::durable(
+            shard,
+            actor_cfg.clone(),
+            bus.clone(),
+            metrics.clone(),
+            restored,
+            sink,
+        );
+        let after = actor.applied();
         let (mailbox, handle) = actor.spawn(config.mailbox, shutdown.clone());
         tasks.push(handle);
-        tasks.push(intake::spawn_intake(&bus, shard, mailbox.clone(), shutdown.clone()).await?);
-        tasks.push(responders::spawn_responders(&bus, shard, mailbox, shutdown.clone()).await?);
+        tasks.push(
+            responders::spawn_responders(&bus, shard, mailbox.clone(), shutdown.clone()).await?,
+        );
+        tasks.push(
+            intake::spawn_durable_intake(
+                &bus,
+                intake_cfg.clone(),
+                shard,
+                after,
+                mailbox,
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        );
     }
 
     let (admin_addr, server) = spawn_server(

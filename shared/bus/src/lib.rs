@@ -5,12 +5,15 @@
 //! - [`connect`] — connect with retry (a service may start before NATS), and
 //!   the [`BusStats`] counters fed by the client's events (slow consumers,
 //!   disconnects): dropped messages are counted, never ignored.
+//! - [`jetstream`] — the durable events stream, shard consumers, the snapshot
+//!   store, publishing with a deduplication id.
 //! - [`trace`]   — W3C trace context in NATS headers: inject on send, extract on receive.
 //! - [`typed`]   — [`Bus`]: typed publish / request / respond over the protocol codec.
 #![forbid(unsafe_code)]
 
 pub mod args;
 pub mod connect;
+pub mod jetstream;
 pub mod trace;
 pub mod typed;
 

@@ -1,0 +1,250 @@
+//! JetStream as Tether uses it: the durable stream of request events, each
+//! shard's durable pull consumer, the store of shard snapshots, and
+//! publishing with a deduplication id. `docs/protocol.md` ("Durability")
+//! documents every name and setting used here.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, pull},
+    object_store,
+    stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
+};
+use serde::Serialize;
+use std::time::Duration;
+use tether_protocol::{EventKind, RequestEvent, Subjects};
+
+use crate::{Bus, BusError, inject_context};
+
+pub use async_nats::jetstream::consumer::PullConsumer as ShardConsumer;
+pub use async_nats::jetstream::object_store::{GetErrorKind, ObjectStore};
+pub use async_nats::jetstream::stream::Stream as JsStream;
+pub use async_nats::jetstream::{Context, Message as JsMessage};
+
+/// The deduplication header JetStream reads.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JetStreamError {
+    #[error("events stream {name}: {error}")]
+    Stream { name: String, error: String },
+    #[error("consumer {name}: {error}")]
+    Consumer { name: String, error: String },
+    #[error("snapshot store {name}: {error}")]
+    Store { name: String, error: String },
+}
+
+/// Replaces what a stream, consumer or bucket name may not contain.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// `<PREFIX>_EVENTS`: the stream over `<prefix>.events.>`.
+pub fn events_stream_name(subjects: &Subjects) -> String {
+    format!("{}_EVENTS", sanitize(subjects.prefix()).to_uppercase())
+}
+
+/// `<prefix>-session-state-<shard>`: the shard's durable consumer.
+pub fn shard_consumer_name(subjects: &Subjects, shard: u16) -> String {
+    format!("{}-session-state-{shard}", sanitize(subjects.prefix()))
+}
+
+/// `<prefix>-snapshots`: the object store holding one snapshot per shard.
+pub fn snapshot_bucket_name(subjects: &Subjects) -> String {
+    format!("{}-snapshots", sanitize(subjects.prefix()))
+}
+
+/// The object name of a shard's snapshot.
+pub fn snapshot_object_name(shard: u16) -> String {
+    format!("shard-{shard}")
+}
+
+/// The deduplication id of an event: its call id and kind. A call has one
+/// `Dispatched` and one `Finished`, and call ids are unique per ingress.
+pub fn event_msg_id(event: &RequestEvent) -> String {
+    let kind = match event.kind {
+        EventKind::Dispatched { .. } => 'd',
+        EventKind::Finished(_) => 'f',
+    };
+    format!("{:016x}-{kind}", event.call_id)
+}
+
+/// How the events stream is kept.
+#[derive(Clone, Copy, Debug)]
+pub struct EventsStreamConfig {
+    /// Events older than this are dropped (≥ the session idle TTL).
+    pub max_age: Duration,
+    /// Copies kept in a cluster.
+    pub replicas: usize,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped.
+    pub duplicate_window: Duration,
+}
+
+impl Bus {
+    /// The JetStream context of this bus's connection.
+    pub fn jetstream(&self) -> Context {
+        jetstream::new(self.client.clone())
+    }
+
+    /// Publishes `msg` (core NATS, no acknowledgement) with the current
+    /// trace context and a deduplication id that JetStream honours.
+    pub async fn publish_with_id<T: Serialize>(
+        &self,
+        subject: String,
+        msg: &T,
+        id: &str,
+    ) -> Result<(), BusError> {
+        let payload = tether_protocol::encode(msg)?;
+        let mut headers = HeaderMap::new();
+        inject_context(&mut headers);
+        headers.insert(MSG_ID_HEADER, id);
+        self.client
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(|e| BusError::Publish(e.to_string()))
+    }
+}
+
+/// Creates the events stream, or updates its settings when it exists.
+pub async fn ensure_events_stream(
+    js: &Context,
+    subjects: &Subjects,
+    cfg: EventsStreamConfig,
+) -> Result<stream::Stream, JetStreamError> {
+    let name = events_stream_name(subjects);
+    let err = |error: String| JetStreamError::Stream {
+        name: name.clone(),
+        error,
+    };
+    let config = stream::Config {
+        name: name.clone(),
+        description: Some(
+            "Tether request events, replayed by session-state after a restart".into(),
+        ),
+        subjects: vec![format!("{}.events.>", subjects.prefix())],
+        retention: RetentionPolicy::Limits,
+        discard: DiscardPolicy::Old,
+        storage: StorageType::File,
+        max_age: cfg.max_age,
+        num_replicas: cfg.replicas.max(1),
+        duplicate_window: cfg.duplicate_window.min(cfg.max_age),
+        ..Default::default()
+    };
+    js.create_or_update_stream(config)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    js.get_stream(&name).await.map_err(|e| err(e.to_string()))
+}
+
+/// (Re)creates a shard's durable pull consumer so that it delivers the
+/// shard's events after stream sequence `after` (all retained events for 0).
+/// An existing consumer of that name is deleted first: its delivery point
+/// cannot be moved, and the snapshot, not the consumer, says where to resume.
+pub async fn shard_consumer(
+    stream: &stream::Stream,
+    subjects: &Subjects,
+    shard: u16,
+    after: u64,
+    ack_wait: Duration,
+    max_ack_pending: i64,
+) -> Result<ShardConsumer, JetStreamError> {
+    let name = shard_consumer_name(subjects, shard);
+    // Not found is fine; any other failure shows in the create below.
+    let _ = stream.delete_consumer(&name).await;
+    let deliver_policy = if after == 0 {
+        DeliverPolicy::All
+    } else {
+        DeliverPolicy::ByStartSequence {
+            start_sequence: after + 1,
+        }
+    };
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some(format!("session-state, shard {shard}")),
+            filter_subject: subjects.events(shard),
+            deliver_policy,
+            ack_policy: AckPolicy::All,
+            ack_wait,
+            max_ack_pending,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| JetStreamError::Consumer {
+            name,
+            error: e.to_string(),
+        })
+}
+
+/// Opens the snapshot store, creating it when missing.
+pub async fn snapshot_store(
+    js: &Context,
+    subjects: &Subjects,
+    replicas: usize,
+) -> Result<ObjectStore, JetStreamError> {
+    let bucket = snapshot_bucket_name(subjects);
+    if let Ok(store) = js.get_object_store(&bucket).await {
+        return Ok(store);
+    }
+    js.create_object_store(object_store::Config {
+        bucket: bucket.clone(),
+        description: Some("Tether session-state shard snapshots".into()),
+        storage: StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| JetStreamError::Store {
+        name: bucket,
+        error: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_protocol::Finished;
+
+    #[test]
+    fn names_are_valid_jetstream_names() {
+        let s = Subjects::new("acme.prod");
+        assert_eq!(events_stream_name(&s), "ACME_PROD_EVENTS");
+        assert_eq!(shard_consumer_name(&s, 3), "acme_prod-session-state-3");
+        assert_eq!(snapshot_bucket_name(&s), "acme_prod-snapshots");
+    }
+
+    #[test]
+    fn event_ids_differ_by_call_and_kind() {
+        let mut e = RequestEvent {
+            call_id: 0xabc,
+            session_hash: 1,
+            session_key: "s".into(),
+            at_ms: 1,
+            engine: "e".into(),
+            kind: EventKind::Dispatched {
+                inherited_cst: 0.0,
+                level: 0,
+            },
+        };
+        assert_eq!(event_msg_id(&e), "0000000000000abc-d");
+        e.kind = EventKind::Finished(Finished {
+            inherited_cst: 0.0,
+            executed: 0.0,
+            waited: 0.0,
+            wall: 0.0,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            outcome: tether_protocol::Outcome::Ok,
+        });
+        assert_eq!(event_msg_id(&e), "0000000000000abc-f");
+    }
+}
