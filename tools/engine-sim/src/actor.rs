@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::config::SimConfig;
 use crate::engine::{AddError, Engine, Output, Request, SeqId, Usage};
+use crate::kv_events::Batch;
 use crate::metrics::Metrics;
 
 /// What a request's client receives.
@@ -28,9 +29,17 @@ pub struct Submit {
     pub accepted: oneshot::Sender<Result<(), AddError>>,
 }
 
+/// What the engine task's mailbox takes.
+pub enum Command {
+    Submit(Submit),
+    /// Drop the prefix cache (vLLM's `/reset_prefix_cache`); answers
+    /// whether it did (not while sequences hold blocks).
+    ResetPrefixCache(oneshot::Sender<bool>),
+}
+
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::Sender<Submit>,
+    tx: mpsc::Sender<Command>,
 }
 
 impl EngineHandle {
@@ -43,11 +52,11 @@ impl EngineHandle {
         let (accepted, ok) = oneshot::channel();
         if self
             .tx
-            .send(Submit {
+            .send(Command::Submit(Submit {
                 request,
                 events,
                 accepted,
-            })
+            }))
             .await
             .is_err()
         {
@@ -61,17 +70,52 @@ impl EngineHandle {
     }
 }
 
-pub fn spawn(cfg: SimConfig, metrics: Arc<Metrics>, shutdown: Shutdown) -> EngineHandle {
+impl EngineHandle {
+    /// Drops the prefix cache; false if sequences hold blocks (or the engine
+    /// is stopping).
+    pub async fn reset_prefix_cache(&self) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::ResetPrefixCache(tx)).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+}
+
+/// Starts the engine task. With `kv_events`, every change to the prefix
+/// cache goes there, one batch per step.
+pub fn spawn(
+    cfg: SimConfig,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+    kv_events: Option<mpsc::UnboundedSender<Batch>>,
+) -> EngineHandle {
     let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(run(cfg, metrics, rx, shutdown));
+    tokio::spawn(run(cfg, metrics, rx, shutdown, kv_events));
     EngineHandle { tx }
+}
+
+/// Sends the cache events since the last call, if any, as one batch.
+fn flush_kv_events(engine: &mut Engine, kv_events: Option<&mpsc::UnboundedSender<Batch>>) {
+    let Some(tx) = kv_events else {
+        return;
+    };
+    let events = engine.take_kv_events();
+    if events.is_empty() {
+        return;
+    }
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let _ = tx.send(Batch { ts, events });
 }
 
 async fn run(
     cfg: SimConfig,
     metrics: Arc<Metrics>,
-    mut rx: mpsc::Receiver<Submit>,
+    mut rx: mpsc::Receiver<Command>,
     shutdown: Shutdown,
+    kv_events: Option<mpsc::UnboundedSender<Batch>>,
 ) {
     let scale = if cfg.time_scale.is_finite() && cfg.time_scale > 0.0 {
         cfg.time_scale
@@ -79,6 +123,9 @@ async fn run(
         1.0
     };
     let mut engine = Engine::new(cfg);
+    if kv_events.is_some() {
+        engine.record_kv_events();
+    }
     let mut sinks: HashMap<SeqId, mpsc::UnboundedSender<Event>> = HashMap::new();
     let start = Instant::now();
     let sim_now = || start.elapsed().as_secs_f64() * scale;
@@ -90,10 +137,22 @@ async fn run(
                 s = rx.recv() => match s { Some(s) => s, None => return },
             };
             engine.advance_to(sim_now());
-            accept(&mut engine, &mut sinks, submit, &metrics);
+            accept(
+                &mut engine,
+                &mut sinks,
+                submit,
+                &metrics,
+                kv_events.as_ref(),
+            );
         }
         while let Ok(submit) = rx.try_recv() {
-            accept(&mut engine, &mut sinks, submit, &metrics);
+            accept(
+                &mut engine,
+                &mut sinks,
+                submit,
+                &metrics,
+                kv_events.as_ref(),
+            );
         }
         // Clients that went away.
         let gone: Vec<SeqId> = sinks
@@ -105,7 +164,9 @@ async fn run(
             sinks.remove(&id);
             engine.abort(id);
         }
-        let Some(step) = engine.step() else {
+        let step = engine.step();
+        flush_kv_events(&mut engine, kv_events.as_ref());
+        let Some(step) = step else {
             publish(&engine, &metrics);
             if !engine.is_idle() {
                 // Work that cannot be scheduled yet (no room): wait for a change.
@@ -154,9 +215,19 @@ async fn run(
 fn accept(
     engine: &mut Engine,
     sinks: &mut HashMap<SeqId, mpsc::UnboundedSender<Event>>,
-    s: Submit,
+    command: Command,
     metrics: &Metrics,
+    kv_events: Option<&mpsc::UnboundedSender<Batch>>,
 ) {
+    let s = match command {
+        Command::Submit(s) => s,
+        Command::ResetPrefixCache(done) => {
+            let ok = engine.reset_prefix_cache();
+            flush_kv_events(engine, kv_events);
+            let _ = done.send(ok);
+            return;
+        }
+    };
     match engine.add(s.request) {
         Ok(id) => {
             sinks.insert(id, s.events);

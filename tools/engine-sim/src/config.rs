@@ -78,6 +78,40 @@ pub struct SimConfig {
     /// `max_tokens` when a request gives none (capped by what `max_model_len` leaves).
     #[arg(long, env = "TETHER_SIM_DEFAULT_MAX_TOKENS", default_value_t = 16)]
     pub default_max_tokens: usize,
+    /// Publish KV cache events as vLLM does (its `--kv-events-config`
+    /// `endpoint`): a ZMQ PUB socket, e.g. `tcp://*:5557`. Off when unset.
+    #[arg(long, env = "TETHER_SIM_KV_EVENTS_ENDPOINT")]
+    pub kv_events_endpoint: Option<String>,
+    /// ZMQ ROUTER socket answering replay requests for missed event batches
+    /// (vLLM's `replay_endpoint`), e.g. `tcp://*:5558`. Off when unset.
+    #[arg(long, env = "TETHER_SIM_KV_EVENTS_REPLAY_ENDPOINT")]
+    pub kv_events_replay_endpoint: Option<String>,
+    /// The topic frame of every event message (vLLM's `topic`).
+    #[arg(long, env = "TETHER_SIM_KV_EVENTS_TOPIC", default_value = "")]
+    pub kv_events_topic: String,
+    /// Batches kept for replay (vLLM's `buffer_steps`).
+    #[arg(
+        long,
+        env = "TETHER_SIM_KV_EVENTS_BUFFER_STEPS",
+        default_value_t = 10_000
+    )]
+    pub kv_events_buffer_steps: usize,
+    /// How events are laid out: `array` (tagged positional arrays, vLLM
+    /// before its map layout) or `map` (tagged maps with field names).
+    #[arg(long, env = "TETHER_SIM_KV_EVENTS_FORMAT", value_enum, default_value_t = KvEventsFormat::Array)]
+    pub kv_events_format: KvEventsFormat,
+}
+
+/// The layout of each KV cache event on the wire; the batch around them is
+/// always a positional array `[ts, events, data_parallel_rank]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvEventsFormat {
+    /// `["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium, lora_name]`.
+    #[default]
+    Array,
+    /// `{"type": "BlockStored", "block_hashes": …, …}`.
+    Map,
 }
 
 impl Default for SimConfig {
@@ -97,6 +131,11 @@ impl Default for SimConfig {
             scheduling_policy: SchedulingPolicy::Fcfs,
             time_scale: 1.0,
             default_max_tokens: 16,
+            kv_events_endpoint: None,
+            kv_events_replay_endpoint: None,
+            kv_events_topic: String::new(),
+            kv_events_buffer_steps: 10_000,
+            kv_events_format: KvEventsFormat::Array,
         }
     }
 }

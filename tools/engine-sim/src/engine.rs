@@ -275,6 +275,22 @@ impl Engine {
         &self.kv
     }
 
+    /// Starts recording KV cache events (see [`Engine::take_kv_events`]).
+    pub fn record_kv_events(&mut self) {
+        self.kv.record_events();
+    }
+
+    /// The KV cache events since the last call, in order.
+    pub fn take_kv_events(&mut self) -> Vec<crate::kv::CacheEvent> {
+        self.kv.take_events()
+    }
+
+    /// Drops the whole prefix cache (vLLM's `/reset_prefix_cache`); false,
+    /// changing nothing, while any sequence holds blocks.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        self.kv.clear()
+    }
+
     fn block_size(&self) -> usize {
         self.cfg.block_size.max(1)
     }
@@ -446,8 +462,11 @@ impl Engine {
         };
         let full = (s.computed / bs).min(s.hashes.len());
         while s.pinned.len() < full && s.private > 0 {
-            let h = s.hashes[s.pinned.len()];
-            self.kv.publish(h);
+            let i = s.pinned.len();
+            let h = s.hashes[i];
+            let parent = i.checked_sub(1).map(|p| s.hashes[p]);
+            let tokens = s.tokens.get(i * bs..(i + 1) * bs).unwrap_or(&[]);
+            self.kv.store(h, parent, tokens);
             s.private -= 1;
             s.pinned.push(h);
         }

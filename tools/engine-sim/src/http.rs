@@ -50,7 +50,18 @@ pub async fn serve(
         trip.cancel();
     });
     let metrics = Arc::new(Metrics::new(&config));
-    let engine = spawn(config.clone(), metrics.clone(), stop.clone());
+    let kv_events = match crate::kv_events::start(&config, stop.clone()).await {
+        Ok(Some((tx, bound))) => {
+            tracing::info!(events = %bound.events, replay = ?bound.replay, "publishing KV cache events");
+            Some(tx)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            stop.cancel();
+            return Err(e);
+        }
+    };
+    let engine = spawn(config.clone(), metrics.clone(), stop.clone(), kv_events);
     let app = Arc::new(App {
         cfg: config,
         engine,
@@ -69,6 +80,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             error(ApiError {
@@ -113,6 +125,20 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         )],
         app.metrics.render(),
     )
+}
+
+/// vLLM's `POST /reset_prefix_cache`: 200 when the cache was dropped (an
+/// `AllBlocksCleared` event follows), 409 while sequences hold blocks.
+async fn reset_prefix_cache(State(app): State<Arc<App>>) -> Response {
+    if app.engine.reset_prefix_cache().await {
+        (StatusCode::OK, Json(json!({"reset": true}))).into_response()
+    } else {
+        error(ApiError {
+            status: StatusCode::CONFLICT,
+            code: "cache_in_use",
+            message: "sequences hold KV blocks; the prefix cache was not reset".into(),
+        })
+    }
 }
 
 async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {

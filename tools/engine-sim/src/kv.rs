@@ -16,6 +16,21 @@ struct Cached {
     tick: u64,
 }
 
+/// What the cache did, for KV cache events (vLLM's `BlockStored`,
+/// `BlockRemoved`, `AllBlocksCleared`). Recorded only when asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheEvent {
+    Stored {
+        hash: u64,
+        parent: Option<u64>,
+        tokens: Vec<u32>,
+    },
+    Removed {
+        hash: u64,
+    },
+    Cleared,
+}
+
 #[derive(Debug)]
 pub struct KvCache {
     capacity: usize,
@@ -26,6 +41,8 @@ pub struct KvCache {
     private: usize,
     tick: u64,
     pub evictions: u64,
+    /// Events since the last [`KvCache::take_events`], when recording.
+    events: Option<Vec<CacheEvent>>,
 }
 
 impl KvCache {
@@ -38,7 +55,32 @@ impl KvCache {
             private: 0,
             tick: 0,
             evictions: 0,
+            events: None,
         }
+    }
+
+    /// Starts recording [`CacheEvent`]s.
+    pub fn record_events(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// The events recorded since the last call (none when not recording).
+    pub fn take_events(&mut self) -> Vec<CacheEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Drops every cached block, as vLLM's `reset_prefix_cache`: refused
+    /// (false) while any block is in use by a sequence.
+    pub fn clear(&mut self) -> bool {
+        if self.in_use() > 0 {
+            return false;
+        }
+        self.blocks.clear();
+        self.lru.clear();
+        if let Some(ev) = &mut self.events {
+            ev.push(CacheEvent::Cleared);
+        }
+        true
     }
 
     pub fn capacity(&self) -> usize {
@@ -95,6 +137,9 @@ impl KvCache {
             self.lru.remove(&tick);
             self.blocks.remove(&hash);
             self.evictions += 1;
+            if let Some(ev) = &mut self.events {
+                ev.push(CacheEvent::Removed { hash });
+            }
         }
         true
     }
@@ -129,10 +174,23 @@ impl KvCache {
     /// Turns one of a sequence's private blocks into the shared, pinned block
     /// `hash` (its tokens are now full and computed).
     pub fn publish(&mut self, hash: u64) {
+        self.store(hash, None, &[]);
+    }
+
+    /// [`Self::publish`], recording a `Stored` event (with the block's
+    /// parent and tokens) when the block is new to the cache.
+    pub fn store(&mut self, hash: u64, parent: Option<u64>, tokens: &[u32]) {
         self.private = self.private.saturating_sub(1);
         if !self.pin(hash) {
             self.blocks.insert(hash, Cached { refs: 1, tick: 0 });
             self.pinned += 1;
+            if let Some(ev) = &mut self.events {
+                ev.push(CacheEvent::Stored {
+                    hash,
+                    parent,
+                    tokens: tokens.to_vec(),
+                });
+            }
         }
     }
 
@@ -169,6 +227,47 @@ mod tests {
         assert!(kv.alloc_private(1));
         assert!(!kv.contains(1) && kv.contains(3));
         assert_eq!(kv.evictions, 2);
+    }
+
+    #[test]
+    fn events_follow_stores_evictions_and_clears() {
+        let mut kv = KvCache::new(2);
+        kv.record_events();
+        assert!(kv.alloc_private(1));
+        kv.store(1, None, &[5, 6]);
+        assert!(kv.alloc_private(1));
+        kv.store(2, Some(1), &[7, 8]);
+        kv.unpin(1);
+        kv.unpin(2);
+        assert!(kv.alloc_private(1)); // evicts 1
+        kv.store(1, None, &[5, 6]);
+        let ev = kv.take_events();
+        assert_eq!(
+            ev,
+            vec![
+                CacheEvent::Stored {
+                    hash: 1,
+                    parent: None,
+                    tokens: vec![5, 6]
+                },
+                CacheEvent::Stored {
+                    hash: 2,
+                    parent: Some(1),
+                    tokens: vec![7, 8]
+                },
+                CacheEvent::Removed { hash: 1 },
+                CacheEvent::Stored {
+                    hash: 1,
+                    parent: None,
+                    tokens: vec![5, 6]
+                },
+            ]
+        );
+        assert!(!kv.clear(), "block 1 is pinned");
+        kv.unpin(1);
+        assert!(kv.clear());
+        assert_eq!(kv.cached(), 0);
+        assert_eq!(kv.take_events(), vec![CacheEvent::Cleared]);
     }
 
     #[test]

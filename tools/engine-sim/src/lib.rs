@@ -6,6 +6,8 @@
 //! - [`config`]  — every knob, with its default and its source.
 //! - [`tokens`]  — deterministic tokenisation, block hashes, generated text.
 //! - [`kv`]      — the prefix KV cache: hashed blocks, pins, LRU eviction.
+//! - [`kv_events`] — the cache's events over ZMQ as vLLM publishes them,
+//!   with the replay socket.
 //! - [`engine`]  — the scheduler and step loop as a pure state machine
 //!   (simulated time is data): continuous batching, chunked prefill,
 //!   FCFS or priority, preemption.
@@ -21,9 +23,10 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod kv;
+pub mod kv_events;
 pub mod metrics;
 pub mod openai;
 pub mod tokens;
 
-pub use config::{ConfigError, SchedulingPolicy, SimConfig};
+pub use config::{ConfigError, KvEventsFormat, SchedulingPolicy, SimConfig};
 pub use http::serve;

@@ -1,0 +1,166 @@
+//! KV cache events: engine-sim publishes them as vLLM does (checked by
+//! decoding them with Python's `msgspec` and `pyzmq`, vLLM's own encoder
+//! library), `tether-kv-events` relays them over NATS, and the scheduler's
+//! exact index follows them, an engine restart included.
+//!
+//! The Python check needs `msgspec` and `pyzmq` in `.tools/venv` (`just
+//! tools` installs them) or a Python named by `TETHER_PYTHON` that has them.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+use tether_engine_sim::tokens::{block_hashes, tokenize};
+use tether_engine_sim::{KvEventsFormat, SimConfig};
+use tether_telemetry::Shutdown;
+use tether_universe::tether_testkit::{self, free_port, http};
+
+/// A child process killed when dropped (a failing test stops it too).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn python() -> std::path::PathBuf {
+    std::env::var_os("TETHER_PYTHON").map_or_else(
+        || tether_testkit::workspace_root().join(".tools/venv/bin/python"),
+        std::path::PathBuf::from,
+    )
+}
+
+/// A prompt of `n` distinct words starting at `from`.
+fn words(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Starts an engine-sim publishing KV events; returns its URL and the
+/// event and replay endpoints.
+async fn engine_with_events(
+    name: &str,
+    blocks: usize,
+    format: KvEventsFormat,
+    stop: &Shutdown,
+) -> anyhow::Result<(String, String, String)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let events = format!("tcp://127.0.0.1:{}", free_port()?);
+    let replay = format!("tcp://127.0.0.1:{}", free_port()?);
+    let mut cfg = SimConfig::named(name);
+    cfg.kv_cache_tokens = blocks * cfg.block_size;
+    cfg.kv_events_endpoint = Some(events.replace("127.0.0.1", "*"));
+    cfg.kv_events_replay_endpoint = Some(replay.clone());
+    cfg.kv_events_format = format;
+    cfg.time_scale = 50.0;
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        if let Err(e) =
+            tether_engine_sim::serve(listener, cfg, async move { stop.cancelled().await }).await
+        {
+            eprintln!("engine-sim failed: {e}");
+        }
+    });
+    Ok((format!("http://{addr}"), events, replay))
+}
+
+async fn complete(client: &http::HttpClient, url: &str, prompt: &str) -> anyhow::Result<()> {
+    let body = serde_json::json!({"model": "tether-sim", "prompt": prompt, "max_tokens": 1});
+    for _ in 0..200 {
+        match http::post_json(client, &format!("{url}/v1/completions"), &[], &body).await {
+            Ok(r) if r.status == 200 => return Ok(()),
+            Ok(r) => anyhow::bail!("completion failed: {} {}", r.status, r.text()),
+            // The engine may still be starting.
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    anyhow::bail!("engine-sim at {url} never answered")
+}
+
+async fn decoded_by_msgspec(format: KvEventsFormat) -> anyhow::Result<()> {
+    let stop = Shutdown::new();
+    let (url, events, replay) = engine_with_events("sim-py", 8, format, &stop).await?;
+    let script = tether_testkit::workspace_root().join("tools/engine-sim/tests/vllm_kv_events.py");
+    let fmt = match format {
+        KvEventsFormat::Array => "array",
+        KvEventsFormat::Map => "map",
+    };
+    let mut child = Child(
+        std::process::Command::new(python())
+            .arg(&script)
+            .args([&events, &replay, fmt])
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                anyhow::anyhow!("cannot run {} (run `just tools`): {e}", python().display())
+            })?,
+    );
+    let stdout = child
+        .0
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    // The script's lines, read off the runtime's threads.
+    let (line_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let ready = tokio::time::timeout(Duration::from_secs(60), lines.recv()).await?;
+    anyhow::ensure!(ready.as_deref() == Some("ready"), "script said {ready:?}");
+
+    // 8 blocks of 16 tokens. A: 64 words = 4 full blocks (its one answer
+    // token is sampled, never computed). B: 96 words = 6 blocks: evicts 2.
+    let client = http::client();
+    let (a, b) = (words(0, 64), words(1000, 96));
+    complete(&client, &url, &a).await?;
+    complete(&client, &url, &b).await?;
+    let reset = http::post_json(
+        &client,
+        &format!("{url}/reset_prefix_cache"),
+        &[],
+        &serde_json::json!({}),
+    )
+    .await?;
+    assert_eq!(reset.status, 200, "{}", reset.text());
+
+    let out = tokio::time::timeout(Duration::from_secs(60), lines.recv())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the script printed no result"))?;
+    let status = child.0.wait()?;
+    stop.cancel();
+    anyhow::ensure!(status.success(), "the script failed: {status}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let events = v["events"].as_array().cloned().unwrap_or_default();
+
+    let ha = block_hashes(&tokenize(&a), 16);
+    let hb = block_hashes(&tokenize(&b), 16);
+    let u = |h: &[u64]| serde_json::json!(h);
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert_eq!(events[0]["kind"], "stored");
+    assert_eq!(events[0]["hashes"], u(&ha));
+    assert!(events[0]["parent"].is_null());
+    assert_eq!(events[0]["tokens"], serde_json::json!(tokenize(&a)));
+    assert_eq!(events[0]["block_size"], 16);
+    assert_eq!(events[0]["medium"], "GPU");
+    // B's admission evicts A's least recently released blocks: its tail.
+    assert_eq!(events[1]["kind"], "removed");
+    assert_eq!(events[1]["hashes"], u(&[ha[3], ha[2]]));
+    assert_eq!(events[2]["kind"], "stored");
+    assert_eq!(events[2]["hashes"], u(&hb));
+    assert_eq!(events[3]["kind"], "cleared");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_sim_events_decode_with_vllms_msgspec_classes() -> anyhow::Result<()> {
+    decoded_by_msgspec(KvEventsFormat::Array).await?;
+    decoded_by_msgspec(KvEventsFormat::Map).await
+}
