@@ -13,6 +13,7 @@ use tether_scheduler::decider::{Decider, PolicyKnobs};
 
 const SESSIONS: u64 = 1_000_000;
 const ENGINES: usize = 64;
+/// Decisions timed; `TETHER_BENCH_DECISIONS` overrides (e.g. for a profile).
 const DECISIONS: usize = 200_000;
 
 fn rss_bytes() -> u64 {
@@ -40,6 +41,8 @@ fn main() {
             priority: false,
             max_concurrency: 256,
             cache_tokens: 450_000,
+            kv_events: None,
+            kv_replay: None,
         })
         .collect();
     let fleet = Arc::new(FleetConfig { engines });
@@ -88,7 +91,11 @@ fn main() {
 
     // Decisions for known sessions (affinity) and unknown ones (least loaded),
     // with calls finishing so that loads stay realistic.
-    let mut lat = Vec::with_capacity(DECISIONS);
+    let decisions = std::env::var("TETHER_BENCH_DECISIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DECISIONS);
+    let mut lat = Vec::with_capacity(decisions);
     let mut req = RouteRequest {
         call_id: 0,
         session_hash: 0,
@@ -98,7 +105,7 @@ fn main() {
         candidates: vec![],
         program: false,
     };
-    for i in 0..DECISIONS as u64 {
+    for i in 0..decisions as u64 {
         req.call_id = i;
         req.session_hash = if i % 4 == 0 {
             stable_hash(&(i + SESSIONS).to_le_bytes())
@@ -114,7 +121,7 @@ fn main() {
         }
     }
     lat.sort_unstable();
-    println!("decide: {SESSIONS} sessions, {ENGINES} engines, {DECISIONS} decisions");
+    println!("decide: {SESSIONS} sessions, {ENGINES} engines, {decisions} decisions");
     println!(
         "  p50 {:.3} µs   p90 {:.3} µs   p99 {:.3} µs   max {:.1} µs",
         percentile(&lat, 0.5) as f64 / 1000.0,

@@ -83,8 +83,9 @@ pub struct Decider {
     written: Vec<f64>,
     names: HashMap<String, usize>,
     /// Per model, which engines serve it; `serving_any` for models no engine
-    /// lists (served by the engines that list none).
-    serving: HashMap<String, Vec<bool>>,
+    /// lists (served by the engines that list none). A fleet serves few
+    /// models: a linear scan beats hashing the name on every call.
+    serving: Vec<(String, Vec<bool>)>,
     serving_any: Vec<bool>,
     name_hashes: Vec<u64>,
     turn: u64,
@@ -166,14 +167,17 @@ impl Decider {
     /// counts them, or what the engine itself reports running and waiting
     /// when that is more (it sees traffic Tether does not).
     pub fn load(&self, engine: usize) -> f64 {
-        let s = self.reported.get(engine);
-        f64::from(self.loads.in_flight(engine)).max(s.running + s.waiting)
+        f64::from(self.loads.in_flight(engine)).max(self.reported.queued(engine))
     }
 
     /// Decides where and how urgently a call runs, and counts it as load.
     pub fn decide(&mut self, req: &RouteRequest, now_ms: u64) -> RouteReply {
         self.scratch.clear();
-        let serving = self.serving.get(&req.model).unwrap_or(&self.serving_any);
+        let serving = self
+            .serving
+            .iter()
+            .find(|(m, _)| *m == req.model)
+            .map_or(&self.serving_any, |(_, mask)| mask);
         for (i, e) in self.fleet.engines.iter().enumerate() {
             let allowed = req.candidates.is_empty() || req.candidates.contains(&e.name);
             self.scratch.push(EngineLoad {

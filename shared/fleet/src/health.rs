@@ -59,6 +59,7 @@ impl FleetHealth {
         }
     }
 
+    #[inline]
     pub fn is_healthy(&self, engine: usize) -> bool {
         self.flags
             .get(engine)

@@ -89,6 +89,7 @@ impl FleetLoad {
         }
     }
 
+    #[inline]
     pub fn get(&self, engine: usize) -> EngineSample {
         self.samples
             .get(engine)
@@ -98,6 +99,16 @@ impl FleetLoad {
                 kv_usage: f64::from_bits(s[2].load(Ordering::Relaxed)),
             })
             .unwrap_or_default()
+    }
+
+    /// Running plus waiting, as last reported (0 when never scraped): the
+    /// part of [`Self::get`] a route decision reads, without the KV usage.
+    #[inline]
+    pub fn queued(&self, engine: usize) -> f64 {
+        self.samples.get(engine).map_or(0.0, |s| {
+            f64::from_bits(s[0].load(Ordering::Relaxed))
+                + f64::from_bits(s[1].load(Ordering::Relaxed))
+        })
     }
 
     pub fn set(&self, engine: usize, s: EngineSample) {

@@ -30,6 +30,8 @@ pub use capacity::{CapacityConfig, CapacitySignal, next_limit};
 pub use config::PolicyConfig;
 pub use cost::{CostModel, Work};
 pub use gate::{Ask, GateConfig, GateQueue, Grant, Offer};
-pub use placement::{EngineLoad, Placement, PlacementConfig, least_loaded, load_bound, rendezvous};
+pub use placement::{
+    EngineLoad, FleetSummary, Placement, PlacementConfig, least_loaded, load_bound, rendezvous,
+};
 pub use priority::{Ordering, PriorityConfig, PriorityMode, SessionService, call_level, starving};
 pub use strategy::{Affinity, CacheAwareConfig, Inputs, Strategy, choose, freshness};

@@ -46,32 +46,63 @@ pub struct Placement {
     pub reason: RouteReason,
 }
 
+/// The healthy engines' count and load range and sum, from one pass: what
+/// the bounded-load limit and the imbalance test read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FleetSummary {
+    pub healthy: usize,
+    pub min: f64,
+    pub max: f64,
+    /// Sum of the healthy engines' loads (negative loads count as 0).
+    pub total: f64,
+}
+
+impl FleetSummary {
+    pub fn of(engines: &[EngineLoad]) -> Self {
+        let mut s = Self {
+            healthy: 0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            total: 0.0,
+        };
+        for e in engines.iter().filter(|e| e.healthy) {
+            s.healthy += 1;
+            s.min = s.min.min(e.load);
+            s.max = s.max.max(e.load);
+            s.total += e.load.max(0.0);
+        }
+        s
+    }
+
+    /// The bounded-load limit for the next call on one engine.
+    pub fn load_bound(&self, cfg: &PlacementConfig) -> f64 {
+        if self.healthy == 0 {
+            return 0.0;
+        }
+        (1.0 + cfg.epsilon.max(0.0)) * (self.total + 1.0) / self.healthy as f64 + cfg.slack.max(0.0)
+    }
+}
+
 /// The bounded-load limit for the next call on one engine.
 pub fn load_bound(cfg: &PlacementConfig, engines: &[EngineLoad]) -> f64 {
-    let (n, total) = engines
-        .iter()
-        .filter(|e| e.healthy)
-        .fold((0usize, 0.0), |(n, t), e| (n + 1, t + e.load.max(0.0)));
-    if n == 0 {
-        return 0.0;
-    }
-    (1.0 + cfg.epsilon.max(0.0)) * (total + 1.0) / n as f64 + cfg.slack.max(0.0)
+    FleetSummary::of(engines).load_bound(cfg)
 }
 
 /// The least-loaded healthy engine; ties go to the highest rendezvous score.
 pub fn least_loaded(engines: &[EngineLoad], session_hash: u64) -> Option<usize> {
+    // Two passes: the least load, then the rendezvous hash among the engines
+    // at it only (hashing every engine per call cost more than the scan).
+    // Loads are non-negative, so their bit patterns order like the numbers.
+    let least = engines
+        .iter()
+        .filter(|e| e.healthy)
+        .map(|e| e.load.max(0.0).to_bits())
+        .min()?;
     engines
         .iter()
         .enumerate()
-        .filter(|(_, e)| e.healthy)
-        // Loads are non-negative, so their bit patterns order like the
-        // numbers; each engine's key is computed once.
-        .min_by_key(|(_, e)| {
-            (
-                e.load.max(0.0).to_bits(),
-                u64::MAX - mix(e.id_hash, session_hash),
-            )
-        })
+        .filter(|(_, e)| e.healthy && e.load.max(0.0).to_bits() == least)
+        .max_by_key(|(_, e)| mix(e.id_hash, session_hash))
         .map(|(i, _)| i)
 }
 

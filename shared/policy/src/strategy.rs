@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tether_protocol::RouteReason;
 
 use crate::placement::{
-    EngineLoad, Placement, PlacementConfig, least_loaded, load_bound, rendezvous,
+    EngineLoad, FleetSummary, Placement, PlacementConfig, least_loaded, rendezvous,
 };
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,7 +111,9 @@ pub fn choose(
     cache: &CacheAwareConfig,
     x: &Inputs<'_>,
 ) -> Option<Placement> {
-    let healthy = x.engines.iter().filter(|e| e.healthy).count();
+    // One pass over the fleet for the count, range and sum every rule reads.
+    let fleet = FleetSummary::of(x.engines);
+    let healthy = fleet.healthy;
     if healthy == 0 {
         return None;
     }
@@ -138,7 +140,7 @@ pub fn choose(
             reason: RouteReason::Baseline,
         }),
         Strategy::CacheAware => {
-            if imbalanced(cache, x.engines) {
+            if imbalanced(cache, &fleet) {
                 return least(RouteReason::LeastLoaded);
             }
             match best_match(x) {
@@ -153,7 +155,7 @@ pub fn choose(
             // An imbalanced fleet is rebalanced first, as the cache-aware
             // routers do (measured: a tighter bound here cost prefix hits
             // under load and won nothing).
-            if imbalanced(cache, x.engines) {
+            if imbalanced(cache, &fleet) {
                 return least(RouteReason::Rebalanced);
             }
             // The best prefix match across all sessions' blocks; the
@@ -179,7 +181,7 @@ pub fn choose(
                     epsilon: placement.epsilon * a.freshness,
                     slack: placement.slack * a.freshness,
                 };
-                if e.load + 1.0 <= load_bound(&scaled, x.engines) {
+                if e.load + 1.0 <= fleet.load_bound(&scaled) {
                     return Some(Placement {
                         engine: a.engine,
                         reason: RouteReason::Affinity,
@@ -194,14 +196,8 @@ pub fn choose(
 
 /// The cache-aware routers' imbalance test over the healthy engines:
 /// `max − min > balance_abs` and `max > balance_rel · min`.
-fn imbalanced(cache: &CacheAwareConfig, engines: &[EngineLoad]) -> bool {
-    let (min, max) = engines
-        .iter()
-        .filter(|e| e.healthy)
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), e| {
-            (lo.min(e.load), hi.max(e.load))
-        });
-    max - min > cache.balance_abs && max > cache.balance_rel * min
+fn imbalanced(cache: &CacheAwareConfig, fleet: &FleetSummary) -> bool {
+    fleet.max - fleet.min > cache.balance_abs && fleet.max > cache.balance_rel * fleet.min
 }
 
 /// As [`best_match`], with `preferred` winning ties of the ratio.
@@ -233,6 +229,7 @@ fn best_match(x: &Inputs<'_>) -> Option<(usize, f64)> {
 mod tests {
     use super::Strategy;
     use super::*;
+    use crate::placement::load_bound;
     use proptest::prelude::{Just, any, prop_assert, prop_assert_eq, prop_oneof, proptest};
 
     fn fleet(loads: &[f64]) -> Vec<EngineLoad> {
@@ -481,7 +478,7 @@ mod tests {
             };
             let min = loads.iter().copied().fold(f64::INFINITY, f64::min);
             if let Some(p) = choose(Strategy::Tether, &pc, &cc, &x) {
-                if imbalanced(&cc, &f) {
+                if imbalanced(&cc, &FleetSummary::of(&f)) {
                     prop_assert_eq!(f[p.engine].load, min);
                 }
                 if p.reason == RouteReason::Affinity && prefix.get(p.engine).copied().unwrap_or(0.0) <= cc.match_threshold {
