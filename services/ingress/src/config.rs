@@ -41,9 +41,46 @@ pub struct Config {
     /// Largest accepted request body, bytes.
     #[arg(long, env = "TETHER_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Timeout for the engine's response headers, seconds (the body may stream longer).
+    /// Timeout for the engine's response headers of a non-streaming call,
+    /// seconds (an engine sends them only with the whole answer).
     #[arg(long, env = "TETHER_ENGINE_TIMEOUT_SECS", default_value_t = 600)]
     pub engine_timeout_secs: u64,
+    /// Time-to-first-byte timeout: how long a streaming call waits for the
+    /// engine's response headers (engines send them at once for streams)
+    /// before the engine counts as hung and the call is retried elsewhere,
+    /// seconds. Capped by --engine-timeout-secs.
+    #[arg(long, env = "TETHER_ENGINE_TTFB_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub engine_ttfb_timeout_secs: f64,
+    /// Engines a call may try in all: a call is retried on another engine
+    /// while nothing has reached the client (connect error, 5xx, timeout
+    /// before the response headers). 1 disables retries.
+    #[arg(long, env = "TETHER_ENGINE_ATTEMPTS", default_value_t = 3)]
+    pub engine_attempts: u32,
+    /// Consecutive failed calls that eject an engine (circuit breaker; 0 disables).
+    #[arg(long, env = "TETHER_BREAKER_FAILURES", default_value_t = 3)]
+    pub breaker_failures: u32,
+    /// How long an ejected engine stays out before calls probe it again, ms.
+    #[arg(long, env = "TETHER_BREAKER_COOLDOWN_MS", default_value_t = 10_000)]
+    pub breaker_cooldown_ms: u64,
+    /// Sessions whose last engine this ingress remembers for its fallback
+    /// route (when the scheduler cannot answer); 0 disables.
+    #[arg(long, env = "TETHER_AFFINITY_CACHE", default_value_t = 100_000)]
+    pub affinity_cache: usize,
+    /// A connection must send a request's headers within this time, seconds;
+    /// also the idle timeout of a kept-alive connection (0 disables).
+    #[arg(long, env = "TETHER_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// A request body must arrive within this time, seconds (0 disables).
+    #[arg(long, env = "TETHER_BODY_READ_TIMEOUT_SECS", default_value_t = 30)]
+    pub body_read_timeout_secs: u64,
+    /// Request-body bytes the ingress holds at once, over all calls; calls
+    /// beyond get 503 with Retry-After.
+    #[arg(long, env = "TETHER_MAX_BUFFERED_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_buffered_body_bytes: usize,
+    /// Serve /metrics and the session view on this separate address instead
+    /// of the public one (/health and /ready are on both).
+    #[arg(long, env = "TETHER_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
     /// Engine health-probe interval, ms.
     #[arg(long, env = "TETHER_HEALTH_INTERVAL_MS", default_value_t = 500)]
     pub health_interval_ms: u64,

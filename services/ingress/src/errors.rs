@@ -12,6 +12,9 @@ pub struct ApiError {
     pub message: String,
     /// Seconds, for 429 and 503 answers.
     pub retry_after: Option<u64>,
+    /// The call's end is already counted in `tether_ingress_calls` (by its
+    /// tracker), so the error path must not count it again.
+    pub counted: bool,
 }
 
 impl ApiError {
@@ -27,7 +30,31 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            counted: false,
         }
+    }
+
+    /// Marks the error as already counted (see [`ApiError::counted`]).
+    pub fn counted(mut self) -> Self {
+        self.counted = true;
+        self
+    }
+
+    /// The ingress holds as many request-body bytes as it may at once.
+    pub fn busy() -> Self {
+        Self::unavailable(
+            "server_busy",
+            "too many request bytes are being received at once; retry later",
+        )
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            message,
+        )
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {

@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Limited};
 use opentelemetry::propagation::Extractor;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,12 +41,25 @@ impl Extractor for HttpExtractor<'_> {
 }
 
 async fn call(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    // The HTTP server span (OpenTelemetry HTTP and GenAI conventions) with
+    // Tether's attributes. The session appears only as its hash: never the
+    // raw key, never prompt text.
     let span = tracing::info_span!(
         "ingress.call",
-        path = endpoint.path(),
-        session = tracing::field::Empty,
+        otel.name = %format_args!("POST {}", endpoint.path()),
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = endpoint.path(),
+        url.path = endpoint.path(),
+        http.response.status_code = tracing::field::Empty,
+        gen_ai.request.model = tracing::field::Empty,
         engine = tracing::field::Empty,
-        call_id = tracing::field::Empty
+        call_id = tracing::field::Empty,
+        tether.session.hash = tracing::field::Empty,
+        tether.route.reason = tracing::field::Empty,
+        tether.route.fallback = tracing::field::Empty,
+        tether.level = tracing::field::Empty,
+        tether.queue.wait_seconds = tracing::field::Empty,
     );
     // Continue the client's trace if it sent one.
     if headers.contains_key("traceparent") {
@@ -54,11 +67,17 @@ async fn call(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body)
             opentelemetry::global::get_text_map_propagator(|p| p.extract(&HttpExtractor(&headers)));
         let _ = span.set_parent(parent);
     }
-    match handle(app.clone(), endpoint, headers, body)
-        .instrument(span)
-        .await
-    {
+    let answer = handle(app.clone(), endpoint, headers, body)
+        .instrument(span.clone())
+        .await;
+    let status = match &answer {
+        Ok(resp) => resp.status(),
+        Err(err) => err.status,
+    };
+    span.record("http.response.status_code", status.as_u16());
+    match answer {
         Ok(resp) => resp,
+        Err(err) if err.counted => err.into_response(),
         Err(err) => {
             let outcome = if err.status.is_server_error() {
                 "error"
@@ -81,13 +100,18 @@ async fn handle(
     body: Body,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    let raw = read_body(body, app.max_body_bytes).await?;
+    // `_budget` keeps the body's bytes counted until the call is answered.
+    let (raw, _budget) = read_body(&app, body).await?;
     let call = CallBody::parse(endpoint, raw)?;
     let key = session_key(&headers, &app.session_headers, &app.session_field, &call)?;
     let call_id = app.next_call_id();
     let span = tracing::Span::current();
-    span.record("session", key.as_str());
+    span.record(
+        "tether.session.hash",
+        tracing::field::display(format_args!("{:016x}", key.hash())),
+    );
     span.record("call_id", call_id);
+    span.record("gen_ai.request.model", call.model.as_str());
 
     // A program: the client says so, or the session runs calls in parallel.
     let parallel = app.programs.enter(key.hash());
@@ -103,6 +127,12 @@ async fn handle(
             return Err(e);
         }
     };
+    span.record("tether.route.reason", r.reason.as_str());
+    span.record(
+        "tether.route.fallback",
+        r.reason == tether_protocol::RouteReason::Fallback,
+    );
+    span.record("tether.level", r.level);
     // From here the scheduler counts the call: every path reports its end.
     let mut tracker = Tracker::new(
         app.clone(),
@@ -123,76 +153,136 @@ async fn handle(
     // the call has waited longer than its cache there would save — on any
     // engine with room (late binding). A client that goes away meanwhile
     // drops the tracker, which reports the call cancelled.
-    let ask = crate::admission::Request {
+    let mut ask = crate::admission::Request {
         level: r.level,
         service: r.service,
         preferred: r.engine,
         bind_delay: r.bind_delay,
         candidates: std::mem::take(&mut r.candidates),
     };
-    let engine = match app.gateway.acquire(call_id, ask).await {
-        Ok(permit) => {
-            let engine = permit.engine();
-            let binding = if engine == r.engine {
-                "preferred"
-            } else {
-                "moved"
+    let all_candidates = ask.candidates.clone();
+    let header_timeout = if call.stream {
+        Duration::from_secs_f64(
+            app.engine_ttfb_timeout_secs
+                .min(app.engine_timeout_secs as f64)
+                .max(0.001),
+        )
+    } else {
+        Duration::from_secs(app.engine_timeout_secs)
+    };
+    // Engines tried and failed, before any byte reached the client.
+    let mut failed: Vec<usize> = Vec::new();
+    let (engine, parts, incoming) = loop {
+        let queued_at = Instant::now();
+        let engine = match app.gateway.acquire(call_id, ask).await {
+            Ok(permit) => {
+                span.record(
+                    "tether.queue.wait_seconds",
+                    queued_at.elapsed().as_secs_f64(),
+                );
+                let engine = permit.engine();
+                let binding = if !failed.is_empty() {
+                    "retried"
+                } else if engine == r.engine {
+                    "preferred"
+                } else {
+                    "moved"
+                };
+                app.metrics
+                    .bindings
+                    .get_or_create(&crate::metrics::label("binding", binding))
+                    .inc();
+                tracker.dispatch(permit);
+                engine
+            }
+            Err(crate::admission::Refused::QueueFull) => {
+                app.metrics.refused.inc();
+                tracker.finish(Outcome::Refused);
+                return Err(ApiError::queue_full(&app.fleet.engines[r.engine].name).counted());
+            }
+        };
+        let e = &app.fleet.engines[engine];
+        span.record("engine", e.name.as_str());
+        let body = match call.engine_body(e.priority.then_some(i64::from(r.level))) {
+            Ok(b) => b,
+            Err(err) => {
+                tracker.finish(Outcome::EngineError);
+                return Err(err.counted());
+            }
+        };
+        let (err, why) =
+            match crate::proxy::forward(&app, engine, endpoint, body, header_timeout).await {
+                Ok(resp) if !resp.status().is_server_error() => {
+                    app.breaker.success(engine);
+                    let (parts, incoming) = resp.into_parts();
+                    break (engine, parts, incoming);
+                }
+                Ok(resp) => {
+                    let (parts, incoming) = resp.into_parts();
+                    let bytes = Limited::new(incoming, 64 * 1024)
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let err = ApiError::engine_failed(format!(
+                        "engine {} answered {}: {}",
+                        e.name,
+                        parts.status,
+                        String::from_utf8_lossy(&bytes)
+                            .chars()
+                            .take(512)
+                            .collect::<String>()
+                    ));
+                    (err, "status")
+                }
+                Err(failure) => failure,
             };
+        // Nothing reached the client yet: charge the engine, try another.
+        if app.breaker.failure(engine) == crate::breaker::Verdict::Ejected {
             app.metrics
-                .bindings
-                .get_or_create(&crate::metrics::label("binding", binding))
+                .ejections
+                .get_or_create(&crate::metrics::label("engine", &e.name))
                 .inc();
-            tracker.dispatch(permit);
-            engine
+            tracing::warn!(engine = %e.name, "engine ejected after consecutive failures");
         }
-        Err(crate::admission::Refused::QueueFull) => {
-            app.metrics.refused.inc();
-            tracker.finish(Outcome::Refused);
-            return Err(ApiError::queue_full(&app.fleet.engines[r.engine].name));
-        }
-    };
-    let e = &app.fleet.engines[engine];
-    span.record("engine", e.name.as_str());
-    let body = match call.engine_body(e.priority.then_some(i64::from(r.level))) {
-        Ok(b) => b,
-        Err(err) => {
+        failed.push(engine);
+        let rest: Vec<usize> = all_candidates
+            .iter()
+            .copied()
+            .filter(|i| !failed.contains(i) && app.breaker.allows(*i) && app.health.is_healthy(*i))
+            .collect();
+        if rest.is_empty() || failed.len() >= app.engine_attempts {
             tracker.finish(Outcome::EngineError);
-            return Err(err);
+            return Err(err.counted());
         }
-    };
-
-    let resp = match crate::proxy::forward(&app, engine, endpoint, body).await {
-        Ok(resp) => resp,
-        Err(err) => {
-            app.health.record(engine, false, &app.health_cfg);
-            tracker.finish(Outcome::EngineError);
-            return Err(err);
-        }
+        app.metrics
+            .retries
+            .get_or_create(&crate::metrics::label("reason", why))
+            .inc();
+        tracing::info!(engine = %e.name, reason = why, %err, "retrying the call on another engine");
+        let preferred = crate::routing::rendezvous_pick(&app, &rest, key.hash());
+        ask = crate::admission::Request {
+            level: r.level,
+            service: r.service,
+            preferred,
+            // Any engine with room will do.
+            bind_delay: 0.0,
+            candidates: rest,
+        };
     };
     app.metrics
         .time_to_headers
         .observe(arrived.elapsed().as_secs_f64());
-    let (parts, incoming) = resp.into_parts();
+    app.recent.set(key.hash(), engine);
+    let e = &app.fleet.engines[engine];
     if !parts.status.is_success() {
         let bytes = Limited::new(incoming, 64 * 1024)
             .collect()
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        tracker.finish(Outcome::EngineError);
-        if parts.status.is_server_error() {
-            app.health.record(engine, false, &app.health_cfg);
-            return Err(ApiError::engine_failed(format!(
-                "engine {} answered {}: {}",
-                e.name,
-                parts.status,
-                String::from_utf8_lossy(&bytes)
-                    .chars()
-                    .take(512)
-                    .collect::<String>()
-            )));
-        }
         // The engine refused the request (4xx): its error is the client's to see.
+        tracker.finish(Outcome::EngineError);
         let mut out = Response::new(Body::from(bytes));
         *out.status_mut() = parts.status;
         copy_header(
@@ -239,16 +329,56 @@ fn tether_headers(
     }
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::too_large(limit))
+/// Reads the request body: at most `max_body_bytes`, within the body-read
+/// timeout, and only while the bytes buffered over all calls stay within
+/// their bound (503 + Retry-After beyond). The returned permit holds the
+/// body's share of that bound; drop it with the body.
+async fn read_body(
+    app: &App,
+    mut body: Body,
+) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
+    let limit = app.max_body_bytes;
+    let read = async {
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut buf = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|err| {
+                ApiError::bad_request(
+                    "invalid_body",
+                    format!("could not read the request body: {err}"),
+                )
+            })?;
+            let Ok(chunk) = frame.into_data() else {
+                continue;
+            };
+            if buf.len() + chunk.len() > limit {
+                return Err(ApiError::too_large(limit));
+            }
+            let n = u32::try_from(chunk.len()).map_err(|_| ApiError::too_large(limit))?;
+            match app.body_budget.clone().try_acquire_many_owned(n) {
+                Ok(p) => match &mut held {
+                    Some(h) => h.merge(p),
+                    None => held = Some(p),
+                },
+                Err(_) => {
+                    app.metrics.body_busy.inc();
+                    return Err(ApiError::busy());
+                }
+            }
+            buf.extend_from_slice(&chunk);
         }
-        Err(err) => Err(ApiError::bad_request(
-            "invalid_body",
-            format!("could not read the request body: {err}"),
-        )),
+        Ok((buf.freeze(), held))
+    };
+    match app.body_read_timeout {
+        None => read.await,
+        Some(t) => tokio::time::timeout(t, read).await.unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "body_timeout",
+                format!("the request body did not arrive within {} s", t.as_secs()),
+            ))
+        }),
     }
 }
 

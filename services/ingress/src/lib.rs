@@ -9,6 +9,8 @@
 //!
 //! Module map:
 //! - [`admission`] — the gateway queue, live: limits, order, starvation bound, late binding.
+//! - [`affinity`] — the engine that last served each recent session (for the fallback route).
+//! - [`breaker`]  — the circuit breaker: engines whose calls keep failing are ejected.
 //! - [`capacity`] — capacity control: engine limits learned from engine metrics.
 //! - [`config`]   — flags, environment and defaults.
 //! - [`errors`]   — OpenAI-style JSON errors.
@@ -21,10 +23,13 @@
 //! - [`events`]   — the lifecycle-event publisher.
 //! - [`metrics`]  — the Prometheus metrics.
 //! - [`handlers`] — the HTTP routes.
+//! - [`server`]   — the HTTP server with header-read and idle timeouts.
 //! - [`service`]  — wiring and start-up.
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod affinity;
+pub mod breaker;
 pub mod capacity;
 pub mod config;
 pub mod errors;
@@ -35,6 +40,7 @@ pub mod programs;
 pub mod proxy;
 pub mod request;
 pub mod routing;
+pub mod server;
 pub mod service;
 pub mod session;
 pub mod tracker;

@@ -29,9 +29,21 @@ pub struct Metrics {
     pub limit: Family<Labels, Gauge>,
     /// The engine's own waiting queue, as last scraped.
     pub engine_waiting: Family<Labels, Gauge>,
-    /// Dispatched calls by `binding`: `preferred` (the scheduler's engine)
-    /// or `moved` (late binding sent it to another engine with room).
+    /// Dispatched calls by `binding`: `preferred` (the scheduler's engine),
+    /// `moved` (late binding sent it to another engine with room) or
+    /// `retried` (another engine after a failed attempt).
     pub bindings: Family<Labels, Counter>,
+    /// Calls retried on another engine before any byte reached the client,
+    /// by `reason` (connect, status, timeout).
+    pub retries: Family<Labels, Counter>,
+    /// Circuit-breaker ejections, by `engine`.
+    pub ejections: Family<Labels, Counter>,
+    /// Engines ejected by the circuit breaker now (1) or admitted (0).
+    pub ejected: Family<Labels, Gauge>,
+    /// Fallback routes that kept the session on the engine that last served it.
+    pub fallback_affinity: Counter,
+    /// Calls refused (503) because the buffered request bodies reached their bound.
+    pub body_busy: Counter,
     /// Route request round trip to the scheduler, seconds.
     pub route_seconds: Histogram,
     /// Arrival to first response byte from the engine, seconds.
@@ -53,6 +65,11 @@ impl Default for Metrics {
             limit: Family::default(),
             engine_waiting: Family::default(),
             bindings: Family::default(),
+            retries: Family::default(),
+            ejections: Family::default(),
+            ejected: Family::default(),
+            fallback_affinity: Counter::default(),
+            body_busy: Counter::default(),
             route_seconds: Histogram::new(buckets),
             time_to_headers: Histogram::new([
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0,
@@ -107,6 +124,31 @@ impl Metrics {
             "tether_ingress_bindings",
             "Dispatched calls by binding: preferred engine or moved (late binding)",
             self.bindings.clone(),
+        );
+        r.register(
+            "tether_ingress_retries",
+            "Calls retried on another engine before any byte reached the client, by reason",
+            self.retries.clone(),
+        );
+        r.register(
+            "tether_ingress_engine_ejections",
+            "Circuit-breaker ejections of an engine after consecutive failed calls",
+            self.ejections.clone(),
+        );
+        r.register(
+            "tether_ingress_engine_ejected",
+            "Whether the circuit breaker holds an engine out now (1) or not (0)",
+            self.ejected.clone(),
+        );
+        r.register(
+            "tether_ingress_fallback_affinity",
+            "Fallback routes that kept a session on the engine that last served it",
+            self.fallback_affinity.clone(),
+        );
+        r.register(
+            "tether_ingress_body_busy",
+            "Calls refused (503) because buffered request bodies reached their bound",
+            self.body_busy.clone(),
         );
         r.register(
             "tether_ingress_route_seconds",

@@ -1,8 +1,10 @@
 //! Where a call runs. The scheduler decides, over NATS request-reply with a
 //! short timeout; when it cannot (bus down, no scheduler, timeout, an engine
 //! name this ingress does not know) the ingress decides alone with a
-//! rendezvous hash of the session over the engines it believes healthy, and
-//! counts the fallback.
+//! the engine that last served the session here (a bounded cache, see
+//! [`crate::affinity`]) or else a rendezvous hash of the session over the
+//! engines it believes healthy, and counts the fallback. Engines the circuit
+//! breaker ejected are no candidates.
 
 use std::time::{Duration, Instant};
 use tether_bus::BusError;
@@ -41,7 +43,9 @@ pub async fn route(
         .engines
         .iter()
         .enumerate()
-        .filter(|(i, e)| e.serves(&body.model) && app.health.is_healthy(*i))
+        .filter(|(i, e)| {
+            e.serves(&body.model) && app.health.is_healthy(*i) && app.breaker.allows(*i)
+        })
         .map(|(i, _)| i)
         .collect();
     if candidates.is_empty() {
@@ -52,6 +56,7 @@ pub async fn route(
             format!("no engine serves model {:?}", body.model)
         };
         return Err(if known {
+            // Either unhealthy or ejected by the circuit breaker.
             ApiError::no_engine(msg)
         } else {
             ApiError::not_found("model_not_found", msg)
@@ -119,7 +124,9 @@ pub async fn route(
     Ok(fallback(app, &candidates, key))
 }
 
-fn fallback(app: &App, candidates: &[usize], key: &SessionKey) -> Route {
+/// The candidate a rendezvous hash of the session picks (stable while the
+/// candidates stay the same).
+pub fn rendezvous_pick(app: &App, candidates: &[usize], session: u64) -> usize {
     let loads: Vec<EngineLoad> = candidates
         .iter()
         .map(|i| EngineLoad {
@@ -128,9 +135,21 @@ fn fallback(app: &App, candidates: &[usize], key: &SessionKey) -> Route {
             id_hash: stable_hash(app.fleet.engines[*i].name.as_bytes()),
         })
         .collect();
-    let pick = rendezvous(&loads, key.hash())
+    rendezvous(&loads, session)
         .and_then(|j| candidates.get(j).copied())
-        .unwrap_or(candidates[0]);
+        .unwrap_or(candidates[0])
+}
+
+fn fallback(app: &App, candidates: &[usize], key: &SessionKey) -> Route {
+    // The engine that last served the session here, while it is a
+    // candidate; else a rendezvous hash of the session.
+    let pick = match app.recent.get(key.hash()) {
+        Some(engine) if candidates.contains(&engine) => {
+            app.metrics.fallback_affinity.inc();
+            engine
+        }
+        _ => rendezvous_pick(app, candidates, key.hash()),
+    };
     Route {
         engine: pick,
         // Without the scheduler nothing is known of caches: any engine with

@@ -14,7 +14,7 @@ use tether_fleet::{
     EngineClient, FleetConfig, FleetHealth, HealthConfig, engine_client, spawn_prober,
 };
 use tether_protocol::random_u64;
-use tether_telemetry::{AdminState, Shutdown, admin_router, spawn_server};
+use tether_telemetry::{AdminState, Shutdown, admin_router};
 
 use crate::admission::Gateway;
 use crate::events::{EventSink, spawn_publisher};
@@ -42,6 +42,17 @@ pub struct App {
     pub route_timeout_ms: u64,
     pub max_body_bytes: usize,
     pub engine_timeout_secs: u64,
+    pub engine_ttfb_timeout_secs: f64,
+    /// Engines a call may try in all (at least 1).
+    pub engine_attempts: usize,
+    /// Ejects engines whose calls keep failing.
+    pub breaker: crate::breaker::Breaker,
+    /// The engine that last served each recent session (for the fallback route).
+    pub recent: crate::affinity::RecentAffinity,
+    /// Request-body bytes that may be held at once, over all calls.
+    pub body_budget: Arc<tokio::sync::Semaphore>,
+    /// How long a request body may take to arrive (None: unbounded).
+    pub body_read_timeout: Option<Duration>,
     in_flight: Vec<Gauge>,
     /// The engines' slots and the calls waiting for them.
     pub gateway: Gateway,
@@ -62,6 +73,8 @@ impl App {
 
 pub struct Running {
     pub addr: SocketAddr,
+    /// The admin listener's address, when --admin-listen is set.
+    pub admin_addr: Option<SocketAddr>,
     pub admin: AdminState,
     pub app: Arc<App>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -147,6 +160,7 @@ pub async fn start_with_fleet(
             .filter(|h| !h.is_empty())
             .collect()
     };
+    let fleet_len = fleet.engines.len();
     let app = Arc::new(App {
         gateway: Gateway::new(&limits, gate_cfg, config.time_scale),
         program_headers: headers(&config.program_headers),
@@ -168,37 +182,111 @@ pub async fn start_with_fleet(
         route_timeout_ms: config.route_timeout_ms,
         max_body_bytes: config.max_body_bytes,
         engine_timeout_secs: config.engine_timeout_secs,
+        engine_ttfb_timeout_secs: config.engine_ttfb_timeout_secs,
+        engine_attempts: config.engine_attempts.max(1) as usize,
+        breaker: crate::breaker::Breaker::new(
+            fleet_len,
+            config.breaker_failures,
+            Duration::from_millis(config.breaker_cooldown_ms),
+        ),
+        recent: crate::affinity::RecentAffinity::new(config.affinity_cache),
+        body_budget: Arc::new(tokio::sync::Semaphore::new(
+            config
+                .max_buffered_body_bytes
+                .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        )),
+        body_read_timeout: (config.body_read_timeout_secs > 0)
+            .then(|| Duration::from_secs(config.body_read_timeout_secs)),
         in_flight,
         call_ids: AtomicU64::new(random_u64() & 0xffff_ffff_0000_0000),
     });
 
-    let router = Router::new()
+    let api = Router::new()
         .route("/v1/chat/completions", post(handlers::chat))
         .route("/v1/completions", post(handlers::completions))
-        .route("/v1/models", get(handlers::models))
-        .route("/v1/tether/sessions/{key}", get(handlers::session))
-        .fallback(handlers::not_found)
-        .with_state(app.clone())
-        .merge(admin_router(admin.clone()));
+        .route("/v1/models", get(handlers::models));
+    let sessions = Router::new().route("/v1/tether/sessions/{key}", get(handlers::session));
+    // /health and /ready answer on the public listener in any case (load
+    // balancers probe there); /metrics and the session view move to the
+    // admin listener when there is one.
+    let probes = {
+        let admin = admin.clone();
+        Router::new()
+            .route("/health", get(|| async { "ok" }))
+            .route(
+                "/ready",
+                get(move || {
+                    let ready = admin.is_ready();
+                    async move {
+                        if ready {
+                            (http::StatusCode::OK, "ready")
+                        } else {
+                            (http::StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                        }
+                    }
+                }),
+            )
+    };
+    let header_timeout = (config.header_read_timeout_secs > 0)
+        .then(|| Duration::from_secs(config.header_read_timeout_secs));
+    let (router, admin_addr) = match config.admin_listen {
+        None => (
+            api.merge(sessions)
+                .fallback(handlers::not_found)
+                .with_state(app.clone())
+                .merge(admin_router(admin.clone())),
+            None,
+        ),
+        Some(admin_listen) => {
+            let admin_routes = sessions
+                .fallback(handlers::not_found)
+                .with_state(app.clone())
+                .merge(admin_router(admin.clone()));
+            let (addr, server) =
+                crate::server::spawn(admin_listen, admin_routes, header_timeout, shutdown.clone())
+                    .await
+                    .with_context(|| format!("binding the admin listener {admin_listen}"))?;
+            tasks.push(server);
+            tracing::info!(%addr, "ingress admin listening");
+            (
+                api.fallback(handlers::not_found)
+                    .with_state(app.clone())
+                    .merge(probes),
+                Some(addr),
+            )
+        }
+    };
 
-    // Ready while at least one engine is healthy.
+    // Ready while at least one engine is healthy, once the bus has been
+    // connected. A later NATS outage does not make the ingress unready: it
+    // keeps serving with its fallback route (counted in
+    // tether_ingress_route_fallbacks), which is what a load balancer wants;
+    // a bus it never reached (wrong URL or credentials) does.
     let (ready_app, ready_admin, stop) = (app.clone(), admin.clone(), shutdown.clone());
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut bus_seen = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            bus_seen |= ready_app.bus.is_connected();
             let any = (0..ready_app.fleet.engines.len()).any(|i| ready_app.health.is_healthy(i));
-            ready_admin.set_ready(any);
+            ready_admin.set_ready(any && bus_seen);
             for (i, e) in ready_app.fleet.engines.iter().enumerate() {
                 let (_, _, waiting) = ready_app.gateway.usage(i);
+                let engine = label("engine", &e.name);
                 ready_app
                     .metrics
                     .queued
-                    .get_or_create(&label("engine", &e.name))
+                    .get_or_create(&engine)
                     .set(waiting as i64);
+                ready_app
+                    .metrics
+                    .ejected
+                    .get_or_create(&engine)
+                    .set(i64::from(ready_app.breaker.is_ejected(i)));
             }
         }
     }));
@@ -219,13 +307,14 @@ pub async fn start_with_fleet(
         ));
     }
 
-    let (addr, server) = spawn_server(config.listen, router, shutdown)
+    let (addr, server) = crate::server::spawn(config.listen, router, header_timeout, shutdown)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tasks.push(server);
     tracing::info!(%addr, "ingress listening");
     Ok(Running {
         addr,
+        admin_addr,
         admin,
         app,
         tasks,

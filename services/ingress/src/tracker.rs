@@ -67,14 +67,24 @@ impl Tracker {
 
     /// The call got its engine slot and is sent now: counts it in flight and
     /// publishes its `Dispatched` event.
+    ///
+    /// Called again when the call is retried on another engine (nothing of
+    /// the first attempt reached the client): the new `Dispatched` event, same
+    /// call id, moves the session's affinity to the engine that serves it; the
+    /// wall time still counts from the first dispatch.
     pub fn dispatch(&mut self, permit: crate::admission::Permit) {
         let Some(info) = &mut self.info else { return };
-        // Late binding may have moved the call off the scheduler's engine.
+        let now = Instant::now();
+        if self.dispatched.is_some() {
+            // A retry: the previous attempt's slot and in-flight count go.
+            self.app.in_flight_gauge(info.engine).dec();
+        } else {
+            self.waited = now.duration_since(info.arrived).as_secs_f64();
+            self.dispatched = Some(now);
+        }
+        // Late binding (or a retry) may have moved the call off the scheduler's engine.
         info.engine = permit.engine();
         let info = &*info;
-        let now = Instant::now();
-        self.waited = now.duration_since(info.arrived).as_secs_f64();
-        self.dispatched = Some(now);
         self.permit = Some(permit);
         self.app.in_flight_gauge(info.engine).inc();
         let event = RequestEvent {
@@ -150,6 +160,14 @@ impl Tracker {
         self.app.events.emit(event, info.span);
     }
 
+    /// The name of the engine the call is on now.
+    pub fn engine_name(&self) -> String {
+        self.info
+            .as_ref()
+            .map(|i| self.app.fleet.engines[i.engine].name.clone())
+            .unwrap_or_default()
+    }
+
     fn work(&self, info: &CallInfo) -> Work {
         if let Some(w) = usage_in(&self.tail) {
             return w;
@@ -222,17 +240,43 @@ pub fn usage_in(tail: &[u8]) -> Option<Work> {
 pub struct TrackedBody<B> {
     inner: B,
     tracker: Tracker,
+    /// A streamed (SSE) answer: a break is reported in-band.
+    stream: bool,
+    /// The body has ended (normally, or with the SSE error event).
+    done: bool,
 }
 
 impl<B> TrackedBody<B> {
     pub fn new(inner: B, tracker: Tracker) -> Self {
-        Self { inner, tracker }
+        let stream = tracker.info.as_ref().is_some_and(|i| i.stream);
+        Self {
+            inner,
+            tracker,
+            stream,
+            done: false,
+        }
     }
+}
+
+/// The SSE event that ends a stream the engine broke off after its first
+/// byte: an OpenAI-style error object (no `[DONE]` follows, so clients know
+/// the answer is incomplete).
+pub fn sse_error_event(engine: &str, err: &str) -> Bytes {
+    let body = serde_json::json!({
+        "error": {
+            "message": format!("engine {engine} broke off the stream: {err}"),
+            "type": "engine_error",
+            "code": "stream_interrupted",
+            "param": null,
+        }
+    });
+    Bytes::from(format!("data: {body}\n\n"))
 }
 
 impl<B> Body for TrackedBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -242,15 +286,32 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.tracker.observe(data);
                 }
+                // A body of known length ends with its last frame: hyper
+                // does not poll again, so the end is recorded here.
+                if this.inner.is_end_stream() {
+                    this.done = true;
+                    this.tracker.finish(Outcome::Ok);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
+                let engine = this.tracker.engine_name();
                 this.tracker.finish(Outcome::EngineError);
+                if this.stream {
+                    // The client already has a 200 and part of the answer:
+                    // say in-band that it broke, then end cleanly.
+                    this.done = true;
+                    let event = sse_error_event(&engine, &e.to_string());
+                    return Poll::Ready(Some(Ok(Frame::data(event))));
+                }
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
@@ -262,7 +323,9 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        // Not the inner body's word: an empty body must still be polled
+        // once, so that its end is recorded.
+        self.done
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -1,7 +1,8 @@
-//! Connecting to NATS.
+//! Connecting to NATS, with the server's authentication and TLS.
 
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use prometheus_client::registry::Registry;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Where and how to reach NATS.
@@ -11,6 +12,134 @@ pub struct BusConfig {
     pub url: String,
     /// The client name the server shows (`nats server report connections`).
     pub name: String,
+}
+
+/// How to authenticate to NATS and secure the connection. At most one of
+/// user/password, token, nkey seed and credentials file is used (in that
+/// order of precedence); credentials in the URL (`nats://user:pass@host`,
+/// `nats://token@host`) count when none is given here. TLS is used when the
+/// URL says `tls://`, when [`BusAuth::tls_required`] is set, when a CA or a
+/// client certificate is given, or when the server requires it.
+#[derive(Clone, Default)]
+pub struct BusAuth {
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// An nkey seed (`SU...`).
+    pub nkey_seed: Option<String>,
+    /// A `.creds` file (JWT and nkey seed, as `nsc` writes them).
+    pub creds_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the server's certificate.
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate and key, for servers that verify clients.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_required: bool,
+}
+
+impl std::fmt::Debug for BusAuth {
+    // Secrets stay out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |o: bool| if o { "<set>" } else { "<none>" };
+        f.debug_struct("BusAuth")
+            .field("user", &self.user)
+            .field("password", &set(self.password.is_some()))
+            .field("token", &set(self.token.is_some()))
+            .field("nkey_seed", &set(self.nkey_seed.is_some()))
+            .field("creds_file", &self.creds_file)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_required", &self.tls_required)
+            .finish()
+    }
+}
+
+/// Why the connection options could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectFailure {
+    #[error("bad NATS URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("reading the credentials file {path}: {source}")]
+    Creds {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("a TLS client certificate needs both --nats-tls-cert and --nats-tls-key")]
+    HalfClientCert,
+    #[error(transparent)]
+    Connect(#[from] async_nats::ConnectError),
+}
+
+/// Credentials embedded in a server URL, and the URL without them (the
+/// client does not send URL credentials by itself).
+#[derive(Debug, PartialEq)]
+struct UrlAuth {
+    url: String,
+    user: Option<String>,
+    password: Option<String>,
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Some(hex) = s.get(i + 1..i + 3)
+            && let Ok(v) = u8::from_str_radix(hex, 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Splits the credentials off every URL of a comma-separated list; the
+/// first URL that carries some provides them.
+fn split_url_auth(urls: &str) -> UrlAuth {
+    let mut user = None;
+    let mut password = None;
+    let mut clean = Vec::new();
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let (scheme, rest) = match url.split_once("://") {
+            Some((s, r)) => (Some(s), r),
+            None => (None, url),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let host = match authority.rsplit_once('@') {
+            Some((info, host)) => {
+                if user.is_none() {
+                    match info.split_once(':') {
+                        Some((u, p)) => {
+                            user = Some(percent_decode(u));
+                            password = Some(percent_decode(p));
+                        }
+                        None => user = Some(percent_decode(info)),
+                    }
+                }
+                host
+            }
+            None => authority,
+        };
+        clean.push(match scheme {
+            Some(s) => format!("{s}://{host}{path}"),
+            None => format!("{host}{path}"),
+        });
+    }
+    UrlAuth {
+        url: clean.join(","),
+        user,
+        password,
+    }
 }
 
 /// Counters fed by the client's connection events and by decoding, exposed
@@ -63,15 +192,72 @@ impl BusStats {
     }
 }
 
+/// Connects to NATS without credentials beyond those in the URL (see [`connect_with`]).
+pub async fn connect(config: &BusConfig) -> Result<(async_nats::Client, BusStats), ConnectFailure> {
+    connect_with(config, &BusAuth::default()).await
+}
+
 /// Connects to NATS. Returns at once: when the server is not up yet the client
 /// keeps retrying in the background (`retry_on_initial_connect`), publishes are
 /// buffered and requests fail or time out, which callers treat as "bus down".
-pub async fn connect(
+/// Authentication failures are retried the same way (and logged), so a
+/// service with wrong credentials stays up but never becomes ready.
+pub async fn connect_with(
     config: &BusConfig,
-) -> Result<(async_nats::Client, BusStats), async_nats::ConnectError> {
+    auth: &BusAuth,
+) -> Result<(async_nats::Client, BusStats), ConnectFailure> {
     let stats = BusStats::default();
     let events = stats.clone();
-    let client = async_nats::ConnectOptions::new()
+    let from_url = split_url_auth(&config.url);
+    if from_url.url.is_empty() {
+        return Err(ConnectFailure::Url {
+            url: config.url.clone(),
+            reason: "no server".into(),
+        });
+    }
+    let mut options = async_nats::ConnectOptions::new();
+    if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    } else if let Some(token) = &auth.token {
+        options = options.token(token.clone());
+    } else if let Some(seed) = &auth.nkey_seed {
+        options = options.nkey(seed.trim().to_owned());
+    } else if let Some(path) = &auth.creds_file {
+        let creds = std::fs::read_to_string(path).map_err(|source| ConnectFailure::Creds {
+            path: path.display().to_string(),
+            source,
+        })?;
+        options = options
+            .credentials(&creds)
+            .map_err(|source| ConnectFailure::Creds {
+                path: path.display().to_string(),
+                source,
+            })?;
+    } else {
+        match (from_url.user, from_url.password) {
+            (Some(u), Some(p)) => options = options.user_and_password(u, p),
+            (Some(token), None) => options = options.token(token),
+            _ => {}
+        }
+    }
+    if let Some(ca) = &auth.tls_ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    match (&auth.tls_cert, &auth.tls_key) {
+        (Some(cert), Some(key)) => {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        (None, None) => {}
+        _ => return Err(ConnectFailure::HalfClientCert),
+    }
+    let tls = auth.tls_required
+        || auth.tls_ca.is_some()
+        || auth.tls_cert.is_some()
+        || from_url.url.contains("tls://");
+    if tls {
+        options = options.require_tls(true);
+    }
+    let client = options
         .name(&config.name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -109,7 +295,37 @@ pub async fn connect(
                 }
             }
         })
-        .connect(config.url.as_str())
+        .connect(from_url.url.as_str())
         .await?;
     Ok((client, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_credentials_are_split_off() {
+        let a = split_url_auth("nats://alice:s%40cret@h1:4222,nats://h2:4222");
+        assert_eq!(a.url, "nats://h1:4222,nats://h2:4222");
+        assert_eq!(a.user.as_deref(), Some("alice"));
+        assert_eq!(a.password.as_deref(), Some("s@cret"));
+        let t = split_url_auth("tls://tok@h1:4222");
+        assert_eq!(t.url, "tls://h1:4222");
+        assert_eq!((t.user.as_deref(), t.password), (Some("tok"), None));
+        let n = split_url_auth("h1:4222");
+        assert_eq!((n.url.as_str(), n.user), ("h1:4222", None));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let a = BusAuth {
+            user: Some("u".into()),
+            password: Some("hunter2".into()),
+            token: Some("tok".into()),
+            ..BusAuth::default()
+        };
+        let text = format!("{a:?}");
+        assert!(!text.contains("hunter2") && !text.contains("tok\""));
+    }
 }

@@ -1,7 +1,7 @@
 //! The NATS bus as Tether's services use it.
 //!
 //! Module map:
-//! - [`args`]    — the bus flags every service shares (NATS URL, prefix, shards).
+//! - [`args`]    — the bus flags every service shares (NATS URL, credentials, TLS, prefix, shards).
 //! - [`connect`] — connect with retry (a service may start before NATS), and
 //!   the [`BusStats`] counters fed by the client's events (slow consumers,
 //!   disconnects): dropped messages are counted, never ignored.
@@ -19,6 +19,6 @@ pub mod typed;
 
 pub use args::BusArgs;
 pub use async_nats::{Client, Message, Subscriber};
-pub use connect::{BusConfig, BusStats, connect};
+pub use connect::{BusAuth, BusConfig, BusStats, ConnectFailure, connect, connect_with};
 pub use trace::{extract_context, follow, inject_context};
 pub use typed::{Bus, BusError};
