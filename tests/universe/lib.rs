@@ -33,6 +33,8 @@ pub struct Options {
     pub ingress_args: Vec<String>,
     /// Each engine's concurrency limit in the fleet file.
     pub max_concurrency: u32,
+    /// More engines for the fleet, served by the test itself: (name, url).
+    pub extra_engines: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -45,6 +47,7 @@ impl Default for Options {
             scheduler_args: vec![],
             ingress_args: vec![],
             max_concurrency: 256,
+            extra_engines: vec![],
         }
     }
 }
@@ -101,6 +104,17 @@ impl Universe {
                 cache_tokens: 450_000,
             });
             engine_addrs.push(addr);
+        }
+        for (name, url) in &opts.extra_engines {
+            engines.push(EngineConfig {
+                name: name.clone(),
+                url: url.clone(),
+                models: vec![MODEL.to_owned()],
+                kind: EngineKind::Vllm,
+                priority: false,
+                max_concurrency: opts.max_concurrency,
+                cache_tokens: 450_000,
+            });
         }
         let fleet = Arc::new(FleetConfig { engines });
         fleet.validate()?;
