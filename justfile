@@ -40,6 +40,14 @@ bench: tools
     cargo bench --bench decide
     cargo bench --bench route_rtt
 
+# What a router adds: throughput, latency and streaming TTFT of Tether, sglang-router and
+# vllm-router in front of an instant backend, side by side (ARGS to scripts/bench_overhead.py).
+bench-overhead *ARGS: tools
+    scripts/peers.sh >/dev/null
+    command -v wrk >/dev/null || apt-get install -y wrk >/dev/null || (echo "install wrk (Debian: apt-get install wrk)" >&2; exit 1)
+    cargo build --release --workspace --bins
+    python3 scripts/bench_overhead.py {{ARGS}}
+
 # Load sweep of Tether vs sglang-router and vllm-router (ARGS to scripts/compare.py, e.g. --quick).
 compare *ARGS: tools
     scripts/peers.sh >/dev/null
