@@ -26,3 +26,5 @@ pub mod snapshot;
 
 pub use config::Config;
 pub use service::{Running, start};
+/// The session model the shards apply (for tests that compare against it).
+pub use tether_session;

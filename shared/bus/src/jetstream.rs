@@ -13,6 +13,7 @@ use async_nats::jetstream::{
 use serde::Serialize;
 use std::time::Duration;
 use tether_protocol::{EventKind, RequestEvent, Subjects};
+use tracing::Instrument;
 
 use crate::{Bus, BusError, inject_context};
 
@@ -103,11 +104,13 @@ impl Bus {
         id: &str,
     ) -> Result<(), BusError> {
         let payload = tether_protocol::encode(msg)?;
+        let span = crate::typed::messaging_span("publish", "producer", &subject);
         let mut headers = HeaderMap::new();
-        inject_context(&mut headers);
+        span.in_scope(|| inject_context(&mut headers));
         headers.insert(MSG_ID_HEADER, id);
         self.client
             .publish_with_headers(subject, headers, payload.into())
+            .instrument(span)
             .await
             .map_err(|e| BusError::Publish(e.to_string()))
     }
@@ -182,6 +185,30 @@ pub async fn shard_consumer(
             name,
             error: e.to_string(),
         })
+}
+
+/// A shard consumer's lag: messages not yet delivered, and delivered but not
+/// yet acknowledged (that is, not yet applied).
+pub async fn shard_consumer_lag(
+    js: &Context,
+    subjects: &Subjects,
+    shard: u16,
+) -> Result<(u64, usize), JetStreamError> {
+    let name = shard_consumer_name(subjects, shard);
+    let err = |error: String| JetStreamError::Consumer {
+        name: name.clone(),
+        error,
+    };
+    let stream = js
+        .get_stream(events_stream_name(subjects))
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let mut consumer: ShardConsumer = stream
+        .get_consumer(&name)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let info = consumer.info().await.map_err(|e| err(e.to_string()))?;
+    Ok((info.num_pending, info.num_ack_pending))
 }
 
 /// Opens the snapshot store, creating it when missing.

@@ -1,0 +1,352 @@
+//! Durability of session state over a real nats-server with JetStream:
+//! session-state killed abruptly under load (its tasks aborted, no shutdown
+//! path: no final flush, acknowledgement or snapshot) and restarted ends
+//! with every session exactly as a reference that applied each event once;
+//! a scheduler resynchronises every shard of a restarted session-state,
+//! idle ones included.
+
+use clap::Parser;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tether_bus::{Bus, BusArgs, jetstream};
+use tether_fleet::FleetConfig;
+use tether_protocol::{
+    EventKind, Finished, Outcome, RequestEvent, SessionQuery, SessionView, now_ms, shard_of,
+    stable_hash,
+};
+use tether_session_state::tether_session::{SessionTable, TableLimits};
+use tether_telemetry::Shutdown;
+use tether_testkit::NatsServer;
+use tether_testkit::http;
+
+const SHARDS: u16 = 4;
+
+#[derive(Parser)]
+struct TestBus {
+    #[command(flatten)]
+    bus: BusArgs,
+}
+
+async fn test_bus(url: &str) -> anyhow::Result<Bus> {
+    let args = TestBus::try_parse_from(["x", "--nats-url", url, "--shards", &SHARDS.to_string()])?;
+    Ok(args.bus.connect("durability-test").await?)
+}
+
+async fn start_session_state(
+    url: &str,
+    stop: Shutdown,
+) -> anyhow::Result<tether_session_state::Running> {
+    let config = tether_session_state::Config::try_parse_from([
+        "x",
+        "--nats-url",
+        url,
+        "--shards",
+        &SHARDS.to_string(),
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--delta-interval-ms",
+        "2",
+        "--snapshot-interval-ms",
+        "100",
+        "--announce-interval-ms",
+        "100",
+    ])?;
+    tether_session_state::start(config, stop).await
+}
+
+async fn metric(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
+    let text = http::get(&http::client(), &format!("http://{addr}/metrics"))
+        .await?
+        .text();
+    Ok(tether_universe::metric_sum(&text, name, ""))
+}
+
+/// A deterministic workload: `calls` calls over `sessions` sessions, each a
+/// `Dispatched` then a `Finished`, interleaved, with varied durations and
+/// engines; a few calls are left in flight.
+fn workload(sessions: u64, calls: u64) -> Vec<RequestEvent> {
+    let base = now_ms();
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut events = Vec::new();
+    let mut open: Vec<(u64, u64, f64)> = Vec::new();
+    let mut t = base;
+    for call in 0..calls {
+        let s = next() % sessions;
+        let key = format!("durable-{s}");
+        let h = (next() % 1000) as f64 / 250.0;
+        t += 1;
+        events.push(RequestEvent {
+            call_id: 0x5000_0000_0000 + call,
+            session_hash: stable_hash(key.as_bytes()),
+            session_key: key,
+            at_ms: t,
+            engine: format!("e{}", next() % 4),
+            kind: EventKind::Dispatched {
+                inherited_cst: h,
+                level: 0,
+            },
+        });
+        open.push((call, s, h));
+        // Finish a random open call now and then (most calls finish).
+        while open.len() > 8 || (!open.is_empty() && next() % 3 == 0) {
+            let i = (next() as usize) % open.len();
+            let (call, s, h) = open.swap_remove(i);
+            let key = format!("durable-{s}");
+            t += 1;
+            let executed = (next() % 10_000) as f64 / 997.0;
+            events.push(RequestEvent {
+                call_id: 0x5000_0000_0000 + call,
+                session_hash: stable_hash(key.as_bytes()),
+                session_key: key,
+                at_ms: t,
+                engine: format!("e{}", next() % 4),
+                kind: EventKind::Finished(Finished {
+                    inherited_cst: h,
+                    executed,
+                    waited: (next() % 500) as f64 / 1000.0,
+                    wall: executed,
+                    prompt_tokens: 10,
+                    cached_tokens: 0,
+                    completion_tokens: 5,
+                    outcome: Outcome::Ok,
+                }),
+            });
+        }
+    }
+    events
+}
+
+async fn publish(bus: &Bus, event: &RequestEvent) -> anyhow::Result<()> {
+    let subject = bus.subjects.events(shard_of(event.session_hash, SHARDS));
+    let id = jetstream::event_msg_id(event);
+    bus.publish_with_id(subject, event, &id).await?;
+    Ok(())
+}
+
+/// Waits until every shard's consumer has delivered and had acknowledged
+/// (applied) everything in the stream.
+async fn drained(bus: &Bus) -> anyhow::Result<()> {
+    let js = bus.jetstream();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'wait: loop {
+        anyhow::ensure!(Instant::now() < deadline, "shard consumers never drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for shard in 0..SHARDS {
+            match jetstream::shard_consumer_lag(&js, &bus.subjects, shard).await {
+                Ok((0, 0)) => {}
+                _ => continue 'wait,
+            }
+        }
+        return Ok(());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_under_load_loses_and_repeats_nothing() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = nats.url();
+    let bus = test_bus(&url).await?;
+    let events = workload(150, 1_500);
+    assert!(events.len() > 2_900, "{} events", events.len());
+
+    // The reference: every event applied once, in order, by the same rules.
+    let mut reference = SessionTable::new(TableLimits::default());
+    for e in &events {
+        reference.apply(e, 0);
+    }
+
+    let first_stop = Shutdown::new();
+    let first = start_session_state(&url, first_stop.clone()).await?;
+
+    // A third of the load, then wait for every shard to have a snapshot.
+    let third = events.len() / 3;
+    for e in &events[..third] {
+        publish(&bus, e).await?;
+    }
+    bus.client.flush().await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(first.admin_addr, "tether_session_snapshots_written").await? < f64::from(SHARDS) {
+        anyhow::ensure!(Instant::now() < deadline, "no snapshots written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The rest under way while the service is killed and restarted. Every
+    // tenth event is also sent a second time (the same id: a retried
+    // publish), which JetStream must drop.
+    let sent = Arc::new(AtomicUsize::new(third));
+    let publisher = {
+        let bus = bus.clone();
+        let rest: Vec<RequestEvent> = events[third..].to_vec();
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            for (i, e) in rest.iter().enumerate() {
+                publish(&bus, e).await?;
+                if i % 10 == 0 {
+                    publish(&bus, e).await?;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                if i % 20 == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            bus.client.flush().await?;
+            anyhow::Ok(())
+        })
+    };
+    let kill_at = third + (events.len() - third) / 3;
+    while sent.load(Ordering::Relaxed) < kill_at {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    first.abort();
+    drop(first_stop); // never cancelled: the shutdown path does not run
+    let killed_at = sent.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let stop = Shutdown::new();
+    let second = start_session_state(&url, stop.clone()).await?;
+    publisher.await??;
+    assert!(
+        killed_at < events.len(),
+        "the kill came after the load ended"
+    );
+    drained(&bus).await?;
+    assert!(
+        metric(second.admin_addr, "tether_session_snapshots_loaded").await? >= 1.0,
+        "the restarted service did not start from a snapshot"
+    );
+
+    // Every session, exactly as in the reference.
+    let mut mismatches = Vec::new();
+    let mut compared = 0;
+    for (hash, want) in reference.iter() {
+        let shard = shard_of(*hash, SHARDS);
+        let view: SessionView = bus
+            .request(
+                bus.subjects.session(shard),
+                &SessionQuery {
+                    session_key: want.key.clone(),
+                },
+                Duration::from_secs(2),
+            )
+            .await?;
+        let got = view.record.map(|mut r| {
+            r.version = 0;
+            r
+        });
+        let mut want_rec = want.record(*hash);
+        want_rec.version = 0;
+        let want_calls: Vec<u64> = want.in_flight.iter().map(|(id, _)| *id).collect();
+        if got.as_ref() != Some(&want_rec) || view.in_flight_calls != want_calls {
+            mismatches.push(format!(
+                "{}: got {got:?} {:?}, want {want_rec:?} {want_calls:?}",
+                want.key, view.in_flight_calls
+            ));
+        }
+        compared += 1;
+    }
+    assert_eq!(compared, 150);
+    assert!(
+        mismatches.is_empty(),
+        "{} sessions differ, e.g. {:?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(3)]
+    );
+    // Nothing in the restarted service beyond the reference's sessions.
+    assert_eq!(
+        metric(second.admin_addr, "tether_session_sessions").await?,
+        150.0
+    );
+
+    stop.cancel();
+    second.join().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_resyncs_every_shard_of_a_restarted_session_state() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = nats.url();
+    let bus = test_bus(&url).await?;
+    let first_stop = Shutdown::new();
+    let first = start_session_state(&url, first_stop.clone()).await?;
+
+    let fleet = Arc::new(FleetConfig::from_toml(
+        "[[engines]]\nname = \"e0\"\nurl = \"http://127.0.0.1:9\"\nmodels = [\"m\"]\n",
+        "test fleet",
+    )?);
+    let sched_stop = Shutdown::new();
+    let scheduler = tether_scheduler::start_with_fleet(
+        tether_scheduler::Config::try_parse_from([
+            "x",
+            "--nats-url",
+            &url,
+            "--shards",
+            &SHARDS.to_string(),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])?,
+        fleet,
+        sched_stop.clone(),
+    )
+    .await?;
+
+    // Sessions on every shard, then quiet.
+    let events = workload(40, 200);
+    for e in &events {
+        publish(&bus, e).await?;
+    }
+    bus.client.flush().await?;
+    drained(&bus).await?;
+    let mut shards_hit: HashMap<u16, usize> = HashMap::new();
+    for e in &events {
+        *shards_hit
+            .entry(shard_of(e.session_hash, SHARDS))
+            .or_default() += 1;
+    }
+    assert_eq!(shards_hit.len(), usize::from(SHARDS));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(scheduler.admin_addr, "tether_scheduler_sessions").await? != 40.0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the scheduler never held every session"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resyncs_before = metric(scheduler.admin_addr, "tether_scheduler_resyncs").await?;
+
+    // Kill and restart session-state; no event follows, so every shard is idle.
+    first.abort();
+    drop(first_stop);
+    let stop = Shutdown::new();
+    let second = start_session_state(&url, stop.clone()).await?;
+
+    // The scheduler resyncs all four shards (each announced its new epoch)
+    // and still holds every session (restored by session-state).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resyncs = metric(scheduler.admin_addr, "tether_scheduler_resyncs").await?;
+        let sessions = metric(scheduler.admin_addr, "tether_scheduler_sessions").await?;
+        if resyncs >= resyncs_before + f64::from(SHARDS) && sessions == 40.0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "idle shards not resynchronised: {resyncs} resyncs (before {resyncs_before}), {sessions} sessions"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    sched_stop.cancel();
+    scheduler.join().await;
+    stop.cancel();
+    second.join().await;
+    Ok(())
+}
