@@ -118,6 +118,8 @@ async fn main() -> anyhow::Result<()> {
             priority: false,
             max_concurrency: 256,
             cache_tokens: 450_000,
+            kv_events: None,
+            kv_replay: None,
         })
         .collect();
     let fleet = Arc::new(FleetConfig { engines });

@@ -102,6 +102,8 @@ impl Universe {
                 priority: opts.priority_engines.contains(&i),
                 max_concurrency: opts.max_concurrency,
                 cache_tokens: 450_000,
+                kv_events: None,
+                kv_replay: None,
             });
             engine_addrs.push(addr);
         }
@@ -114,6 +116,8 @@ impl Universe {
                 priority: false,
                 max_concurrency: opts.max_concurrency,
                 cache_tokens: 450_000,
+                kv_events: None,
+                kv_replay: None,
             });
         }
         let fleet = Arc::new(FleetConfig { engines });

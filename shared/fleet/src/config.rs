@@ -9,6 +9,8 @@
 //! priority = false                   # accepts a request `priority` field
 //! max_concurrency = 64               # calls at once before the ingress queues
 //! cache_tokens = 450000              # KV cache capacity, tokens
+//! kv_events = "tcp://127.0.0.1:5557" # KV cache events (ZMQ PUB); optional
+//! kv_replay = "tcp://127.0.0.1:5558" # their replay socket; optional
 //! ```
 
 use serde::Deserialize;
@@ -60,6 +62,15 @@ pub struct EngineConfig {
     /// estimate (Llama-3-8B on an 80 GB GPU holds about 450,000).
     #[serde(default = "default_cache_tokens")]
     pub cache_tokens: u64,
+    /// The engine's KV cache events publisher (vLLM `--kv-events-config`
+    /// `endpoint`, ZMQ PUB), e.g. `tcp://10.0.0.5:5557`; `tether-kv-events`
+    /// subscribes to it. None: the engine's cache is only estimated.
+    #[serde(default)]
+    pub kv_events: Option<String>,
+    /// Its replay socket (vLLM `replay_endpoint`, ZMQ ROUTER), for batches
+    /// missed in a gap. None: a gap resets what is known of the engine.
+    #[serde(default)]
+    pub kv_replay: Option<String>,
 }
 
 fn default_max_concurrency() -> u32 {

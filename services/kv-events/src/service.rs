@@ -1,0 +1,87 @@
+//! Wiring: read the fleet, connect to NATS, start one relay per engine that
+//! has a `kv_events` endpoint, serve the admin endpoint. Ready when every
+//! engine's publisher is connected (and NATS is).
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+use tether_fleet::FleetConfig;
+use tether_telemetry::{AdminState, Shutdown, admin_router, spawn_server};
+
+use crate::relay::{Readiness, Relay, Stream};
+use crate::{Config, metrics::Metrics};
+
+pub struct Running {
+    pub admin_addr: SocketAddr,
+    pub admin: AdminState,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
+    let fleet = Arc::new(FleetConfig::load(&config.fleet)?);
+    start_with_fleet(config, fleet, shutdown).await
+}
+
+pub async fn start_with_fleet(
+    config: Config,
+    fleet: Arc<FleetConfig>,
+    shutdown: Shutdown,
+) -> anyhow::Result<Running> {
+    let streams: Vec<Stream> = fleet
+        .engines
+        .iter()
+        .filter_map(|e| {
+            e.kv_events.as_ref().map(|ep| Stream {
+                engine: e.name.clone(),
+                events: ep.clone(),
+                replay: e.kv_replay.clone(),
+            })
+        })
+        .collect();
+    anyhow::ensure!(
+        !streams.is_empty(),
+        "no engine in the fleet has a kv_events endpoint"
+    );
+    let bus = config.bus.connect("tether-kv-events").await?;
+    let metrics = Metrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    bus.stats.register(&mut registry);
+    let admin = AdminState::new(registry);
+    let ready = Readiness {
+        admin: admin.clone(),
+        connected: Arc::new(AtomicUsize::new(0)),
+        total: streams.len(),
+    };
+    let timeout = Duration::from_millis(config.replay_timeout_ms.max(1));
+    let mut tasks = Vec::new();
+    for s in streams {
+        let relay = Relay::new(s, bus.clone(), metrics.clone(), timeout);
+        tasks.push(tokio::spawn(relay.run(ready.clone(), shutdown.clone())));
+    }
+    let (admin_addr, server) = spawn_server(
+        config.admin_listen,
+        admin_router(admin.clone()),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("binding the admin endpoint on {}", config.admin_listen))?;
+    tasks.push(server);
+    tracing::info!(%admin_addr, "kv-events relay running");
+    Ok(Running {
+        admin_addr,
+        admin,
+        tasks,
+    })
+}
