@@ -22,7 +22,9 @@ up: tools build
     scripts/up.sh
 
 # Run every test (unit, property and end-to-end over a real nats-server).
+# The binaries are built first: tests/tracing.rs runs them as processes.
 test: tools
+    cargo build --workspace --bins
     cargo test --workspace --lib --bins --tests
 
 # Formatting and lints, as CI wants them.

@@ -83,13 +83,21 @@ impl Core {
     async fn route(&mut self, msg: tether_bus::Message) {
         let span = tracing::info_span!(
             "scheduler.route",
+            otel.kind = "server",
             call_id = tracing::field::Empty,
-            engine = tracing::field::Empty
+            engine = tracing::field::Empty,
+            tether.session.hash = tracing::field::Empty,
+            tether.route.reason = tracing::field::Empty,
+            tether.level = tracing::field::Empty,
         );
         tether_bus::follow(&span, &msg);
         let reply = match self.bus.decode::<RouteRequest>(&msg, "route") {
             Some(req) => {
                 span.record("call_id", req.call_id);
+                span.record(
+                    "tether.session.hash",
+                    tracing::field::display(format_args!("{:016x}", req.session_hash)),
+                );
                 self.decider.decide(&req, now_ms())
             }
             None => RouteReply::NoEngine {
@@ -99,6 +107,8 @@ impl Core {
         match &reply {
             RouteReply::Decision(d) => {
                 span.record("engine", d.engine.as_str());
+                span.record("tether.route.reason", d.reason.as_str());
+                span.record("tether.level", d.level);
                 self.metrics
                     .decisions
                     .get_or_create(&label("reason", d.reason.as_str()))

@@ -130,9 +130,11 @@ pub async fn spawn_durable_intake(
                 let event = bus.decode::<RequestEvent>(&msg, "events").map(|event| {
                     let span = tracing::info_span!(
                         "session_state.apply",
+                        otel.kind = "consumer",
                         shard,
                         call_id = event.call_id,
-                        seq
+                        seq,
+                        tether.session.hash = %format_args!("{:016x}", event.session_hash),
                     );
                     tether_bus::follow(&span, &msg);
                     (event, span)

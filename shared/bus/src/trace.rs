@@ -48,9 +48,14 @@ pub fn extract_context(headers: Option<&HeaderMap>) -> opentelemetry::Context {
     }
 }
 
-/// Makes `span` a child of the trace carried by `msg`, if any.
+/// Makes `span` a child of the trace carried by `msg`, if any, and gives it
+/// OpenTelemetry's messaging attributes for processing a message from NATS
+/// (declare `otel.kind = "server"` or `"consumer"` on the span itself).
 pub fn follow(span: &tracing::Span, msg: &async_nats::Message) {
     if msg.headers.is_some() {
         let _ = span.set_parent(extract_context(msg.headers.as_ref()));
     }
+    span.set_attribute("messaging.system", "nats");
+    span.set_attribute("messaging.operation.type", "process");
+    span.set_attribute("messaging.destination.name", msg.subject.to_string());
 }

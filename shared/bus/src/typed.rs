@@ -6,6 +6,29 @@ use std::time::Duration;
 use tether_protocol::{CodecError, Subjects};
 
 use crate::{BusStats, inject_context};
+use tracing::Instrument;
+
+/// A span for sending on `subject`, named and attributed after OpenTelemetry's
+/// messaging conventions (`<operation> <destination>`, `messaging.*`) — only
+/// inside a trace: housekeeping sends (delta ticks, snapshots) start none.
+pub(crate) fn messaging_span(
+    operation: &'static str,
+    kind: &'static str,
+    subject: &str,
+) -> tracing::Span {
+    if tracing::Span::current().is_none() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "nats.send",
+        otel.name = %format_args!("{operation} {subject}"),
+        otel.kind = kind,
+        messaging.system = "nats",
+        messaging.operation.type = "send",
+        messaging.operation.name = operation,
+        messaging.destination.name = subject,
+    )
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -61,11 +84,15 @@ impl Bus {
         headers
     }
 
-    /// Publishes `msg` on `subject` with the current trace context.
+    /// Publishes `msg` on `subject` in a producer span (OpenTelemetry
+    /// messaging conventions) whose context the message carries.
     pub async fn publish<T: Serialize>(&self, subject: String, msg: &T) -> Result<(), BusError> {
         let payload = tether_protocol::encode(msg)?;
+        let span = messaging_span("publish", "producer", &subject);
+        let headers = span.in_scope(Self::traced_headers);
         self.client
-            .publish_with_headers(subject, Self::traced_headers(), payload.into())
+            .publish_with_headers(subject, headers, payload.into())
+            .instrument(span)
             .await
             .map_err(|e| BusError::Publish(e.to_string()))
     }
@@ -81,13 +108,15 @@ impl Bus {
             return Err(BusError::Disconnected);
         }
         let payload = tether_protocol::encode(msg)?;
+        let span = messaging_span("request", "client", &subject);
         let request = async_nats::Request::new()
-            .headers(Self::traced_headers())
+            .headers(span.in_scope(Self::traced_headers))
             .payload(payload.into())
             .timeout(Some(timeout));
         let reply = self
             .client
             .send_request(subject.clone(), request)
+            .instrument(span)
             .await
             .map_err(|e| match e.kind() {
                 RequestErrorKind::NoResponders => BusError::NoResponders(subject.clone()),
