@@ -9,7 +9,7 @@ Tether's deployment rules, beyond what the Kubernetes schema says:
 - a NetworkPolicy selects the NATS pods (app=nats or
   app.kubernetes.io/name=nats) and admits clients only from pods labelled
   tether.io/nats-client=true on the client port;
-- every pod that sets TETHER_NATS_URL carries that label;
+- every pod that sets TETHER_NATS_USER carries that label;
 - every Secret a pod refers to is rendered, except tether-nats where the
   overlay says it is created out of band (no NATS workload rendered).
 
@@ -59,7 +59,7 @@ def main(path):
             if not ((c.get("securityContext") or {}).get("runAsNonRoot", pod_nonroot)):
                 errors.append(f"{cname}: not runAsNonRoot")
             for e in c.get("env") or []:
-                if e["name"] == "TETHER_NATS_URL" and labels.get("tether.io/nats-client") != "true":
+                if e["name"] == "TETHER_NATS_USER" and labels.get("tether.io/nats-client") != "true":
                     errors.append(f"{cname}: talks to NATS but lacks tether.io/nats-client=true")
                 ref = (e.get("valueFrom") or {}).get("secretKeyRef")
                 if ref:
