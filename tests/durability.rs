@@ -3,7 +3,8 @@
 //! path: no final flush, acknowledgement or snapshot) and restarted ends
 //! with every session exactly as a reference that applied each event once;
 //! a scheduler resynchronises every shard of a restarted session-state,
-//! idle ones included.
+//! idle ones included; a flood of new sessions at the cap evicts no session
+//! active within the idle TTL.
 
 use clap::Parser;
 use std::collections::HashMap;
@@ -38,7 +39,15 @@ async fn start_session_state(
     url: &str,
     stop: Shutdown,
 ) -> anyhow::Result<tether_session_state::Running> {
-    let config = tether_session_state::Config::try_parse_from([
+    start_session_state_with(url, stop, &[]).await
+}
+
+async fn start_session_state_with(
+    url: &str,
+    stop: Shutdown,
+    extra: &[&str],
+) -> anyhow::Result<tether_session_state::Running> {
+    let base = [
         "x",
         "--nats-url",
         url,
@@ -52,7 +61,9 @@ async fn start_session_state(
         "100",
         "--announce-interval-ms",
         "100",
-    ])?;
+    ];
+    let config =
+        tether_session_state::Config::try_parse_from(base.iter().chain(extra.iter()).copied())?;
     tether_session_state::start(config, stop).await
 }
 
@@ -348,5 +359,89 @@ async fn a_scheduler_resyncs_every_shard_of_a_restarted_session_state() -> anyho
     scheduler.join().await;
     stop.cancel();
     second.join().await;
+    Ok(())
+}
+
+async fn session(bus: &Bus, key: &str) -> anyhow::Result<SessionView> {
+    let shard = shard_of(stable_hash(key.as_bytes()), SHARDS);
+    Ok(bus
+        .request(
+            bus.subjects.session(shard),
+            &SessionQuery {
+                session_key: key.to_owned(),
+            },
+            Duration::from_secs(2),
+        )
+        .await?)
+}
+
+fn event(key: &str, call_id: u64, kind: EventKind) -> RequestEvent {
+    RequestEvent {
+        call_id,
+        session_hash: stable_hash(key.as_bytes()),
+        session_key: key.to_owned(),
+        at_ms: now_ms(),
+        engine: "e0".into(),
+        kind,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_new_sessions_evicts_no_live_one() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = nats.url();
+    let bus = test_bus(&url).await?;
+    let stop = Shutdown::new();
+    // 64 sessions over 4 shards: 16 per shard.
+    let running = start_session_state_with(&url, stop.clone(), &["--max-sessions", "64"]).await?;
+
+    // A session with a call in flight, and one whose call just ended.
+    let finished = EventKind::Finished(Finished {
+        inherited_cst: 0.0,
+        executed: 1.0,
+        waited: 0.0,
+        wall: 1.0,
+        prompt_tokens: 1,
+        cached_tokens: 0,
+        completion_tokens: 1,
+        outcome: Outcome::Ok,
+    });
+    let dispatched = EventKind::Dispatched {
+        inherited_cst: 0.0,
+        level: 0,
+    };
+    publish(&bus, &event("live-busy", 1, dispatched)).await?;
+    publish(&bus, &event("live-recent", 2, finished.clone())).await?;
+    for i in 0..5_000u64 {
+        publish(
+            &bus,
+            &event(&format!("flood-{i}"), 1_000 + i, finished.clone()),
+        )
+        .await?;
+    }
+    bus.client.flush().await?;
+    drained(&bus).await?;
+
+    let busy = session(&bus, "live-busy").await?;
+    assert_eq!(
+        busy.in_flight_calls,
+        vec![1],
+        "the busy session was evicted"
+    );
+    let recent = session(&bus, "live-recent").await?;
+    assert_eq!(
+        recent.record.map(|r| r.requests),
+        Some(0),
+        "the recently active session was evicted"
+    );
+    assert!(metric(running.admin_addr, "tether_session_sessions").await? <= 64.0);
+    assert!(metric(running.admin_addr, "tether_session_refused").await? >= 5_000.0 - 64.0);
+    assert_eq!(
+        metric(running.admin_addr, "tether_session_evicted").await?,
+        0.0
+    );
+
+    stop.cancel();
+    running.join().await;
     Ok(())
 }
