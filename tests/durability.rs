@@ -1,7 +1,7 @@
 //! Durability of session state over a real nats-server with JetStream:
-//! session-state killed abruptly under load (its tasks aborted, no shutdown
-//! path: no final flush, acknowledgement or snapshot) and restarted ends
-//! with every session exactly as a reference that applied each event once;
+//! session-state killed under load (a child process sent SIGKILL: no final
+//! flush, acknowledgement or snapshot) and restarted ends with every session
+//! exactly as a reference that applied each event once;
 //! a scheduler resynchronises every shard of a restarted session-state,
 //! idle ones included; a flood of new sessions at the cap evicts no session
 //! active within the idle TTL.
@@ -65,6 +65,83 @@ async fn start_session_state_with(
     let config =
         tether_session_state::Config::try_parse_from(base.iter().chain(extra.iter()).copied())?;
     tether_session_state::start(config, stop).await
+}
+
+/// The environment variable that makes [`session_state_child`] run the service.
+const CHILD_ARGS: &str = "TETHER_DURABILITY_CHILD_ARGS";
+
+/// Not a test: the body of a session-state child process. The test binary
+/// runs itself with only this function selected and the service's flags in
+/// [`CHILD_ARGS`]; without them it returns at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs only as the child process of a durability test"]
+async fn session_state_child() -> anyhow::Result<()> {
+    let Ok(args) = std::env::var(CHILD_ARGS) else {
+        return Ok(());
+    };
+    let args: Vec<&str> = args.split(' ').collect();
+    let running = start_session_state_with(args[0], Shutdown::new(), &args[1..]).await?;
+    running.join().await; // never: the parent kills this process
+    Ok(())
+}
+
+/// session-state in a child process (this test binary), killed with
+/// SIGKILL when dropped or by [`Child::kill9`].
+struct Child {
+    process: std::process::Child,
+    admin: std::net::SocketAddr,
+}
+
+impl Child {
+    fn start(url: &str) -> anyhow::Result<Self> {
+        let admin: std::net::SocketAddr =
+            format!("127.0.0.1:{}", tether_testkit::free_port()?).parse()?;
+        let process = std::process::Command::new(std::env::current_exe()?)
+            .args([
+                "session_state_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(CHILD_ARGS, format!("{url} --admin-listen {admin}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        Ok(Self { process, admin })
+    }
+
+    async fn ready(&self) -> anyhow::Result<()> {
+        let client = http::client();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = http::get(&client, &format!("http://{}/ready", self.admin)).await
+                && r.status == 200
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the child session-state never got ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `kill -9`.
+    fn kill9(&mut self) -> anyhow::Result<()> {
+        self.process.kill()?;
+        self.process.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
 }
 
 async fn metric(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
@@ -174,8 +251,8 @@ async fn kill_under_load_loses_and_repeats_nothing() -> anyhow::Result<()> {
         reference.apply(e, 0);
     }
 
-    let first_stop = Shutdown::new();
-    let first = start_session_state(&url, first_stop.clone()).await?;
+    let mut first = Child::start(&url)?;
+    first.ready().await?;
 
     // A third of the load, then wait for every shard to have a snapshot.
     let third = events.len() / 3;
@@ -184,7 +261,7 @@ async fn kill_under_load_loses_and_repeats_nothing() -> anyhow::Result<()> {
     }
     bus.client.flush().await?;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(first.admin_addr, "tether_session_snapshots_written").await? < f64::from(SHARDS) {
+    while metric(first.admin, "tether_session_snapshots_written").await? < f64::from(SHARDS) {
         anyhow::ensure!(Instant::now() < deadline, "no snapshots written");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -216,10 +293,8 @@ async fn kill_under_load_loses_and_repeats_nothing() -> anyhow::Result<()> {
     while sent.load(Ordering::Relaxed) < kill_at {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    first.abort();
-    drop(first_stop); // never cancelled: the shutdown path does not run
+    first.kill9()?;
     let killed_at = sent.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
     let stop = Shutdown::new();
     let second = start_session_state(&url, stop.clone()).await?;
