@@ -493,3 +493,447 @@ async fn hostile_http_clients_are_bounded() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A nats-server running deploy/nats/tether.conf (with generated passwords
+/// and its own store directory), stopped when dropped.
+struct SecuredNats {
+    port: u16,
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    ingress: String,
+    scheduler: String,
+    session_state: String,
+}
+
+impl SecuredNats {
+    fn start() -> anyhow::Result<Self> {
+        use tether_universe::tether_testkit::{free_port, workspace_root};
+        let root = workspace_root();
+        let conf = std::fs::read_to_string(root.join("deploy/nats/tether.conf"))?;
+        let port = free_port()?;
+        let dir =
+            std::env::temp_dir().join(format!("tether-secured-nats-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let conf = conf.replace(
+            "store_dir: \"/data/jetstream\"",
+            &format!("store_dir: {:?}", dir.join("js").display().to_string()),
+        );
+        anyhow::ensure!(
+            conf.contains(&dir.display().to_string()),
+            "store_dir not found"
+        );
+        let conf_path = dir.join("tether.conf");
+        std::fs::write(&conf_path, conf)?;
+        let password = || format!("{:016x}", tether_protocol::random_u64());
+        let (ingress, scheduler, session_state) = (password(), password(), password());
+        let bin = std::env::var_os("TETHER_NATS_SERVER")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                let local = root.join(".tools/venv/bin/nats-server");
+                if local.exists() {
+                    local
+                } else {
+                    "nats-server".into()
+                }
+            });
+        let child = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&conf_path)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .env("INGRESS_PASSWORD", &ingress)
+            .env("SCHEDULER_PASSWORD", &scheduler)
+            .env("SESSION_STATE_PASSWORD", &session_state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let s = Self {
+            port,
+            child,
+            dir,
+            ingress,
+            scheduler,
+            session_state,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(s)
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn client(&self, user: &str, password: &str) -> anyhow::Result<tether_bus::Bus> {
+        let (client, stats) = tether_bus::connect_with(
+            &tether_bus::BusConfig {
+                url: self.url(),
+                name: format!("test-{user}"),
+            },
+            &tether_bus::BusAuth {
+                user: Some(user.into()),
+                password: Some(password.into()),
+                ..tether_bus::BusAuth::default()
+            },
+        )
+        .await?;
+        let bus = tether_bus::Bus::new(client, tether_protocol::Subjects::default(), stats);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !bus.is_connected() {
+            anyhow::ensure!(Instant::now() < deadline, "{user} never connected");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(bus)
+    }
+}
+
+impl Drop for SecuredNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A request `bus` may send (`subject`), answered by the server or by its
+/// "no responders" status: when it returns, the server has processed all
+/// this connection sent before (`flush` only writes the socket).
+async fn round_trip(bus: &tether_bus::Bus, subject: &'static str) -> anyhow::Result<()> {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        bus.client.request(subject, bytes::Bytes::new()),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no round trip on {subject}"))?
+    .map(|_| ())
+    .or_else(|e| match e.kind() {
+        tether_bus::async_nats::client::RequestErrorKind::NoResponders => Ok(()),
+        _ => Err(anyhow::anyhow!("round trip on {subject}: {e}")),
+    })
+}
+
+/// The next message on `sub` (10 s at most).
+async fn next_payload(sub: &mut tether_bus::Subscriber) -> anyhow::Result<bytes::Bytes> {
+    let msg = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("subscription ended"))?;
+    Ok(msg.payload)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_nats_config_lets_only_each_service_do_its_part() -> anyhow::Result<()> {
+    let nats = SecuredNats::start()?;
+    // No credentials, or a wrong password: refused.
+    assert!(
+        tether_bus::async_nats::connect(nats.url()).await.is_err(),
+        "an anonymous client got in"
+    );
+    assert!(
+        tether_bus::async_nats::ConnectOptions::with_user_and_password(
+            "ingress".into(),
+            "wrong".into()
+        )
+        .connect(nats.url())
+        .await
+        .is_err()
+    );
+    // Credentials in the URL work (the deployment's way).
+    let in_url = tether_bus::BusArgs {
+        nats_url: format!("nats://ingress:{}@127.0.0.1:{}", nats.ingress, nats.port),
+        prefix: "tether".into(),
+        shards: 4,
+        nats_user: None,
+        nats_password: None,
+        nats_token: None,
+        nats_nkey_file: None,
+        nats_creds: None,
+        nats_tls_ca: None,
+        nats_tls_cert: None,
+        nats_tls_key: None,
+        nats_tls: false,
+    }
+    .connect("test-url")
+    .await?;
+    let ingress = nats.client("ingress", &nats.ingress).await?;
+    let scheduler = nats.client("scheduler", &nats.scheduler).await?;
+    let state = nats.client("session-state", &nats.session_state).await?;
+
+    // A round trip each user may make.
+    const INGRESS: &str = "tether.session.9999";
+    const SCHEDULER: &str = "tether.snapshot.9999";
+    const STATE: &str = "$JS.API.INFO";
+
+    // Events: only the ingress's reach a subscriber.
+    let mut events = state.subscribe("tether.events.>".into()).await?;
+    round_trip(&state, STATE).await?;
+    for (forger, sync) in [(&scheduler, SCHEDULER), (&state, STATE)] {
+        forger
+            .client
+            .publish("tether.events.0", "forged".into())
+            .await?;
+        round_trip(forger, sync).await?;
+    }
+    in_url
+        .client
+        .publish("tether.events.0", "real".into())
+        .await?;
+    assert_eq!(next_payload(&mut events).await?, "real");
+
+    // State deltas: only session-state's.
+    let mut deltas = scheduler.subscribe("tether.state.>".into()).await?;
+    round_trip(&scheduler, SCHEDULER).await?;
+    for (forger, sync) in [(&ingress, INGRESS), (&scheduler, SCHEDULER)] {
+        forger
+            .client
+            .publish("tether.state.0", "forged".into())
+            .await?;
+        round_trip(forger, sync).await?;
+    }
+    state
+        .client
+        .publish("tether.state.0", "real".into())
+        .await?;
+    assert_eq!(next_payload(&mut deltas).await?, "real");
+
+    // Route requests: nobody but the scheduler, in its queue group, can
+    // take them; the ingress's requests find no responder meanwhile.
+    let _plain = scheduler.subscribe("tether.route".into()).await?;
+    let _other_group = scheduler
+        .queue_subscribe("tether.route".into(), "intruders")
+        .await?;
+    let _as_state = state
+        .queue_subscribe("tether.route".into(), "tether-scheduler")
+        .await?;
+    let _as_ingress = ingress
+        .queue_subscribe("tether.route".into(), "tether-scheduler")
+        .await?;
+    round_trip(&scheduler, SCHEDULER).await?;
+    round_trip(&state, STATE).await?;
+    round_trip(&ingress, INGRESS).await?;
+    let ask = || async {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            ingress.client.request("tether.route", "route?".into()),
+        )
+        .await
+    };
+    match ask().await {
+        Ok(Err(e)) => assert_eq!(
+            e.kind(),
+            tether_bus::async_nats::client::RequestErrorKind::NoResponders,
+            "{e}"
+        ),
+        other => panic!("a route request was taken by an intruder: {other:?}"),
+    }
+    // The scheduler in its group answers.
+    let mut group = scheduler
+        .queue_subscribe("tether.route".into(), "tether-scheduler")
+        .await?;
+    round_trip(&scheduler, SCHEDULER).await?;
+    let responder = scheduler.clone();
+    let answering = tokio::spawn(async move {
+        while let Some(msg) = group.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = responder.client.publish(reply, "decision".into()).await;
+            }
+        }
+    });
+    let answer = ask().await??;
+    assert_eq!(answer.payload, "decision");
+    // Only the ingress may ask.
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        state.client.request("tether.route", "route?".into()),
+    )
+    .await;
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "session-state could request a route"
+    );
+    answering.abort();
+
+    // The violations were reported to the offenders.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scheduler.stats.errors.get() == 0 || state.stats.errors.get() == 0 {
+        anyhow::ensure!(Instant::now() < deadline, "permission errors not reported");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+fn parse<T: clap::Parser>(args: &[String]) -> anyhow::Result<T> {
+    Ok(T::try_parse_from(args)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_work_under_the_shipped_config_and_are_unready_without_the_bus()
+-> anyhow::Result<()> {
+    let nats = SecuredNats::start()?;
+    let stop = tether_telemetry::Shutdown::new();
+    let _stop_all = stop.clone().drop_guard();
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let sim_addr = listener.local_addr()?;
+    let sim_stop = stop.child_token();
+    tokio::spawn(tether_engine_sim::serve(
+        listener,
+        tether_engine_sim::SimConfig::named("sim-0"),
+        async move { sim_stop.cancelled().await },
+    ));
+    let fleet = nats.dir.join("fleet.toml");
+    std::fs::write(
+        &fleet,
+        format!(
+            "[[engines]]\nname = \"sim-0\"\nurl = \"http://{sim_addr}\"\nmodels = [\"{MODEL}\"]\nkind = \"vllm\"\n"
+        ),
+    )?;
+    let fleet = fleet.display().to_string();
+    let url = nats.url();
+    let common = ["x", "--nats-url", &url, "--shards", "4"];
+    let with = |extra: &[&str]| -> Vec<String> {
+        common
+            .iter()
+            .chain(extra)
+            .map(|s| (*s).to_owned())
+            .collect()
+    };
+
+    let state_args = with(&[
+        "--nats-user",
+        "session-state",
+        "--nats-password",
+        &nats.session_state,
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--delta-interval-ms",
+        "2",
+    ]);
+    let state = tether_session_state::start(parse(&state_args)?, stop.child_token()).await?;
+    let sched_args = with(&[
+        "--nats-user",
+        "scheduler",
+        "--nats-password",
+        &nats.scheduler,
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--fleet",
+        &fleet,
+    ]);
+    let scheduler = tether_scheduler::start(parse(&sched_args)?, stop.child_token()).await?;
+    let ingress_args = |password: &str| {
+        with(&[
+            "--nats-user",
+            "ingress",
+            "--nats-password",
+            password,
+            "--listen",
+            "127.0.0.1:0",
+            "--fleet",
+            &fleet,
+            "--health-interval-ms",
+            "50",
+        ])
+    };
+    let good =
+        tether_ingress::start(parse(&ingress_args(&nats.ingress))?, stop.child_token()).await?;
+    let bad = tether_ingress::start(parse(&ingress_args("wrong"))?, stop.child_token()).await?;
+
+    let client = http::client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = http::get(&client, &format!("http://{}/ready", good.addr)).await?;
+        if ready.status == 200 && scheduler.admin.is_ready() && state.admin.is_ready() {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "never ready: ingress {}, scheduler {}, session-state {}",
+            ready.status,
+            scheduler.admin.is_ready(),
+            state.admin.is_ready()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The ingress that cannot authenticate is not ready (its engine is healthy).
+    let r = http::get(&client, &format!("http://{}/ready", bad.addr)).await?;
+    assert_eq!(r.status, 503);
+    // Calls through the good one are routed by the scheduler.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = http::post_json(
+            &client,
+            &format!("http://{}/v1/chat/completions", good.addr),
+            &[("x-session-id", "secured")],
+            &chat_body("hello", false),
+        )
+        .await?;
+        assert_eq!(r.status, 200, "{}", r.text());
+        if r.header("x-tether-route") != Some("fallback") {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the scheduler never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And the session view reaches session-state.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = http::get(
+            &client,
+            &format!("http://{}/v1/tether/sessions/secured", good.addr),
+        )
+        .await?;
+        if r.status == 200 && r.json()["affinity"] == "sim-0" {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "session view: {} {}",
+            r.status,
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_route_requests_are_decode_errors_not_no_engine() -> anyhow::Result<()> {
+    let u = start(Options {
+        engines: 1,
+        ..Options::default()
+    })
+    .await;
+    let raw = tether_bus::connect(&tether_bus::BusConfig {
+        url: u.nats.url(),
+        name: "garbage".into(),
+    })
+    .await?
+    .0;
+    for _ in 0..5 {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            raw.request("tether.route", bytes::Bytes::from_static(b"\xff garbage")),
+        )
+        .await??;
+        assert!(!reply.payload.is_empty(), "no answer to a garbage request");
+    }
+    let admin = u
+        .scheduler
+        .as_ref()
+        .map(|s| s.admin_addr)
+        .ok_or_else(|| anyhow::anyhow!("no scheduler"))?;
+    let text = http::get(&u.http, &format!("http://{admin}/metrics"))
+        .await?
+        .text();
+    assert_eq!(
+        tether_universe::metric_sum(&text, "tether_bus_decode_errors", "kind=\"route\""),
+        5.0
+    );
+    assert_eq!(
+        tether_universe::metric_sum(&text, "tether_scheduler_no_engine", ""),
+        0.0
+    );
+    Ok(())
+}

@@ -91,6 +91,9 @@ impl Core {
             tether.level = tracing::field::Empty,
         );
         tether_bus::follow(&span, &msg);
+        // A request that does not decode is counted in
+        // tether_bus_decode_errors{kind="route"}, not as "no engine".
+        let mut garbage = false;
         let reply = match self.bus.decode::<RouteRequest>(&msg, "route") {
             Some(req) => {
                 span.record("call_id", req.call_id);
@@ -100,9 +103,12 @@ impl Core {
                 );
                 self.decider.decide(&req, now_ms())
             }
-            None => RouteReply::NoEngine {
-                reason: "route request did not decode".into(),
-            },
+            None => {
+                garbage = true;
+                RouteReply::NoEngine {
+                    reason: "route request did not decode".into(),
+                }
+            }
         };
         match &reply {
             RouteReply::Decision(d) => {
@@ -123,6 +129,7 @@ impl Core {
                     .get_or_create(&label("prefix", note.prefix()))
                     .inc();
             }
+            RouteReply::NoEngine { .. } if garbage => {}
             RouteReply::NoEngine { .. } => {
                 self.metrics.no_engine.inc();
             }

@@ -46,6 +46,9 @@ pub async fn start_with_fleet(
     metrics.register(&mut registry);
     bus.stats.register(&mut registry);
     let admin = AdminState::new(registry);
+    // Not ready while the bus is not connected (wrong credentials, NATS down).
+    let ready_bus = bus.clone();
+    admin.require(move || ready_bus.is_connected());
 
     let health = FleetHealth::new(fleet.engines.len());
     let reported = FleetLoad::new(fleet.engines.len());

@@ -204,7 +204,10 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     .with_context(|| format!("binding the admin endpoint on {}", config.admin_listen))?;
     tasks.push(server);
     // Ready once subscribed; the subscriptions are registered with the client
-    // and re-established by it after a reconnect.
+    // and re-established by it after a reconnect. Not ready while the bus is
+    // not connected (wrong credentials, NATS down).
+    let ready_bus = bus.clone();
+    admin.require(move || ready_bus.is_connected());
     admin.set_ready(true);
     tracing::info!(shards = ?owned, %admin_addr, "session-state running");
     Ok(Running {

@@ -154,6 +154,59 @@ pub struct BusStats {
     pub errors: Counter,
     /// Messages that did not decode, by subject kind (`events`, `state`, ...).
     pub decode_errors: Family<Vec<(String, String)>, Counter>,
+    /// Limits the log lines about undecodable messages.
+    pub decode_log: std::sync::Arc<LogThrottle>,
+}
+
+/// Lets one log line through per interval (default 1 s) and counts the
+/// ones it holds back.
+#[derive(Debug)]
+pub struct LogThrottle {
+    interval_ms: u64,
+    /// When the last line went out, ms since the throttle's start + 1 (0: never).
+    last: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+    start: std::time::Instant,
+}
+
+impl Default for LogThrottle {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(1))
+    }
+}
+
+impl LogThrottle {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            last: Default::default(),
+            suppressed: Default::default(),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether to log now; if so, how many lines were held back since the last one.
+    pub fn allow(&self) -> Option<u64> {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.allow_at(now.saturating_add(1))
+    }
+
+    fn allow_at(&self, now: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.last.load(Relaxed);
+        let due = last == 0 || now >= last.saturating_add(self.interval_ms);
+        if due
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Relaxed);
+            None
+        }
+    }
 }
 
 impl BusStats {
@@ -315,6 +368,17 @@ mod tests {
         assert_eq!((t.user.as_deref(), t.password), (Some("tok"), None));
         let n = split_url_auth("h1:4222");
         assert_eq!((n.url.as_str(), n.user), ("h1:4222", None));
+    }
+
+    #[test]
+    fn the_log_throttle_lets_one_line_through_per_interval() {
+        let t = LogThrottle::new(Duration::from_millis(1000));
+        assert_eq!(t.allow_at(1), Some(0));
+        for _ in 0..1858 {
+            assert_eq!(t.allow_at(500), None);
+        }
+        assert_eq!(t.allow_at(1001), Some(1858));
+        assert_eq!(t.allow_at(1002), None);
     }
 
     #[test]

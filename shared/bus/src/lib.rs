@@ -18,7 +18,7 @@ pub mod trace;
 pub mod typed;
 
 pub use args::BusArgs;
-pub use async_nats::{Client, Message, Subscriber};
+pub use async_nats::{self, Client, Message, Subscriber};
 pub use connect::{BusAuth, BusConfig, BusStats, ConnectFailure, connect, connect_with};
 pub use trace::{extract_context, follow, inject_context};
 pub use typed::{Bus, BusError};

@@ -138,14 +138,18 @@ impl Bus {
             .map_err(|e| BusError::Publish(e.to_string()))
     }
 
-    /// Decodes a received message; a message that does not decode is logged,
-    /// counted under `kind` and dropped (None).
+    /// Decodes a received message; a message that does not decode is
+    /// counted under `kind`, logged (at most once a second, with the number
+    /// not logged since) and dropped (None).
     pub fn decode<T: DeserializeOwned>(&self, msg: &Message, kind: &str) -> Option<T> {
         match tether_protocol::decode(&msg.payload) {
             Ok(v) => Some(v),
             Err(err) => {
                 self.stats.count_decode_error(kind);
-                tracing::warn!(subject = %msg.subject, %err, "dropping undecodable message");
+                // Rate-limited: a flood of garbage must not flood the log.
+                if let Some(suppressed) = self.stats.decode_log.allow() {
+                    tracing::warn!(subject = %msg.subject, %err, suppressed, "dropping undecodable message");
+                }
                 None
             }
         }

@@ -17,11 +17,15 @@ use std::sync::{
 
 use crate::Shutdown;
 
+/// A condition readiness also needs (e.g. "the bus is connected").
+pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// What the admin routes read.
 #[derive(Clone)]
 pub struct AdminState {
     pub registry: Arc<Registry>,
     pub ready: Arc<AtomicBool>,
+    checks: Arc<std::sync::RwLock<Vec<ReadyCheck>>>,
 }
 
 impl AdminState {
@@ -29,6 +33,14 @@ impl AdminState {
         Self {
             registry: Arc::new(registry),
             ready: Arc::new(AtomicBool::new(false)),
+            checks: Arc::default(),
+        }
+    }
+
+    /// Adds a condition: the service is ready only while `check` holds too.
+    pub fn require(&self, check: impl Fn() -> bool + Send + Sync + 'static) {
+        if let Ok(mut checks) = self.checks.write() {
+            checks.push(Arc::new(check));
         }
     }
 
@@ -38,6 +50,11 @@ impl AdminState {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+            && self
+                .checks
+                .read()
+                .map(|checks| checks.iter().all(|c| c()))
+                .unwrap_or(false)
     }
 
     /// The registry in Prometheus text format.
