@@ -190,6 +190,157 @@ async fn spans_reach_an_otlp_collector_as_one_tree() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every service's `/metrics`, scraped from the real binaries after one
+/// call: the whole text parses as Prometheus text (the shared parser,
+/// strictly), every metric that `docs/observability.md` documents for the
+/// service is there with the documented type, labels come from a bounded set,
+/// and no label value carries the session key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_exposes_its_documented_metrics() -> anyhow::Result<()> {
+    use tether_fleet::prom;
+    let stack = wire::Stack::start(&[]).await?;
+    const KEY: &str = "metrics-raw-session-key-51c2";
+    let r = stack.chat(KEY, "count me").await?;
+    anyhow::ensure!(r.status == 200, "chat failed: {} {}", r.status, r.text());
+
+    let doc = std::fs::read_to_string(
+        tether_universe::tether_testkit::workspace_root().join("docs/observability.md"),
+    )?;
+    // Rows of the metrics table: | `name` | type | service | labels | meaning |
+    struct Doc {
+        name: String,
+        kind: String,
+        services: Vec<String>,
+        labelled: bool,
+    }
+    let documented: Vec<Doc> = doc
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+            name.starts_with("tether_").then(|| Doc {
+                name: name.to_owned(),
+                kind: cells.get(2).copied().unwrap_or_default().to_owned(),
+                services: cells
+                    .get(3)
+                    .copied()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|s| s.trim().to_owned())
+                    .collect(),
+                labelled: !cells.get(4).copied().unwrap_or_default().is_empty(),
+            })
+        })
+        .collect();
+    anyhow::ensure!(
+        documented.len() >= 30,
+        "metrics table not found in docs/observability.md"
+    );
+    const SERVICES: &[&str] = &["ingress", "scheduler", "session-state", "engine-sim", "all"];
+    for d in &documented {
+        for s in &d.services {
+            assert!(
+                SERVICES.contains(&s.as_str()),
+                "{}: unknown service {s:?}",
+                d.name
+            );
+        }
+    }
+
+    let mut targets = vec![("ingress", format!("http://{}/metrics", stack.ingress))];
+    for (name, admin) in &stack.admins {
+        let short = name.trim_start_matches("tether-");
+        targets.push((short, format!("http://{admin}/metrics")));
+    }
+    targets.push((
+        "engine-sim",
+        format!("http://{}/metrics", stack.engines_at[0]),
+    ));
+    // Label names a Tether metric may carry: each takes a bounded set of values.
+    const LABELS: &[&str] = &[
+        "engine",
+        "outcome",
+        "reason",
+        "binding",
+        "affinity",
+        "prefix",
+        "kind",
+        "source",
+        "le",
+        "shard",
+        "model_name",
+        "priority",
+        "engine_kind",
+    ];
+    for (service, url) in &targets {
+        let text = tether_testkit_get(&stack, url).await?;
+        let samples = prom::parse(&text).map_err(|e| anyhow::anyhow!("{service}: {e}"))?;
+        let types: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.strip_prefix("# TYPE ")?.split_whitespace();
+                Some((w.next()?.to_owned(), w.next()?.to_owned()))
+            })
+            .collect();
+        for d in &documented {
+            let here = d
+                .services
+                .iter()
+                .any(|s| s == service || (s == "all" && *service != "engine-sim"));
+            if !here {
+                continue;
+            }
+            let found = types.iter().find(|(n, _)| *n == d.name);
+            // A labelled metric appears once its first label set is counted.
+            if found.is_none() && d.labelled {
+                continue;
+            }
+            assert_eq!(
+                found.map(|(_, k)| k.as_str()),
+                Some(d.kind.as_str()),
+                "{service}: {} ({}) documented but not exposed; exposed: {types:?}",
+                d.name,
+                d.kind
+            );
+        }
+        for s in samples.iter().filter(|s| s.name.starts_with("tether_")) {
+            for (k, v) in &s.labels {
+                assert!(
+                    LABELS.contains(&k.as_str()),
+                    "{service}: {s} has an unbounded label {k}"
+                );
+                assert!(!v.contains(KEY), "{service}: {s} carries the session key");
+            }
+        }
+    }
+    // The call shows up where it should, labelled as documented.
+    let ingress = tether_testkit_get(&stack, &targets[0].1).await?;
+    assert_eq!(
+        prom::sum(&ingress, "tether_ingress_calls", &[("outcome", "ok")]),
+        1.0
+    );
+    assert_eq!(
+        prom::sum(&ingress, "tether_ingress_route_seconds_count", &[]),
+        1.0
+    );
+    let decisions: Vec<_> = prom::samples(&ingress)
+        .filter(|s| prom::is_named(&s.name, "tether_ingress_route_decisions"))
+        .collect();
+    assert!(
+        decisions.iter().all(|s| s.label("reason").is_some()),
+        "{decisions:?}"
+    );
+    assert_eq!(decisions.iter().map(|s| s.value).sum::<f64>(), 1.0);
+    stack.stop();
+    Ok(())
+}
+
+async fn tether_testkit_get(stack: &wire::Stack, url: &str) -> anyhow::Result<String> {
+    let r = tether_universe::tether_testkit::http::get(&stack.http, url).await?;
+    anyhow::ensure!(r.status == 200, "{url}: {}", r.status);
+    Ok(r.text())
+}
+
 /// An in-test OTLP/gRPC collector and the real service binaries around it.
 mod wire {
     use anyhow::Context;
@@ -406,7 +557,10 @@ mod wire {
         children: Vec<(String, Child)>,
         dir: PathBuf,
         pub ingress: SocketAddr,
-        http: HttpClient,
+        /// Admin endpoints (`/metrics`) of session-state and the scheduler.
+        pub admins: Vec<(&'static str, String)>,
+        pub engines_at: Vec<SocketAddr>,
+        pub http: HttpClient,
     }
 
     /// The service binaries sit beside this test's own directory
@@ -431,10 +585,12 @@ mod wire {
             let nats = NatsServer::start()?;
             let engines = Shutdown::new();
             let mut fleet = String::new();
+            let mut engines_at = Vec::new();
             for i in 0..2 {
                 let name = format!("sim-{i}");
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
                 let addr = listener.local_addr()?;
+                engines_at.push(addr);
                 let cfg = tether_engine_sim::SimConfig::named(&name);
                 let stop = engines.child_token();
                 tokio::spawn(async move {
@@ -464,6 +620,11 @@ mod wire {
                 children: Vec::new(),
                 dir,
                 ingress,
+                admins: vec![
+                    ("tether-session-state", state_admin.clone()),
+                    ("tether-scheduler", sched_admin.clone()),
+                ],
+                engines_at,
                 http: http::client(),
             };
             let common = [

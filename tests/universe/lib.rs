@@ -350,22 +350,20 @@ impl Drop for Universe {
 }
 
 /// Sums the samples of `name` whose label set contains `labels`
-/// (e.g. `reason="timeout"`; empty matches all). Counters may carry a `_total` suffix.
+/// (e.g. `reason="timeout"`, comma-separated pairs; empty matches all).
+/// Counters may carry a `_total` suffix. Read by the shared parser.
 pub fn metric_sum(text: &str, name: &str, labels: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let base = series.split('{').next()?;
-            if base != name && base != format!("{name}_total") {
-                return None;
-            }
-            if !labels.is_empty() && !series.contains(labels) {
-                return None;
-            }
-            value.parse::<f64>().ok()
-        })
-        .sum()
+    let want = if labels.is_empty() {
+        Vec::new()
+    } else {
+        match tether_fleet::prom::parse(&format!("x{{{labels}}} 0")) {
+            Ok(mut s) => s.pop().map(|s| s.labels).unwrap_or_default(),
+            // A filter that is no label set matches nothing.
+            Err(_) => return 0.0,
+        }
+    };
+    let want: Vec<(&str, &str)> = want.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    tether_fleet::prom::sum(text, name, &want)
 }
 
 /// Parsing service configs from argument lists (clap, kept out of the tests' sight).

@@ -5,11 +5,13 @@
 //! - [`client`] — the pooled HTTP/1.1 client to engines (`TCP_NODELAY`, keep-alive).
 //! - [`health`] — active health probing, shared as lock-free flags.
 //! - [`scrape`] — the engines' own load from their Prometheus metrics.
+//! - [`prom`]   — the Prometheus text-format parser every crate and test shares.
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod config;
 pub mod health;
+pub mod prom;
 pub mod scrape;
 
 pub use client::{EngineClient, engine_client};

@@ -6,7 +6,7 @@
 //! - SGLang: `sglang:num_running_reqs`, `sglang:num_queue_reqs`, `sglang:token_usage`.
 //!
 //! Samples of one name are summed over their label sets (a server with
-//! several models or ranks). A scrape that fails counts as a failed health
+//! several models or ranks); the text is read by [`crate::prom`]. A scrape that fails counts as a failed health
 //! probe (see [`crate::health`]); the last good sample is kept.
 
 use bytes::Bytes;
@@ -44,17 +44,8 @@ pub fn parse(text: &str, kind: EngineKind) -> Option<EngineSample> {
     };
     let mut s = EngineSample::default();
     let mut found = false;
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let Some((series, value)) = line.trim().rsplit_once(' ') else {
-            continue;
-        };
-        let name = series.split('{').next().unwrap_or_default();
-        let Ok(v) = value.parse::<f64>() else {
-            continue;
-        };
+    for sample in crate::prom::samples(text) {
+        let (name, v) = (sample.name.as_str(), sample.value);
         if !v.is_finite() {
             continue;
         }
@@ -209,5 +200,19 @@ mod tests {
             })
         );
         assert_eq!(parse("other 1\n", EngineKind::Vllm), None);
+    }
+
+    #[test]
+    fn samples_with_timestamps_read_their_values() {
+        let v = "vllm:num_requests_running{model_name=\"m\"} 3 1712345678901\n\
+                 vllm:num_requests_waiting 2 1712345678901\n";
+        assert_eq!(
+            parse(v, EngineKind::Vllm),
+            Some(EngineSample {
+                running: 3.0,
+                waiting: 2.0,
+                kv_usage: 0.0
+            })
+        );
     }
 }

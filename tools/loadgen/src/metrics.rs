@@ -14,40 +14,10 @@ pub const QUERIES: &str = "vllm:prefix_cache_queries";
 
 /// Sums a counter over its label sets in Prometheus text. Samples named
 /// `name` or `name_total` count (not `name_created`); an optional timestamp
-/// after the value is ignored.
+/// after the value is ignored. The text is read by the shared parser
+/// ([`tether_fleet::prom`]).
 pub fn counter(text: &str, name: &str) -> f64 {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, rest) = split_series(l)?;
-            (series == name || series.strip_suffix("_total") == Some(name))
-                .then(|| rest.split_whitespace().next()?.parse::<f64>().ok())?
-        })
-        .filter(|v| v.is_finite())
-        .sum()
-}
-
-/// (metric name, text after the name and labels).
-fn split_series(line: &str) -> Option<(&str, &str)> {
-    let name_end = line.find(|c: char| c == '{' || c.is_whitespace())?;
-    let (name, rest) = line.split_at(name_end);
-    if !rest.starts_with('{') {
-        return Some((name, rest));
-    }
-    // Skip the labels; `}` may appear inside quoted values.
-    let mut quoted = false;
-    let mut escaped = false;
-    for (i, c) in rest.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            '}' if !quoted => return Some((name, &rest[i + 1..])),
-            _ => {}
-        }
-    }
-    None
+    tether_fleet::prom::sum(text, name, &[])
 }
 
 /// One engine's (hits, queries) now, or `None` if it could not be read.
