@@ -7,7 +7,8 @@
 #              workspace.
 #   compose    deploy/compose/docker-compose.yml validates against the Compose
 #              specification's JSON schema vendored in deploy/compose/schema/
-#              (check-jsonschema, installed into .tools/venv when missing).
+#              (check-jsonschema, installed into .tools/venv when missing);
+#              the Grafana dashboard queries only documented metrics.
 #   k8s        every kustomize overlay under deploy/k8s/overlays renders
 #              (`kubectl kustomize`) and validates strictly and offline against
 #              Kubernetes $K8S_VERSION (kubernetes-validate).
@@ -86,6 +87,26 @@ if missing:
     sys.exit("compose mounts files that do not exist: " + ", ".join(missing))
 PY
   echo "compose: valid against the vendored Compose specification schema"
+  # The dashboard: valid JSON, and every Tether metric it queries is one that
+  # docs/observability.md documents (and tests/tracing.rs checks is exposed).
+  python3 - <<'PY'
+import json, re, sys
+dash = json.load(open("deploy/grafana/tether.json"))
+documented = set(re.findall(r"^\| `(tether_[a-z0-9_]+)` \|", open("docs/observability.md").read(), re.M))
+queried = set()
+for panel in dash["panels"]:
+    for target in panel.get("targets", []):
+        queried |= set(re.findall(r"tether_[a-z0-9_]+", target["expr"]))
+def base(name):
+    for suffix in ("_total", "_bucket", "_count", "_sum"):
+        if name.endswith(suffix) and name[: -len(suffix)] in documented:
+            return name[: -len(suffix)]
+    return name
+missing = sorted(n for n in queried if base(n) not in documented)
+if missing:
+    sys.exit("the dashboard queries metrics docs/observability.md does not document: " + ", ".join(missing))
+print(f"dashboard: {len(dash['panels'])} panels, {len(queried)} Tether series, all documented")
+PY
 }
 
 find_kubectl() {
