@@ -47,10 +47,24 @@ async fn engine_with_events(
     format: KvEventsFormat,
     stop: &Shutdown,
 ) -> anyhow::Result<(String, String, String)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
     let events = format!("tcp://127.0.0.1:{}", free_port()?);
     let replay = format!("tcp://127.0.0.1:{}", free_port()?);
+    engine_at("127.0.0.1:0", &events, &replay, name, blocks, format, stop).await
+}
+
+/// Starts an engine-sim on the given HTTP address and event endpoints.
+async fn engine_at(
+    http_addr: &str,
+    events: &str,
+    replay: &str,
+    name: &str,
+    blocks: usize,
+    format: KvEventsFormat,
+    stop: &Shutdown,
+) -> anyhow::Result<(String, String, String)> {
+    let (events, replay) = (events.to_owned(), replay.to_owned());
+    let listener = tokio::net::TcpListener::bind(http_addr).await?;
+    let addr = listener.local_addr()?;
     let mut cfg = SimConfig::named(name);
     cfg.kv_cache_tokens = blocks * cfg.block_size;
     cfg.kv_events_endpoint = Some(events.replace("127.0.0.1", "*"));
@@ -163,4 +177,218 @@ async fn decoded_by_msgspec(format: KvEventsFormat) -> anyhow::Result<()> {
 async fn engine_sim_events_decode_with_vllms_msgspec_classes() -> anyhow::Result<()> {
     decoded_by_msgspec(KvEventsFormat::Array).await?;
     decoded_by_msgspec(KvEventsFormat::Map).await
+}
+
+/// The scheduler's metric `name` (summed over labels containing `labels`).
+fn metric(admin: &tether_telemetry::AdminState, name: &str, labels: &str) -> f64 {
+    tether_universe::metric_sum(&admin.render_metrics(), name, labels)
+}
+
+/// Waits (bounded) until `cond` holds.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    for _ in 0..1500 {
+        if cond() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    anyhow::bail!("timed out waiting until {what}")
+}
+
+async fn route(
+    bus: &tether_bus::Bus,
+    call_id: u64,
+    blocks: &[u64],
+) -> anyhow::Result<tether_protocol::RouteDecision> {
+    let req = tether_protocol::RouteRequest {
+        call_id,
+        session_hash: call_id,
+        model: "tether-sim".into(),
+        prompt_tokens: 128,
+        block_hashes: blocks.to_vec(),
+        candidates: vec![],
+        program: false,
+    };
+    match bus
+        .request::<_, tether_protocol::RouteReply>(
+            bus.subjects.route(),
+            &req,
+            Duration::from_secs(5),
+        )
+        .await?
+    {
+        tether_protocol::RouteReply::Decision(d) => Ok(d),
+        other => anyhow::bail!("no decision: {other:?}"),
+    }
+}
+
+/// engine-sim → ZMQ → tether-kv-events → NATS → the scheduler's exact index
+/// → placement: a prompt cached on an engine is routed there; after the
+/// engine drops its cache (`AllBlocksCleared`) or restarts, no call is routed
+/// on the stale entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_follows_the_engines_events_through_clears_and_restarts() -> anyhow::Result<()> {
+    use tether_fleet::{EngineConfig, EngineKind, FleetConfig};
+    use tether_protocol::RouteReason;
+    let nats = tether_testkit::NatsServer::start()?;
+    let root = Shutdown::new();
+    let stop_a = root.child_token();
+    let stop_b = root.child_token();
+    let (url_a, ev_a, rp_a) =
+        engine_with_events("sim-a", 64, KvEventsFormat::Array, &stop_a).await?;
+    let (url_b, ev_b, rp_b) = engine_with_events("sim-b", 64, KvEventsFormat::Map, &stop_b).await?;
+    let engine = |name: &str, url: &str, ev: &str, rp: &str| EngineConfig {
+        name: name.into(),
+        url: url.into(),
+        models: vec!["tether-sim".into()],
+        kind: EngineKind::Vllm,
+        priority: false,
+        max_concurrency: 256,
+        cache_tokens: 1024,
+        kv_events: Some(ev.into()),
+        kv_replay: Some(rp.into()),
+    };
+    let fleet = std::sync::Arc::new(FleetConfig {
+        engines: vec![
+            engine("sim-a", &url_a, &ev_a, &rp_a),
+            engine("sim-b", &url_b, &ev_b, &rp_b),
+        ],
+    });
+    let nats_url = nats.url();
+    let base = [
+        "x",
+        "--nats-url",
+        &nats_url,
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+    ];
+    let relay = tether_kv_events::start_with_fleet(
+        <tether_kv_events::Config as clap::Parser>::try_parse_from(base)?,
+        fleet.clone(),
+        root.child_token(),
+    )
+    .await?;
+    let mut sched_args = base.to_vec();
+    sched_args.extend(["--prefix-source", "exact", "--strategy", "cache-aware"]);
+    let sched = tether_scheduler::start_with_fleet(
+        <tether_scheduler::Config as clap::Parser>::try_parse_from(sched_args)?,
+        fleet.clone(),
+        root.child_token(),
+    )
+    .await?;
+    let bus = tether_bus::Bus::connect(
+        &tether_bus::BusConfig {
+            url: nats_url.clone(),
+            name: "test".into(),
+        },
+        tether_protocol::Subjects::default(),
+    )
+    .await?;
+    until("the relay follows both engines", || relay.admin.is_ready()).await?;
+    assert_eq!(
+        metric(
+            &sched.admin,
+            "tether_scheduler_prefix_source",
+            "source=\"exact\""
+        ),
+        1.0
+    );
+
+    // 128 words: 8 blocks, cached on sim-a only.
+    let client = http::client();
+    let prompt = words(0, 128);
+    let blocks = block_hashes(&tokenize(&prompt), 16);
+    complete(&client, &url_a, &prompt).await?;
+    until("the index holds sim-a's blocks", || {
+        metric(&sched.admin, "tether_scheduler_kv_index_blocks", "") >= 8.0
+    })
+    .await?;
+    let d = route(&bus, 1, &blocks).await?;
+    assert_eq!(
+        (d.engine.as_str(), d.reason),
+        ("sim-a", RouteReason::PrefixMatch)
+    );
+
+    // sim-a drops its cache: the index follows, and nothing goes there for it.
+    let reset = http::post_json(
+        &client,
+        &format!("{url_a}/reset_prefix_cache"),
+        &[],
+        &serde_json::json!({}),
+    )
+    .await?;
+    assert_eq!(reset.status, 200, "{}", reset.text());
+    until("the index forgets sim-a's blocks", || {
+        metric(&sched.admin, "tether_scheduler_kv_index_blocks", "") == 0.0
+    })
+    .await?;
+    let d = route(&bus, 2, &blocks).await?;
+    assert_ne!(
+        d.reason,
+        RouteReason::PrefixMatch,
+        "routed on a cleared cache: {d:?}"
+    );
+
+    // Now cached on sim-b, which then restarts (same address, empty cache).
+    complete(&client, &url_b, &prompt).await?;
+    until("the index holds sim-b's blocks", || {
+        metric(
+            &sched.admin,
+            "tether_scheduler_kv_batches_total",
+            "outcome=\"ok\"",
+        ) >= 3.0
+            && metric(&sched.admin, "tether_scheduler_kv_index_blocks", "") >= 8.0
+    })
+    .await?;
+    let d = route(&bus, 3, &blocks).await?;
+    assert_eq!(
+        (d.engine.as_str(), d.reason),
+        ("sim-b", RouteReason::PrefixMatch)
+    );
+    stop_b.cancel();
+    until("the relay sees sim-b go", || !relay.admin.is_ready()).await?;
+    let stop_b2 = root.child_token();
+    let http_b = url_b.trim_start_matches("http://").to_owned();
+    let mut restarted = false;
+    for _ in 0..200 {
+        // The old sockets may take a moment to release their ports.
+        if engine_at(
+            &http_b,
+            &ev_b.replace("127.0.0.1", "*"),
+            &rp_b,
+            "sim-b",
+            64,
+            KvEventsFormat::Map,
+            &stop_b2,
+        )
+        .await
+        .is_ok()
+        {
+            restarted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::ensure!(restarted, "sim-b did not restart");
+    until("the index forgets the restarted sim-b's blocks", || {
+        metric(&sched.admin, "tether_scheduler_kv_index_blocks", "") == 0.0
+    })
+    .await?;
+    assert!(
+        metric(
+            &relay.admin,
+            "tether_kv_events_resets_total",
+            "reason=\"disconnect\""
+        ) >= 1.0
+    );
+    let d = route(&bus, 4, &blocks).await?;
+    assert_ne!(
+        d.reason,
+        RouteReason::PrefixMatch,
+        "routed on a restarted engine's old cache: {d:?}"
+    );
+    root.cancel();
+    Ok(())
 }

@@ -39,7 +39,8 @@ pub struct Stream {
     pub replay: Option<String>,
 }
 
-/// Counts connected streams; the service is ready when all are.
+/// Counts connected streams; the service is ready when all are (and NATS
+/// is connected).
 #[derive(Clone)]
 pub struct Readiness {
     pub admin: AdminState,
@@ -49,12 +50,18 @@ pub struct Readiness {
 
 impl Readiness {
     fn change(&self, up: bool, bus: &Bus) {
-        let n = if up {
-            self.connected.fetch_add(1, Ordering::SeqCst) + 1
+        if up {
+            self.connected.fetch_add(1, Ordering::SeqCst);
         } else {
-            self.connected.fetch_sub(1, Ordering::SeqCst) - 1
-        };
-        self.admin.set_ready(n == self.total && bus.is_connected());
+            self.connected.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.refresh(bus);
+    }
+
+    /// Sets `/ready` from the streams and the bus.
+    pub fn refresh(&self, bus: &Bus) {
+        let all = self.connected.load(Ordering::SeqCst) == self.total;
+        self.admin.set_ready(all && bus.is_connected());
     }
 }
 

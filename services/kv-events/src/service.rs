@@ -66,6 +66,17 @@ pub async fn start_with_fleet(
     };
     let timeout = Duration::from_millis(config.replay_timeout_ms.max(1));
     let mut tasks = Vec::new();
+    // NATS connects in the background and may drop: re-check now and then.
+    let (r, b, stop) = (ready.clone(), bus.clone(), shutdown.clone());
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => r.refresh(&b),
+            }
+        }
+    }));
     for s in streams {
         let relay = Relay::new(s, bus.clone(), metrics.clone(), timeout);
         tasks.push(tokio::spawn(relay.run(ready.clone(), shutdown.clone())));

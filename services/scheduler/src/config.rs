@@ -46,6 +46,20 @@ pub struct Config {
     /// Prompt blocks held by the prefix index (LRU).
     #[arg(long, env = "TETHER_PREFIX_INDEX_BLOCKS", default_value_t = 1_000_000)]
     pub prefix_index_blocks: usize,
+    /// Which prefix index places calls: `exact` (the engines' own KV cache
+    /// events, `<p>.kv.<engine>`, for the engines whose events flow; the
+    /// approximate index for the rest) or `approximate` (blocks placed,
+    /// never what engines evicted). `exact` needs route requests to carry
+    /// the engines' own block hashes.
+    #[arg(long, env = "TETHER_PREFIX_SOURCE", default_value = "approximate", value_parser = ["approximate", "exact"])]
+    pub prefix_source: String,
+    /// Blocks held by the exact index (41–82 bytes each).
+    #[arg(long, env = "TETHER_KV_INDEX_BLOCKS", default_value_t = 1_000_000)]
+    pub kv_index_blocks: usize,
+    /// How long a block predicted on route counts before its engine reports
+    /// it stored, ms.
+    #[arg(long, env = "TETHER_KV_PROVISIONAL_MS", default_value_t = 2000)]
+    pub kv_provisional_ms: u64,
     /// Session records per snapshot page when resynchronising.
     #[arg(long, env = "TETHER_SNAPSHOT_PAGE", default_value_t = 5000)]
     pub snapshot_page: u32,

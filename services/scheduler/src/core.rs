@@ -6,7 +6,7 @@
 use futures::StreamExt;
 use std::time::Duration;
 use tether_bus::{Bus, Subscriber};
-use tether_protocol::{RequestEvent, RouteReply, RouteRequest, StateDelta, now_ms};
+use tether_protocol::{KvEventBatch, RequestEvent, RouteReply, RouteRequest, StateDelta, now_ms};
 use tether_telemetry::{AdminState, Shutdown};
 use tokio::sync::mpsc;
 
@@ -19,6 +19,8 @@ pub struct Subscriptions {
     pub route: Subscriber,
     pub state: Subscriber,
     pub events: Subscriber,
+    /// `<p>.kv.*`, when the exact index is on.
+    pub kv: Option<Subscriber>,
 }
 
 pub struct Core {
@@ -72,6 +74,12 @@ impl Core {
                         self.decider.observe_event(&e);
                     }
                 }
+                Some(msg) = async {
+                    match subs.kv.as_mut() {
+                        Some(s) => s.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.kv_batch(msg),
                 Some(msg) = resync_rx.recv() => self.resync_msg(msg),
                 _ = tick.tick() => self.housekeeping(&resync_tx),
                 else => break,
@@ -153,6 +161,29 @@ impl Core {
         }
     }
 
+    /// Applies an engine's KV events to the exact index.
+    fn kv_batch(&mut self, msg: tether_bus::Message) {
+        let Some(b) = self.bus.decode::<KvEventBatch>(&msg, "kv") else {
+            return;
+        };
+        let outcome = match self.decider.engine_index(&b.engine) {
+            Some(i) => self.decider.kv.apply(i, &b),
+            None => crate::kv_index::Applied::UnknownEngine,
+        };
+        let outcome = match outcome {
+            crate::kv_index::Applied::Ok => "ok",
+            crate::kv_index::Applied::Resynced => "resynced",
+            crate::kv_index::Applied::UnknownEngine => "unknown",
+        };
+        self.metrics
+            .kv_batches
+            .get_or_create(&label("outcome", outcome))
+            .inc();
+        self.metrics
+            .kv_blocks
+            .set(i64::try_from(self.decider.kv.len()).unwrap_or(i64::MAX));
+    }
+
     fn start_resync(&mut self, shard: u16, tx: &mpsc::Sender<ResyncMsg>) {
         let Some(busy) = self.resyncing.get_mut(usize::from(shard)) else {
             return;
@@ -193,6 +224,16 @@ impl Core {
         let cutoff = now_ms()
             .saturating_sub(u64::try_from(self.call_timeout.as_millis()).unwrap_or(u64::MAX));
         let expired = self.decider.loads.expire(cutoff);
+        self.decider.kv.expire(now_ms());
+        self.metrics
+            .kv_blocks
+            .set(i64::try_from(self.decider.kv.len()).unwrap_or(i64::MAX));
+        let flowing = (0..self.decider.fleet.engines.len())
+            .filter(|i| self.decider.kv.active(*i))
+            .count();
+        self.metrics
+            .kv_engines
+            .set(i64::try_from(flowing).unwrap_or(i64::MAX));
         self.metrics.expired_calls.inc_by(expired as u64);
         let unsynced: Vec<u16> = self.decider.replica.unsynced().collect();
         for shard in unsynced {

@@ -17,6 +17,7 @@ use tether_protocol::{
     stable_hash,
 };
 
+use crate::kv_index::KvIndex;
 use crate::load::EngineLoads;
 use crate::prefix::PrefixIndex;
 use crate::replica::{DeltaOutcome, Replica};
@@ -78,6 +79,9 @@ pub struct Decider {
     pub replica: Replica,
     pub loads: EngineLoads,
     pub prefix: PrefixIndex,
+    /// The exact index (engines' KV events); empty and inert unless the
+    /// service enables it (`--prefix-source exact`).
+    pub kv: KvIndex,
     pub knobs: PolicyKnobs,
     /// KV tokens each engine has written (prefilled + generated), from events.
     written: Vec<f64>,
@@ -135,6 +139,7 @@ impl Decider {
         Self {
             loads: EngineLoads::new(n),
             prefix: PrefixIndex::new(knobs.prefix_blocks),
+            kv: KvIndex::new(0, 0, 0),
             written: vec![0.0; n],
             fleet,
             health,
@@ -208,7 +213,15 @@ impl Decider {
         } else {
             self.prefix
                 .match_ratios(&req.block_hashes, self.scratch.len(), &mut self.ratios);
+            self.kv.overlay(&req.block_hashes, now_ms, &mut self.ratios);
         }
+        // Where events flow, the index's answer replaces the freshness estimate.
+        let affinity = affinity.map(|mut a| {
+            if self.kv.active(a.engine) {
+                a.freshness = self.ratios.get(a.engine).copied().unwrap_or(0.0);
+            }
+            a
+        });
         self.turn = self.turn.wrapping_add(1);
         let inputs = Inputs {
             engines: &self.scratch,
@@ -249,6 +262,7 @@ impl Decider {
             u32::try_from(now_ms / 1000).unwrap_or(u32::MAX),
         );
         self.prefix.insert(&req.block_hashes, p.engine);
+        self.kv.predict(&req.block_hashes, p.engine, now_ms);
         if self.knobs.policy.strategy == Strategy::Tether && !req.block_hashes.is_empty() {
             if self.pending.len() >= PENDING_CAP {
                 self.pending.clear();
@@ -311,6 +325,7 @@ impl Decider {
                     && decided != engine
                 {
                     self.prefix.insert(&blocks, engine);
+                    self.kv.predict(&blocks, engine, e.at_ms);
                 }
             }
             EventKind::Finished(f) => {

@@ -7,6 +7,8 @@
 //!   per-shard sequence tracking and gap detection.
 //! - [`load`]    — calls in flight per engine, from decisions and request events.
 //! - [`prefix`]  — the approximate index of prompt blocks recently placed per engine.
+//! - [`kv_index`] — the exact index of the blocks engines hold, from their
+//!   KV cache events (`<p>.kv.<engine>`), with predict-on-route.
 //! - [`resync`]  — fetching a shard's snapshot, page by page, off the actor.
 //! - [`decider`] — the pure decider: feeds the policy from replica, load and
 //!   prefix index; no I/O.
@@ -19,6 +21,7 @@
 pub mod config;
 pub mod core;
 pub mod decider;
+pub mod kv_index;
 pub mod load;
 pub mod metrics;
 pub mod prefix;

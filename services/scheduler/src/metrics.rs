@@ -23,10 +23,40 @@ pub struct Metrics {
     /// available: `prefix` = `best`, `shorter` (a longer match elsewhere,
     /// e.g. for load), or `none` (no engine held any of the prompt).
     pub prefix: Family<Labels, Counter>,
+    /// KV event batches applied to the exact index, by `outcome`: `ok`,
+    /// `resynced` (a gap or new epoch purged the engine first), `unknown`
+    /// (an engine not in the fleet).
+    pub kv_batches: Family<Labels, Counter>,
+    /// Blocks in the exact index.
+    pub kv_blocks: Gauge,
+    /// Engines whose KV events flow (the exact index answers for them).
+    pub kv_engines: Gauge,
+    /// 1 for the prefix index placing calls, by `source`: `exact` or `approximate`.
+    pub prefix_source: Family<Labels, Gauge>,
 }
 
 impl Metrics {
     pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "tether_scheduler_kv_batches",
+            "KV event batches applied to the exact index, by outcome",
+            self.kv_batches.clone(),
+        );
+        r.register(
+            "tether_scheduler_kv_index_blocks",
+            "Blocks in the exact prefix index",
+            self.kv_blocks.clone(),
+        );
+        r.register(
+            "tether_scheduler_kv_index_engines",
+            "Engines whose KV cache events flow",
+            self.kv_engines.clone(),
+        );
+        r.register(
+            "tether_scheduler_prefix_source",
+            "The prefix index placing calls (1), by source: exact or approximate",
+            self.prefix_source.clone(),
+        );
         r.register(
             "tether_scheduler_decisions",
             "Route decisions, by reason",

@@ -73,8 +73,25 @@ pub async fn start_with_fleet(
             .await?,
         state: bus.subscribe(bus.subjects.state_all()).await?,
         events: bus.subscribe(bus.subjects.events_all()).await?,
+        kv: if config.prefix_source == "exact" {
+            Some(bus.subscribe(bus.subjects.kv_all()).await?)
+        } else {
+            None
+        },
     };
-    let decider = Decider::new(fleet, health, reported, config.bus.shards, config.knobs());
+    metrics
+        .prefix_source
+        .get_or_create(&crate::metrics::label("source", &config.prefix_source))
+        .set(1);
+    let engines = fleet.engines.len();
+    let mut decider = Decider::new(fleet, health, reported, config.bus.shards, config.knobs());
+    if config.prefix_source == "exact" {
+        decider.kv = crate::kv_index::KvIndex::new(
+            engines,
+            config.kv_index_blocks,
+            config.kv_provisional_ms,
+        );
+    }
     let core = Core::new(
         decider,
         bus,
