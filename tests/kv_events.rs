@@ -392,3 +392,138 @@ async fn placement_follows_the_engines_events_through_clears_and_restarts() -> a
     root.cancel();
     Ok(())
 }
+
+/// What an engine-sim holds now (its `/kv_cache/blocks`).
+async fn engine_blocks(
+    client: &http::HttpClient,
+    url: &str,
+) -> anyhow::Result<std::collections::HashSet<u64>> {
+    let r = http::get(client, &format!("{url}/kv_cache/blocks")).await?;
+    Ok(r.json()["blocks"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
+        .unwrap_or_default())
+}
+
+/// The share of `prompts` whose leading run of cached blocks the index
+/// gives exactly as the engine holds it.
+fn agreement(
+    index: &tether_scheduler::kv_index::KvIndex,
+    held: &std::collections::HashSet<u64>,
+    prompts: &[Vec<u64>],
+) -> f64 {
+    let same = prompts
+        .iter()
+        .filter(|p| {
+            let engine = p.iter().take_while(|h| held.contains(h)).count();
+            let index = p.iter().take_while(|h| index.holds(0, **h)).count();
+            engine == index
+        })
+        .count();
+    same as f64 / prompts.len().max(1) as f64
+}
+
+/// The exact index, fed through the relay and NATS, agrees with what the
+/// engine holds: under a workload that evicts most blocks, on every lookup
+/// once the events are in (and, measured and printed, while they flow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exact_index_agrees_with_the_engines_cache() -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use std::sync::{Arc, Mutex};
+    use tether_fleet::{EngineConfig, EngineKind, FleetConfig};
+    use tether_scheduler::kv_index::KvIndex;
+    let nats = tether_testkit::NatsServer::start()?;
+    let root = Shutdown::new();
+    let (url, ev, rp) = engine_with_events("sim-x", 48, KvEventsFormat::Array, &root).await?;
+    let fleet = Arc::new(FleetConfig {
+        engines: vec![EngineConfig {
+            name: "sim-x".into(),
+            url: url.clone(),
+            models: vec!["tether-sim".into()],
+            kind: EngineKind::Vllm,
+            priority: false,
+            max_concurrency: 256,
+            cache_tokens: 768,
+            kv_events: Some(ev),
+            kv_replay: Some(rp),
+        }],
+    });
+    let nats_url = nats.url();
+    let bus = tether_bus::Bus::connect(
+        &tether_bus::BusConfig {
+            url: nats_url.clone(),
+            name: "test".into(),
+        },
+        tether_protocol::Subjects::default(),
+    )
+    .await?;
+    let mut sub = bus.subscribe(bus.subjects.kv_all()).await?;
+    let index = Arc::new(Mutex::new(KvIndex::new(1, 1_000_000, 2000)));
+    let feed = index.clone();
+    let applier = tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            if let Ok(b) = tether_protocol::decode::<tether_protocol::KvEventBatch>(&msg.payload)
+                && let Ok(mut ix) = feed.lock()
+            {
+                ix.apply(0, &b);
+            }
+        }
+    });
+    let relay = tether_kv_events::start_with_fleet(
+        <tether_kv_events::Config as clap::Parser>::try_parse_from([
+            "x",
+            "--nats-url",
+            &nats_url,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])?,
+        fleet,
+        root.child_token(),
+    )
+    .await?;
+    until("the relay follows the engine", || relay.admin.is_ready()).await?;
+
+    // 8 families of prompts sharing a 4-block opening, each with its own
+    // 2–5-block tail: ~200 distinct blocks through a 48-block cache.
+    let client = http::client();
+    let mut prompts = Vec::new();
+    let mut during = Vec::new();
+    for i in 0..48usize {
+        let family = i % 8;
+        let tail = 32 + (i * 37 % 4) * 16;
+        let text = format!(
+            "{} {}",
+            words(family * 100_000, 64),
+            words(1_000_000 + i * 1000, tail)
+        );
+        complete(&client, &url, &text).await?;
+        prompts.push(block_hashes(&tokenize(&text), 16));
+        if i % 8 == 7 {
+            let held = engine_blocks(&client, &url).await?;
+            let ix = index.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            during.push(agreement(&ix, &held, &prompts));
+        }
+    }
+    let mut settled = 0.0;
+    for _ in 0..1500 {
+        let held = engine_blocks(&client, &url).await?;
+        settled = {
+            let ix = index.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            agreement(&ix, &held, &prompts)
+        };
+        if settled >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let held = engine_blocks(&client, &url).await?.len();
+    let blocks = index.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.len();
+    println!(
+        "index agreement with the engine: {during:?} while loading, {settled} settled; engine holds {held} blocks, index {blocks}"
+    );
+    assert!(settled >= 0.99, "agreement {settled}");
+    assert_eq!(held, blocks);
+    applier.abort();
+    root.cancel();
+    Ok(())
+}

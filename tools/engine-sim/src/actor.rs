@@ -35,6 +35,9 @@ pub enum Command {
     /// Drop the prefix cache (vLLM's `/reset_prefix_cache`); answers
     /// whether it did (not while sequences hold blocks).
     ResetPrefixCache(oneshot::Sender<bool>),
+    /// The hashes of every cached block (for tests that compare an index
+    /// against what the engine holds).
+    CachedBlocks(oneshot::Sender<Vec<u64>>),
 }
 
 #[derive(Clone)]
@@ -79,6 +82,15 @@ impl EngineHandle {
             return false;
         }
         rx.await.unwrap_or(false)
+    }
+
+    /// The hashes of every block cached now; empty if the engine is stopping.
+    pub async fn cached_blocks(&self) -> Vec<u64> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::CachedBlocks(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
     }
 }
 
@@ -225,6 +237,10 @@ fn accept(
             let ok = engine.reset_prefix_cache();
             flush_kv_events(engine, kv_events);
             let _ = done.send(ok);
+            return;
+        }
+        Command::CachedBlocks(out) => {
+            let _ = out.send(engine.kv().hashes());
             return;
         }
     };

@@ -81,6 +81,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
+        .route("/kv_cache/blocks", get(cached_blocks))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             error(ApiError {
@@ -139,6 +140,12 @@ async fn reset_prefix_cache(State(app): State<Arc<App>>) -> Response {
             message: "sequences hold KV blocks; the prefix cache was not reset".into(),
         })
     }
+}
+
+/// `GET /kv_cache/blocks`: `{"blocks": [hash, …]}`, every cached block's
+/// hash (engine-sim only: lets a test compare a router's index with it).
+async fn cached_blocks(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({"blocks": app.engine.cached_blocks().await}))
 }
 
 async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {

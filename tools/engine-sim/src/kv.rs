@@ -97,6 +97,11 @@ impl KvCache {
         self.blocks.len()
     }
 
+    /// Every cached block's hash, in no order.
+    pub fn hashes(&self) -> Vec<u64> {
+        self.blocks.keys().copied().collect()
+    }
+
     pub fn contains(&self, hash: u64) -> bool {
         self.blocks.contains_key(&hash)
     }
