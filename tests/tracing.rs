@@ -125,6 +125,11 @@ async fn spans_reach_an_otlp_collector_as_one_tree() -> anyhow::Result<()> {
     assert!(attr(root, "tether.level").is_some());
     assert!(attr(root, "tether.queue.wait_seconds").is_some());
     let engine = attr(root, "engine").expect("engine");
+    assert!(attr(root, "gen_ai.usage.input_tokens").is_some());
+    assert_eq!(
+        attr(root, "gen_ai.usage.output_tokens").as_deref(),
+        Some("4")
+    );
 
     // route request (client) → scheduler decision (server), across processes.
     let route = tree.only_child(root, Kind::Client, "request tether.route")?;
@@ -271,6 +276,7 @@ async fn every_service_exposes_its_documented_metrics() -> anyhow::Result<()> {
         "model_name",
         "priority",
         "engine_kind",
+        "tenant",
     ];
     for (service, url) in &targets {
         let text = tether_testkit_get(&stack, url).await?;
@@ -323,6 +329,14 @@ async fn every_service_exposes_its_documented_metrics() -> anyhow::Result<()> {
         prom::sum(&ingress, "tether_ingress_route_seconds_count", &[]),
         1.0
     );
+    let waits: Vec<_> = prom::samples(&ingress)
+        .filter(|s| s.name == "tether_ingress_queue_wait_seconds_count")
+        .collect();
+    assert!(
+        waits.iter().all(|s| s.label("engine").is_some()),
+        "{waits:?}"
+    );
+    assert_eq!(waits.iter().map(|s| s.value).sum::<f64>(), 1.0);
     let decisions: Vec<_> = prom::samples(&ingress)
         .filter(|s| prom::is_named(&s.name, "tether_ingress_route_decisions"))
         .collect();

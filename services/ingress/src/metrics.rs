@@ -48,6 +48,19 @@ pub struct Metrics {
     pub route_seconds: Histogram,
     /// Arrival to first response byte from the engine, seconds.
     pub time_to_headers: Histogram,
+    /// Arrival to dispatch (the wait at the gateway), by `engine`, seconds.
+    pub queue_wait: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Arrival to the first token event of a streamed answer, seconds.
+    pub time_to_first_token: Histogram,
+    /// Arrival to the call's end, whatever its outcome, seconds.
+    pub call_seconds: Histogram,
+}
+
+/// Buckets for waits and first tokens: 1 ms to 60 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+    ])
 }
 
 impl Default for Metrics {
@@ -73,6 +86,11 @@ impl Default for Metrics {
             route_seconds: Histogram::new(buckets),
             time_to_headers: Histogram::new([
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0,
+            ]),
+            queue_wait: Family::new_with_constructor(latency_histogram),
+            time_to_first_token: latency_histogram(),
+            call_seconds: Histogram::new([
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
             ]),
         }
     }
@@ -159,6 +177,21 @@ impl Metrics {
             "tether_ingress_time_to_headers_seconds",
             "Arrival to the engine's response headers",
             self.time_to_headers.clone(),
+        );
+        r.register(
+            "tether_ingress_queue_wait_seconds",
+            "Arrival to dispatch: the wait at the gateway, by the engine dispatched to",
+            self.queue_wait.clone(),
+        );
+        r.register(
+            "tether_ingress_time_to_first_token_seconds",
+            "Arrival to the first token event of a streamed answer",
+            self.time_to_first_token.clone(),
+        );
+        r.register(
+            "tether_ingress_call_seconds",
+            "Arrival to the end of the call, any outcome",
+            self.call_seconds.clone(),
         );
     }
 }

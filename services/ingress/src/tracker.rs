@@ -81,6 +81,14 @@ impl Tracker {
         } else {
             self.waited = now.duration_since(info.arrived).as_secs_f64();
             self.dispatched = Some(now);
+            self.app
+                .metrics
+                .queue_wait
+                .get_or_create(&crate::metrics::label(
+                    "engine",
+                    &self.app.fleet.engines[permit.engine()].name,
+                ))
+                .observe(self.waited);
         }
         // Late binding (or a retry) may have moved the call off the scheduler's engine.
         info.engine = permit.engine();
@@ -103,7 +111,16 @@ impl Tracker {
 
     pub fn observe(&mut self, chunk: &[u8]) {
         if self.info.as_ref().is_some_and(|i| i.stream) {
+            let before = self.sse_events;
             self.sse_events += count(chunk, b"data: {");
+            if let Some(info) = self
+                .info
+                .as_ref()
+                .filter(|_| before == 0 && self.sse_events > 0)
+            {
+                let ttft = info.arrived.elapsed().as_secs_f64();
+                self.app.metrics.time_to_first_token.observe(ttft);
+            }
         }
         self.tail.extend_from_slice(chunk);
         if self.tail.len() > 2 * TAIL_BYTES {
@@ -140,6 +157,19 @@ impl Tracker {
             .calls
             .get_or_create(&crate::metrics::label("outcome", outcome_label))
             .inc();
+        self.app
+            .metrics
+            .call_seconds
+            .observe(info.arrived.elapsed().as_secs_f64());
+        if work.known {
+            // GenAI semantic conventions, on the ingress's server span.
+            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+            let (input, output) = (work.prompt_tokens, work.completion_tokens);
+            info.span
+                .set_attribute("gen_ai.usage.input_tokens", i64::from(input));
+            info.span
+                .set_attribute("gen_ai.usage.output_tokens", i64::from(output));
+        }
         let event = RequestEvent {
             call_id: info.call_id,
             session_hash: info.session_hash,
