@@ -694,10 +694,11 @@ mod wire {
         async fn wait_ok(&mut self, url: &str) -> anyhow::Result<()> {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                if let Ok(r) = http::get(&self.http, url).await {
-                    if r.status == 200 {
-                        return Ok(());
-                    }
+                if http::get(&self.http, url)
+                    .await
+                    .is_ok_and(|r| r.status == 200)
+                {
+                    return Ok(());
                 }
                 let mut exited = None;
                 for (name, child) in &mut self.children {
