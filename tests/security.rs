@@ -937,3 +937,111 @@ async fn garbage_route_requests_are_decode_errors_not_no_engine() -> anyhow::Res
     );
     Ok(())
 }
+
+fn sha256_hex(s: &str) -> String {
+    tether_protocol::key::sha256_hex(s.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_tenants_and_keyed_implicit_sessions() -> anyhow::Result<()> {
+    let keys = format!(
+        "acme:{},globex:{}",
+        sha256_hex("key-a"),
+        sha256_hex("key-g")
+    );
+    let u = start(Options {
+        engines: 1,
+        ingress_args: vec![
+            "--api-keys".into(),
+            keys,
+            "--session-key-salt".into(),
+            "pepper".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let url = u.url("/v1/chat/completions");
+    let body = chat_body("a guessable opening", false);
+    // No key, or a wrong one: 401, counted.
+    for auth in [None, Some("Bearer nope"), Some("Bearer ")] {
+        let headers: Vec<(&str, &str)> =
+            auth.map(|a| vec![("authorization", a)]).unwrap_or_default();
+        let r = http::post_json(&u.http, &url, &headers, &body).await?;
+        assert_eq!(r.status, 401, "{auth:?}");
+        assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    }
+    assert_eq!(http::get(&u.http, &u.url("/v1/models")).await?.status, 401);
+    // acme's calls: an explicit session and an implicit one.
+    let acme = [
+        ("authorization", "Bearer key-a"),
+        ("x-session-id", "shared-name"),
+    ];
+    let r = http::post_json(&u.http, &url, &acme, &body).await?;
+    engine_of(&r);
+    let r = http::post_json(&u.http, &url, &[("authorization", "Bearer key-a")], &body).await?;
+    engine_of(&r);
+    let implicit = r.header("x-tether-session").unwrap_or_default().to_owned();
+    assert!(implicit.starts_with("implicit-"), "{implicit}");
+    // The implicit key is keyed: not the one anybody can compute.
+    let guessed = tether_protocol::SessionKey::implicit(MODEL, "", "a guessable opening");
+    assert_ne!(implicit, guessed.as_str());
+
+    let view = |key: String, auth: Option<&'static str>| {
+        let u = &u;
+        async move {
+            let headers: Vec<(&str, &str)> =
+                auth.map(|a| vec![("authorization", a)]).unwrap_or_default();
+            http::fetch(
+                &u.http,
+                http::Method::GET,
+                &u.url(&format!("/v1/tether/sessions/{key}")),
+                &headers,
+                bytes::Bytes::new(),
+            )
+            .await
+        }
+    };
+    // acme sees its sessions (once session-state has them).
+    for key in ["shared-name".to_owned(), implicit.clone()] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = view(key.clone(), Some("Bearer key-a")).await?;
+            if r.status == 200 {
+                assert_eq!(r.json()["session"], key.as_str());
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{key}: {} {}",
+                r.status,
+                r.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Nobody else does: no key, another tenant's key, or the guessed implicit key.
+    assert_eq!(view("shared-name".into(), None).await?.status, 401);
+    assert_eq!(
+        view("shared-name".into(), Some("Bearer key-g"))
+            .await?
+            .status,
+        404
+    );
+    assert_eq!(
+        view(implicit.clone(), Some("Bearer key-g")).await?.status,
+        404
+    );
+    assert_eq!(
+        view(guessed.as_str().to_owned(), Some("Bearer key-a"))
+            .await?
+            .status,
+        404
+    );
+    // The tenant is in the metrics.
+    assert_eq!(
+        u.ingress_metric("tether_ingress_calls", "tenant=\"acme\"")
+            .await?,
+        2.0
+    );
+    Ok(())
+}

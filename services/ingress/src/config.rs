@@ -77,6 +77,32 @@ pub struct Config {
     /// beyond get 503 with Retry-After.
     #[arg(long, env = "TETHER_MAX_BUFFERED_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_buffered_body_bytes: usize,
+    /// File of API keys, one `tenant:<sha256 of the key, hex>` a line; with
+    /// any keys configured every /v1 call needs `Authorization: Bearer <key>`.
+    #[arg(long, env = "TETHER_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// API keys as a comma-separated list of `tenant:<sha256 hex>` (added to the file's).
+    #[arg(
+        long,
+        env = "TETHER_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// Secret salt of implicit session keys (keyed hashes that cannot be
+    /// computed, hence probed, from outside); empty: unkeyed. Every ingress
+    /// replica needs the same salt.
+    #[arg(
+        long,
+        env = "TETHER_SESSION_KEY_SALT",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub session_key_salt: String,
+    /// File holding the salt of implicit session keys (instead of --session-key-salt).
+    #[arg(long, env = "TETHER_SESSION_KEY_SALT_FILE")]
+    pub session_key_salt_file: Option<PathBuf>,
     /// Serve /metrics and the session view on this separate address instead
     /// of the public one (/health and /ready are on both).
     #[arg(long, env = "TETHER_ADMIN_LISTEN")]

@@ -18,7 +18,7 @@ use crate::errors::ApiError;
 use crate::request::{CallBody, Endpoint};
 use crate::routing::route;
 use crate::service::App;
-use crate::session::session_key;
+use crate::session::{in_namespace, session_key_salted};
 use crate::tracker::{CallInfo, TrackedBody, Tracker};
 
 pub async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
@@ -67,7 +67,22 @@ async fn call(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body)
             opentelemetry::global::get_text_map_propagator(|p| p.extract(&HttpExtractor(&headers)));
         let _ = span.set_parent(parent);
     }
-    let answer = handle(app.clone(), endpoint, headers, body)
+    // With API keys configured, the key names the call's tenant.
+    let tenant = match &app.keys {
+        None => None,
+        Some(keys) => match keys.tenant(&headers) {
+            Ok(t) => Some(t),
+            Err(err) => {
+                span.record("http.response.status_code", err.status.as_u16());
+                app.metrics
+                    .calls
+                    .get_or_create(&crate::metrics::call_labels("client_error", None))
+                    .inc();
+                return err.into_response();
+            }
+        },
+    };
+    let answer = handle(app.clone(), endpoint, headers, body, tenant.clone())
         .instrument(span.clone())
         .await;
     let status = match &answer {
@@ -86,7 +101,7 @@ async fn call(app: Arc<App>, endpoint: Endpoint, headers: HeaderMap, body: Body)
             };
             app.metrics
                 .calls
-                .get_or_create(&crate::metrics::label("outcome", outcome))
+                .get_or_create(&crate::metrics::call_labels(outcome, tenant.as_deref()))
                 .inc();
             err.into_response()
         }
@@ -98,12 +113,21 @@ async fn handle(
     endpoint: Endpoint,
     headers: HeaderMap,
     body: Body,
+    tenant: Option<Arc<str>>,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     // `_budget` keeps the body's bytes counted until the call is answered.
     let (raw, _budget) = read_body(&app, body).await?;
     let call = CallBody::parse(endpoint, raw)?;
-    let key = session_key(&headers, &app.session_headers, &app.session_field, &call)?;
+    // The key as the client knows it, and as the bus does (in the tenant's namespace).
+    let client_key = session_key_salted(
+        &headers,
+        &app.session_headers,
+        &app.session_field,
+        &call,
+        &app.session_salt,
+    )?;
+    let key = in_namespace(tenant.as_deref(), client_key.clone())?;
     let call_id = app.next_call_id();
     let span = tracing::Span::current();
     span.record(
@@ -147,6 +171,7 @@ async fn handle(
             stream: call.stream,
             prompt_estimate: u32::try_from(call.raw_len() / 4).unwrap_or(u32::MAX),
             span: span.clone(),
+            tenant: tenant.clone(),
         },
     );
     // Wait for a slot at the gateway: on the scheduler's engine, or — once
@@ -290,7 +315,13 @@ async fn handle(
             out.headers_mut(),
             http::header::CONTENT_TYPE,
         );
-        tether_headers(out.headers_mut(), &e.name, &key, r.level, r.reason.as_str());
+        tether_headers(
+        out.headers_mut(),
+        &e.name,
+        &client_key,
+        r.level,
+        r.reason.as_str(),
+    );
         return Ok(out);
     }
 
@@ -299,7 +330,13 @@ async fn handle(
     for name in [http::header::CONTENT_TYPE, http::header::CACHE_CONTROL] {
         copy_header(&parts.headers, out.headers_mut(), name);
     }
-    tether_headers(out.headers_mut(), &e.name, &key, r.level, r.reason.as_str());
+    tether_headers(
+        out.headers_mut(),
+        &e.name,
+        &client_key,
+        r.level,
+        r.reason.as_str(),
+    );
     Ok(out)
 }
 
@@ -382,24 +419,37 @@ async fn read_body(
     }
 }
 
-pub async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+pub async fn models(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if let Some(keys) = &app.keys {
+        keys.tenant(&headers)?;
+    }
     let data: Vec<serde_json::Value> = app
         .fleet
         .models()
         .into_iter()
         .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "tether"}))
         .collect();
-    Json(serde_json::json!({"object": "list", "data": data}))
+    Ok(Json(serde_json::json!({"object": "list", "data": data})))
 }
 
 /// `GET /v1/tether/sessions/{key}`: the system's view of one session, from
-/// the shard that owns it.
+/// the shard that owns it. With API keys configured it needs a key, and
+/// shows only that key's tenant's sessions.
 pub async fn session(
     State(app): State<Arc<App>>,
     Path(key): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let key = SessionKey::explicit(&key)
+    let tenant = match &app.keys {
+        Some(keys) => Some(keys.tenant(&headers)?),
+        None => None,
+    };
+    let client_key = SessionKey::explicit(&key)
         .map_err(|e| ApiError::bad_request("invalid_session_key", e.to_string()))?;
+    let key = in_namespace(tenant.as_deref(), client_key.clone())?;
     let shard = shard_of(key.hash(), app.shards);
     let view: SessionView = app
         .bus
@@ -420,11 +470,11 @@ pub async fn session(
     let Some(r) = view.record else {
         return Err(ApiError::not_found(
             "session_not_found",
-            format!("no session {:?}", key.as_str()),
+            format!("no session {:?}", client_key.as_str()),
         ));
     };
     Ok(Json(serde_json::json!({
-        "session": view.session_key,
+        "session": client_key.as_str(),
         "hash": format!("{:016x}", r.hash),
         "shard": view.shard,
         "critical_path_service_s": r.cst,

@@ -9,6 +9,7 @@
 //!
 //! Module map:
 //! - [`admission`] — the gateway queue, live: limits, order, starvation bound, late binding.
+//! - [`auth`]     — optional API keys (hashed), one tenant per key.
 //! - [`affinity`] — the engine that last served each recent session (for the fallback route).
 //! - [`breaker`]  — the circuit breaker: engines whose calls keep failing are ejected.
 //! - [`capacity`] — capacity control: engine limits learned from engine metrics.
@@ -29,6 +30,7 @@
 
 pub mod admission;
 pub mod affinity;
+pub mod auth;
 pub mod breaker;
 pub mod capacity;
 pub mod config;

@@ -11,9 +11,20 @@ pub fn label(key: &str, value: &str) -> Labels {
     vec![(key.to_owned(), value.to_owned())]
 }
 
+/// The labels of `tether_ingress_calls`: the outcome, and the tenant when
+/// API keys are configured.
+pub fn call_labels(outcome: &str, tenant: Option<&str>) -> Labels {
+    let mut l = label("outcome", outcome);
+    if let Some(t) = tenant {
+        l.push(("tenant".to_owned(), t.to_owned()));
+    }
+    l
+}
+
 #[derive(Clone, Debug)]
 pub struct Metrics {
-    /// Calls answered, by `outcome` (ok, client_error, engine_error, no_engine, cancelled).
+    /// Calls answered, by `outcome` (ok, client_error, error, engine_error,
+    /// cancelled, refused) and, with API keys, `tenant`.
     pub calls: Family<Labels, Counter>,
     /// Decisions taken locally because the scheduler did not answer, by `reason`.
     pub fallbacks: Family<Labels, Counter>,

@@ -53,6 +53,10 @@ pub struct App {
     pub body_budget: Arc<tokio::sync::Semaphore>,
     /// How long a request body may take to arrive (None: unbounded).
     pub body_read_timeout: Option<Duration>,
+    /// API keys; None: the API is open.
+    pub keys: Option<crate::auth::ApiKeys>,
+    /// Salt of implicit session keys (empty: unkeyed).
+    pub session_salt: Vec<u8>,
     in_flight: Vec<Gauge>,
     /// The engines' slots and the calls waiting for them.
     pub gateway: Gateway,
@@ -161,6 +165,18 @@ pub async fn start_with_fleet(
             .collect()
     };
     let fleet_len = fleet.engines.len();
+    let keys = crate::auth::ApiKeys::load(config.api_keys_file.as_deref(), &config.api_keys)?;
+    if let Some(k) = &keys {
+        tracing::info!(keys = k.len(), "API keys required");
+    }
+    let session_salt = match &config.session_key_salt_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the session key salt {}", path.display()))?
+            .trim()
+            .as_bytes()
+            .to_vec(),
+        None => config.session_key_salt.as_bytes().to_vec(),
+    };
     let app = Arc::new(App {
         gateway: Gateway::new(&limits, gate_cfg, config.time_scale),
         program_headers: headers(&config.program_headers),
@@ -197,6 +213,8 @@ pub async fn start_with_fleet(
         )),
         body_read_timeout: (config.body_read_timeout_secs > 0)
             .then(|| Duration::from_secs(config.body_read_timeout_secs)),
+        keys,
+        session_salt,
         in_flight,
         call_ids: AtomicU64::new(random_u64() & 0xffff_ffff_0000_0000),
     });

@@ -15,6 +15,18 @@ pub fn session_key(
     field: &str,
     body: &CallBody,
 ) -> Result<SessionKey, ApiError> {
+    session_key_salted(headers, names, field, body, b"")
+}
+
+/// [`session_key`] with implicit keys keyed by `salt` (see
+/// `tether_protocol::SessionKey::implicit_keyed`).
+pub fn session_key_salted(
+    headers: &HeaderMap,
+    names: &[String],
+    field: &str,
+    body: &CallBody,
+    salt: &[u8],
+) -> Result<SessionKey, ApiError> {
     for name in names {
         if let Some(v) = headers.get(name.as_str()) {
             let text = v.to_str().map_err(|_| {
@@ -43,7 +55,22 @@ pub fn session_key(
         }
     }
     let (system, user) = body.opening();
-    Ok(SessionKey::implicit(&body.model, &system, &user))
+    Ok(SessionKey::implicit_keyed(
+        salt,
+        &body.model,
+        &system,
+        &user,
+    ))
+}
+
+/// The key of `key` in `tenant`'s namespace (`<tenant>/<key>`), as the bus
+/// knows it; the key itself without a tenant.
+pub fn in_namespace(tenant: Option<&str>, key: SessionKey) -> Result<SessionKey, ApiError> {
+    match tenant {
+        None => Ok(key),
+        Some(t) => SessionKey::explicit(&format!("{t}/{}", key.as_str()))
+            .map_err(|e| ApiError::bad_request("invalid_session_key", e.to_string())),
+    }
 }
 
 #[cfg(test)]

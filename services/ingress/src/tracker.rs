@@ -33,6 +33,8 @@ pub struct CallInfo {
     pub stream: bool,
     pub prompt_estimate: u32,
     pub span: tracing::Span,
+    /// The API key's tenant, when keys are configured.
+    pub tenant: Option<std::sync::Arc<str>>,
 }
 
 /// Follows one call from its routing decision to its end. A call that ends
@@ -155,7 +157,10 @@ impl Tracker {
         self.app
             .metrics
             .calls
-            .get_or_create(&crate::metrics::label("outcome", outcome_label))
+            .get_or_create(&crate::metrics::call_labels(
+                outcome_label,
+                info.tenant.as_deref(),
+            ))
             .inc();
         self.app
             .metrics

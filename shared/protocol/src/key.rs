@@ -71,6 +71,31 @@ impl SessionKey {
         }
     }
 
+    /// [`SessionKey::implicit`] keyed with a secret `salt`: the hex digits
+    /// are the first 8 bytes of HMAC-SHA-256(salt, model ‖ 0xFF ‖ system ‖
+    /// 0xFF ‖ first user message ‖ 0xFF), so nobody without the salt can
+    /// compute a conversation's key and probe the session view with it. No
+    /// salt (or an empty one): the unkeyed [`SessionKey::implicit`].
+    pub fn implicit_keyed(salt: &[u8], model: &str, system: &str, first_user: &str) -> Self {
+        if salt.is_empty() {
+            return Self::implicit(model, system, first_user);
+        }
+        let mut msg = Vec::with_capacity(model.len() + system.len() + first_user.len() + 3);
+        for part in [model, system, first_user] {
+            msg.extend_from_slice(part.as_bytes());
+            msg.push(0xff);
+        }
+        let mac = hmac_sha256(salt, &msg);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&mac[..8]);
+        let text = format!("implicit-{:016x}", u64::from_be_bytes(first));
+        Self {
+            hash: crate::stable_hash(text.as_bytes()),
+            text,
+            implicit: true,
+        }
+    }
+
     /// Rebuilds a key from its text without the client-facing checks (for keys
     /// read back from the bus, already validated by their publisher).
     pub fn from_trusted(text: String) -> Self {
@@ -95,6 +120,43 @@ impl SessionKey {
     }
 }
 
+/// SHA-256 of `data`, in lower-case hex (as `sha256sum` prints it).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// HMAC-SHA-256 (RFC 2104).
+pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| -> [u8; BLOCK] {
+        let mut p = k;
+        for b in &mut p {
+            *b ^= byte;
+        }
+        p
+    };
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
 impl fmt::Debug for SessionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SessionKey({:?})", self.text)
@@ -110,6 +172,31 @@ impl fmt::Display for SessionKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test case 2 of RFC 4231.
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn keyed_implicit_keys_depend_on_the_salt() {
+        let plain = SessionKey::implicit("m", "sys", "hi");
+        assert_eq!(SessionKey::implicit_keyed(b"", "m", "sys", "hi"), plain);
+        let a = SessionKey::implicit_keyed(b"secret-a", "m", "sys", "hi");
+        let b = SessionKey::implicit_keyed(b"secret-b", "m", "sys", "hi");
+        assert!(a.is_implicit() && a.as_str().starts_with("implicit-"));
+        assert_eq!(a.as_str().len(), plain.as_str().len());
+        assert_ne!(a, plain);
+        assert_ne!(a, b);
+        assert_eq!(a, SessionKey::implicit_keyed(b"secret-a", "m", "sys", "hi"));
+        assert_ne!(a, SessionKey::implicit_keyed(b"secret-a", "m", "sys", "ho"));
+    }
 
     #[test]
     fn explicit_keys_are_validated() {
