@@ -1,7 +1,10 @@
-//! One HTTP request is one trace across ingress, scheduler and session-state:
-//! the W3C trace context travels in NATS headers. Spans are captured with the
-//! OpenTelemetry SDK's in-memory exporter (this file is its own test process,
-//! because the tracing subscriber is global).
+//! Observability, end to end. One HTTP request is one trace across ingress,
+//! scheduler and session-state: the W3C trace context travels in NATS
+//! headers. The first test captures spans of the in-process services with
+//! the OpenTelemetry SDK's in-memory exporter (this file is its own test
+//! process, because the tracing subscriber is global); the others run the
+//! real service binaries (built by `just test` before the tests) against an
+//! OTLP/gRPC collector inside the test, and scrape their `/metrics`.
 
 use anyhow::Context as _;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
