@@ -1045,3 +1045,208 @@ async fn api_keys_tenants_and_keyed_implicit_sessions() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Runs openssl (a test dependency, like nats-server) with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, in `dir`.
+fn certificates(dir: &std::path::Path) -> anyhow::Result<()> {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=tether-test-ca",
+    ]);
+    openssl(dir, &ca)?;
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        ),
+        (
+            "client",
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+        ),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext)?;
+        let (key, csr, pem, extfile, subj) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+            format!("/CN=tether-test-{name}"),
+        );
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &req)?;
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "1",
+                "-extfile",
+                &extfile,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_reach_nats_over_tls_with_a_token_and_a_client_certificate() -> anyhow::Result<()>
+{
+    use tether_universe::tether_testkit::{free_port, workspace_root};
+    let port = free_port()?;
+    let dir = std::env::temp_dir().join(format!("tether-tls-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    struct Cleanup(std::path::PathBuf, Option<std::process::Child>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(c) = &mut self.1 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let mut cleanup = Cleanup(dir.clone(), None);
+    certificates(&dir)?;
+    let bin = std::env::var_os("TETHER_NATS_SERVER")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".tools/venv/bin/nats-server"));
+    let p = |f: &str| dir.join(f).display().to_string();
+    cleanup.1 = Some(
+        std::process::Command::new(bin)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "--auth",
+                "s3cret-token",
+            ])
+            .args([
+                "--tlsverify",
+                "--tlscert",
+                &p("server.pem"),
+                "--tlskey",
+                &p("server.key"),
+            ])
+            .args(["--tlscacert", &p("ca.pem")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let args = |extra: &[String]| -> anyhow::Result<tether_bus::BusArgs> {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            bus: tether_bus::BusArgs,
+        }
+        let mut v = vec!["x".to_owned()];
+        v.extend(extra.iter().cloned());
+        Ok(<Flags as clap::Parser>::try_parse_from(v)?.bus)
+    };
+    // Token in the URL, tls:// scheme, the CA and a client certificate.
+    let bus = args(&[
+        "--nats-url".into(),
+        format!("tls://s3cret-token@127.0.0.1:{port}"),
+        "--nats-tls-ca".into(),
+        p("ca.pem"),
+        "--nats-tls-cert".into(),
+        p("client.pem"),
+        "--nats-tls-key".into(),
+        p("client.key"),
+    ])?
+    .connect("tls-test")
+    .await?;
+    // The token as a flag, TLS implied by the CA.
+    let bus2 = args(&[
+        "--nats-url".into(),
+        format!("nats://127.0.0.1:{port}"),
+        "--nats-token".into(),
+        "s3cret-token".into(),
+        "--nats-tls-ca".into(),
+        p("ca.pem"),
+        "--nats-tls-cert".into(),
+        p("client.pem"),
+        "--nats-tls-key".into(),
+        p("client.key"),
+    ])?
+    .connect("tls-test-2")
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(bus.is_connected() && bus2.is_connected()) {
+        anyhow::ensure!(Instant::now() < deadline, "never connected over TLS");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut sub = bus.subscribe("tether.tls".into()).await?;
+    round_trip_any(&bus).await;
+    bus2.client.publish("tether.tls", "over tls".into()).await?;
+    assert_eq!(next_payload(&mut sub).await?, "over tls");
+    // Without the client certificate, or without the token: refused.
+    let url = format!("tls://127.0.0.1:{port}");
+    let no_cert = tether_bus::async_nats::ConnectOptions::with_token("s3cret-token".into())
+        .add_root_certificates(dir.join("ca.pem"))
+        .connect(url.as_str())
+        .await;
+    assert!(no_cert.is_err(), "connected without a client certificate");
+    let no_token = tether_bus::async_nats::ConnectOptions::new()
+        .add_root_certificates(dir.join("ca.pem"))
+        .add_client_certificate(dir.join("client.pem"), dir.join("client.key"))
+        .connect(url.as_str())
+        .await;
+    assert!(no_token.is_err(), "connected without the token");
+    Ok(())
+}
+
+/// A request nobody answers: when "no responders" comes back, the server
+/// has processed what this connection sent before.
+async fn round_trip_any(bus: &tether_bus::Bus) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        bus.client.request("tether.nobody", bytes::Bytes::new()),
+    )
+    .await;
+}
