@@ -4,7 +4,9 @@
 //! exactly as a reference that applied each event once;
 //! a scheduler resynchronises every shard of a restarted session-state,
 //! idle ones included; a flood of new sessions at the cap evicts no session
-//! active within the idle TTL.
+//! active within the idle TTL; with shard leases, a hung replica's shards
+//! move to another, which ends identical to the reference while the hung one,
+//! resumed, applies nothing more.
 
 use clap::Parser;
 use std::collections::HashMap;
@@ -79,7 +81,7 @@ async fn session_state_child() -> anyhow::Result<()> {
     let Ok(args) = std::env::var(CHILD_ARGS) else {
         return Ok(());
     };
-    let args: Vec<&str> = args.split(' ').collect();
+    let args: Vec<&str> = args.split_whitespace().collect();
     let running = start_session_state_with(args[0], Shutdown::new(), &args[1..]).await?;
     running.join().await; // never: the parent kills this process
     Ok(())
@@ -93,7 +95,7 @@ struct Child {
 }
 
 impl Child {
-    fn start(url: &str) -> anyhow::Result<Self> {
+    fn start(url: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let admin: std::net::SocketAddr =
             format!("127.0.0.1:{}", tether_testkit::free_port()?).parse()?;
         let process = std::process::Command::new(std::env::current_exe()?)
@@ -105,9 +107,13 @@ impl Child {
                 "--test-threads",
                 "1",
             ])
-            .env(CHILD_ARGS, format!("{url} --admin-listen {admin}"))
+            .env(
+                CHILD_ARGS,
+                format!("{url} --admin-listen {admin} {}", extra.join(" ")),
+            )
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            // The child's errors, if any, show in the test's output.
+            .stderr(std::process::Stdio::inherit())
             .spawn()?;
         Ok(Self { process, admin })
     }
@@ -127,6 +133,15 @@ impl Child {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Pauses (`SIGSTOP`) or resumes (`SIGCONT`) the process: a hung owner.
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.process.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} failed");
+        Ok(())
     }
 
     /// `kill -9`.
@@ -251,7 +266,7 @@ async fn kill_under_load_loses_and_repeats_nothing() -> anyhow::Result<()> {
         reference.apply(e, 0);
     }
 
-    let mut first = Child::start(&url)?;
+    let mut first = Child::start(&url, &[])?;
     first.ready().await?;
 
     // A third of the load, then wait for every shard to have a snapshot.
@@ -310,41 +325,7 @@ async fn kill_under_load_loses_and_repeats_nothing() -> anyhow::Result<()> {
     );
 
     // Every session, exactly as in the reference.
-    let mut mismatches = Vec::new();
-    let mut compared = 0;
-    for (hash, want) in reference.iter() {
-        let shard = shard_of(*hash, SHARDS);
-        let view: SessionView = bus
-            .request(
-                bus.subjects.session(shard),
-                &SessionQuery {
-                    session_key: want.key.clone(),
-                },
-                Duration::from_secs(2),
-            )
-            .await?;
-        let got = view.record.map(|mut r| {
-            r.version = 0;
-            r
-        });
-        let mut want_rec = want.record(*hash);
-        want_rec.version = 0;
-        let want_calls: Vec<u64> = want.in_flight.iter().map(|(id, _)| *id).collect();
-        if got.as_ref() != Some(&want_rec) || view.in_flight_calls != want_calls {
-            mismatches.push(format!(
-                "{}: got {got:?} {:?}, want {want_rec:?} {want_calls:?}",
-                want.key, view.in_flight_calls
-            ));
-        }
-        compared += 1;
-    }
-    assert_eq!(compared, 150);
-    assert!(
-        mismatches.is_empty(),
-        "{} sessions differ, e.g. {:?}",
-        mismatches.len(),
-        &mismatches[..mismatches.len().min(3)]
-    );
+    same_as_reference(&bus, &reference, 150).await?;
     // Nothing in the restarted service beyond the reference's sessions.
     assert_eq!(
         metric(second.admin_addr, "tether_session_sessions").await?,
@@ -518,5 +499,130 @@ async fn a_flood_of_new_sessions_evicts_no_live_one() -> anyhow::Result<()> {
 
     stop.cancel();
     running.join().await;
+    Ok(())
+}
+
+/// Asks session-state for every session of `reference` and compares (all
+/// fields but the delta version, which depends on batching).
+async fn same_as_reference(
+    bus: &Bus,
+    reference: &SessionTable,
+    sessions: usize,
+) -> anyhow::Result<()> {
+    let mut mismatches = Vec::new();
+    let mut compared = 0;
+    for (hash, want) in reference.iter() {
+        let shard = shard_of(*hash, SHARDS);
+        let view: SessionView = bus
+            .request(
+                bus.subjects.session(shard),
+                &SessionQuery {
+                    session_key: want.key.clone(),
+                },
+                Duration::from_secs(2),
+            )
+            .await?;
+        let got = view.record.map(|mut r| {
+            r.version = 0;
+            r
+        });
+        let mut want_rec = want.record(*hash);
+        want_rec.version = 0;
+        let want_calls: Vec<u64> = want.in_flight.iter().map(|(id, _)| *id).collect();
+        if got.as_ref() != Some(&want_rec) || view.in_flight_calls != want_calls {
+            mismatches.push(format!(
+                "{}: got {got:?} {:?}, want {want_rec:?} {want_calls:?}",
+                want.key, view.in_flight_calls
+            ));
+        }
+        compared += 1;
+    }
+    assert_eq!(compared, sessions);
+    assert!(
+        mismatches.is_empty(),
+        "{} sessions differ, e.g. {:?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(3)]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_owners_shards_move_and_it_applies_nothing_more() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let url = nats.url();
+    let bus = test_bus(&url).await?;
+    let events = workload(120, 1_200);
+    let mut reference = SessionTable::new(TableLimits::default());
+    for e in &events {
+        reference.apply(e, 0);
+    }
+    let lease = ["--lease-ttl-ms", "1000"];
+
+    // A takes every shard; B, started later, waits for leases.
+    let a = Child::start(&url, &lease)?;
+    a.ready().await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(a.admin, "tether_session_leases").await? < f64::from(SHARDS) {
+        anyhow::ensure!(Instant::now() < deadline, "A never leased every shard");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stop = Shutdown::new();
+    let b = start_session_state_with(&url, stop.clone(), &lease).await?;
+
+    let third = events.len() / 3;
+    for e in &events[..third] {
+        publish(&bus, e).await?;
+    }
+    bus.client.flush().await?;
+    drained(&bus).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(a.admin, "tether_session_snapshots_written").await? < f64::from(SHARDS) {
+        anyhow::ensure!(Instant::now() < deadline, "no snapshots written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(b.admin_addr, "tether_session_leases").await?, 0.0);
+
+    // A hangs; the load goes on; B takes the shards over.
+    a.signal("-STOP")?;
+    let hung = Instant::now();
+    for e in &events[third..2 * third] {
+        publish(&bus, e).await?;
+    }
+    bus.client.flush().await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(b.admin_addr, "tether_session_leases").await? < f64::from(SHARDS) {
+        anyhow::ensure!(Instant::now() < deadline, "B never took the shards over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("takeover after {:?} (lease TTL 1 s)", hung.elapsed());
+
+    // A resumes: its leases have lapsed; it stops its shards.
+    a.signal("-CONT")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(a.admin, "tether_session_leases").await? > 0.0 {
+        anyhow::ensure!(Instant::now() < deadline, "A never noticed its lost leases");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let applied_by_a = metric(a.admin, "tether_session_events").await?;
+    for e in &events[2 * third..] {
+        publish(&bus, e).await?;
+    }
+    bus.client.flush().await?;
+    drained(&bus).await?;
+    same_as_reference(&bus, &reference, 120).await?;
+    assert_eq!(
+        metric(a.admin, "tether_session_events").await?,
+        applied_by_a,
+        "the fenced replica applied events"
+    );
+    assert_eq!(
+        metric(b.admin_addr, "tether_session_leases").await?,
+        f64::from(SHARDS)
+    );
+
+    stop.cancel();
+    b.join().await;
+    drop(a);
     Ok(())
 }

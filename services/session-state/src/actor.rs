@@ -31,6 +31,7 @@ use tether_telemetry::Shutdown;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
+use crate::lease::Fence;
 use crate::metrics::Metrics;
 use crate::snapshot::{self, ShardSnapshotRef};
 
@@ -98,6 +99,9 @@ pub struct ShardActor {
     /// Changed since the last snapshot was taken.
     dirty: bool,
     writing: Option<tokio::task::JoinHandle<()>>,
+    /// While it holds, this process owns the shard (always, under static
+    /// ownership); once it lapses nothing is applied, acknowledged or published.
+    fence: Fence,
 }
 
 impl ShardActor {
@@ -117,6 +121,7 @@ impl ShardActor {
             sink: None,
             dirty: false,
             writing: None,
+            fence: Fence::always(),
         }
     }
 
@@ -128,6 +133,7 @@ impl ShardActor {
         metrics: Metrics,
         restored: Restored,
         sink: SnapshotSink,
+        fence: Fence,
     ) -> Self {
         let mut actor = Self::new(shard, cfg, bus, metrics);
         if let Some(table) = restored.table {
@@ -140,6 +146,7 @@ impl ShardActor {
         actor.applied = restored.stream_seq;
         actor.seq = restored.delta_seq;
         actor.sink = Some(sink);
+        actor.fence = fence;
         actor
     }
 
@@ -202,6 +209,9 @@ impl ShardActor {
 
     /// Publishes an empty delta carrying the shard's epoch and sequence.
     async fn announce(&mut self) {
+        if !self.fence.holds() {
+            return;
+        }
         let delta = StateDelta {
             shard: self.shard,
             epoch: self.epoch,
@@ -224,6 +234,9 @@ impl ShardActor {
         let Some(sink) = self.sink.clone() else {
             return;
         };
+        if !self.fence.holds() {
+            return; // another owner may have the shard by now
+        }
         if let Some(writing) = &self.writing {
             if !writing.is_finished() && !last {
                 return; // the previous write is still going: next tick
@@ -285,6 +298,10 @@ impl ShardActor {
                 self.apply(&event);
             }
             ShardMsg::Durable { seq, event, msg } => {
+                if !self.fence.holds() {
+                    self.metrics.fenced.inc();
+                    return;
+                }
                 if seq <= self.applied {
                     self.metrics.duplicates.inc();
                     return;
@@ -382,6 +399,10 @@ impl ShardActor {
     /// Acknowledges what was applied, then publishes what changed since the
     /// last flush.
     async fn flush(&mut self) {
+        if !self.fence.holds() {
+            self.unacked = None;
+            return;
+        }
         if let Some(msg) = self.unacked.take()
             && let Err(err) = msg.ack().await
         {

@@ -60,6 +60,11 @@ pub struct Config {
     /// that schedulers resync idle shards after a restart).
     #[arg(long, env = "TETHER_ANNOUNCE_INTERVAL_MS", default_value_t = 2_000)]
     pub announce_interval_ms: u64,
+    /// Shard leases: 0 assigns `--owned-shards` statically; above 0 the
+    /// listed shards are candidates, each run by whichever replica holds its
+    /// lease, renewed every third of this TTL (ms). Requires `--durable`.
+    #[arg(long, env = "TETHER_LEASE_TTL_MS", default_value_t = 0)]
+    pub lease_ttl_ms: u64,
     /// Stream deliveries a shard may hold unacknowledged.
     #[arg(long, env = "TETHER_MAX_ACK_PENDING", default_value_t = 20_000)]
     pub max_ack_pending: i64,

@@ -24,6 +24,7 @@ use tether_protocol::RequestEvent;
 use tether_telemetry::Shutdown;
 
 use crate::actor::{Mailbox, ShardMsg};
+use crate::lease::Fence;
 use crate::metrics::Metrics;
 
 /// How a shard's durable consumer is set up.
@@ -34,6 +35,7 @@ pub struct DurableIntake {
     pub max_ack_pending: i64,
     /// Messages asked for per pull request.
     pub batch: usize,
+    pub metrics: Metrics,
 }
 
 /// Starts the shard's durable intake after stream sequence `after`. The
@@ -44,7 +46,7 @@ pub async fn spawn_durable_intake(
     shard: u16,
     after: u64,
     mailbox: Mailbox,
-    metrics: Metrics,
+    fence: Fence,
     shutdown: Shutdown,
 ) -> Result<tokio::task::JoinHandle<()>, JetStreamError> {
     let subjects = bus.subjects.clone();
@@ -61,12 +63,15 @@ pub async fn spawn_durable_intake(
     };
     let first = create(after, intake.clone(), subjects.clone()).await?;
     let bus = bus.clone();
+    let metrics = intake.metrics.clone();
     Ok(tokio::spawn(async move {
         let mut forwarded = after;
         let mut next = Some(first);
         while !shutdown.is_cancelled() {
             let consumer = match next.take() {
                 Some(c) => c,
+                // Only an owner recreates the consumer (fenced by its lease).
+                None if !fence.holds() => break,
                 None => match create(forwarded, intake.clone(), subjects.clone()).await {
                     Ok(c) => {
                         metrics.consumer_restarts.inc();

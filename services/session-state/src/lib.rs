@@ -10,6 +10,8 @@
 //!   the JetStream events stream, or core NATS in memory-only mode), decoded
 //!   and fed to the actors' mailboxes in stream order.
 //! - [`snapshot`] — the versioned shard snapshot format.
+//! - [`lease`]   — lease-based shard ownership (optional): acquire, renew,
+//!   fence, release.
 //! - [`responders`] — request-reply endpoints: snapshot pages and session queries.
 //! - [`metrics`] — the Prometheus metrics.
 //! - [`service`] — wiring: connect, spawn, serve the admin endpoint, shut down.
@@ -18,6 +20,7 @@
 pub mod actor;
 pub mod config;
 pub mod intake;
+pub mod lease;
 pub mod metrics;
 pub mod responders;
 pub mod service;

@@ -25,6 +25,11 @@ pub struct Metrics {
     pub snapshots_loaded: Counter,
     /// Shard consumers recreated after a reconnect or a stream error.
     pub consumer_restarts: Counter,
+    /// Shards whose lease this process holds (lease mode).
+    pub leases: Gauge,
+    pub lease_losses: Counter,
+    /// Deliveries dropped because the shard's lease had lapsed.
+    pub fenced: Counter,
     pub queries: Counter,
 }
 
@@ -89,6 +94,21 @@ impl Metrics {
             "tether_session_consumer_restarts",
             "Shard consumers recreated after a reconnect or a stream error",
             self.consumer_restarts.clone(),
+        );
+        r.register(
+            "tether_session_leases",
+            "Shards whose lease this process holds (lease mode)",
+            self.leases.clone(),
+        );
+        r.register(
+            "tether_session_lease_losses",
+            "Shard leases lost (not renewed in time, or taken by another owner)",
+            self.lease_losses.clone(),
+        );
+        r.register(
+            "tether_session_fenced_events",
+            "Deliveries dropped because the shard's lease had lapsed",
+            self.fenced.clone(),
         );
         r.register(
             "tether_session_snapshot_pages",

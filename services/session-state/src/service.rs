@@ -15,6 +15,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::actor::{ActorConfig, Restored, ShardActor, SnapshotSink};
 use crate::intake::DurableIntake;
+use crate::lease::{self, Fence, StartShard};
 use crate::{Config, intake, metrics::Metrics, responders, shards, snapshot};
 
 /// A started service.
@@ -40,6 +41,79 @@ impl Running {
             t.abort();
         }
     }
+}
+
+/// What starting a durable shard needs.
+struct ShardCtx {
+    bus: tether_bus::Bus,
+    actor_cfg: ActorConfig,
+    metrics: Metrics,
+    mailbox: usize,
+    intake: DurableIntake,
+    store: ObjectStore,
+}
+
+/// Restores a durable shard from its snapshot and starts its actor,
+/// responders and intake (after the snapshot's sequence).
+async fn start_durable_shard(
+    ctx: &ShardCtx,
+    shard: u16,
+    fence: Fence,
+    shutdown: Shutdown,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let restored = restore(
+        &ctx.store,
+        shard,
+        ctx.actor_cfg.shards,
+        ctx.actor_cfg.limits,
+    )
+    .await?;
+    if restored.table.is_some() {
+        ctx.metrics.snapshots_loaded.inc();
+    }
+    let sink = SnapshotSink {
+        store: ctx.store.clone(),
+    };
+    let actor = ShardActor::durable(
+        shard,
+        ctx.actor_cfg.clone(),
+        ctx.bus.clone(),
+        ctx.metrics.clone(),
+        restored,
+        sink,
+        fence.clone(),
+    );
+    let after = actor.applied();
+    let (mailbox, handle) = actor.spawn(ctx.mailbox, shutdown.clone());
+    let mut tasks = vec![handle];
+    let started = async {
+        tasks.push(
+            responders::spawn_responders(&ctx.bus, shard, mailbox.clone(), shutdown.clone())
+                .await?,
+        );
+        tasks.push(
+            intake::spawn_durable_intake(
+                &ctx.bus,
+                ctx.intake.clone(),
+                shard,
+                after,
+                mailbox,
+                fence,
+                shutdown.clone(),
+            )
+            .await?,
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(err) = started {
+        shutdown.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        return Err(err);
+    }
+    Ok(tasks)
 }
 
 /// Loads a shard's snapshot; nothing (replay every retained event) when
@@ -143,6 +217,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
                 ack_wait: Duration::from_secs(30),
                 max_ack_pending: config.max_ack_pending.max(1),
                 batch: 512,
+                metrics: metrics.clone(),
             },
             store,
         ))
@@ -151,48 +226,69 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     };
 
     let mut tasks = Vec::new();
-    for &shard in &owned {
-        let Some((intake_cfg, store)) = &durable else {
-            let actor = ShardActor::new(shard, actor_cfg.clone(), bus.clone(), metrics.clone());
-            let (mailbox, handle) = actor.spawn(config.mailbox, shutdown.clone());
-            tasks.push(handle);
-            tasks.push(intake::spawn_intake(&bus, shard, mailbox.clone(), shutdown.clone()).await?);
-            tasks.push(responders::spawn_responders(&bus, shard, mailbox, shutdown.clone()).await?);
-            continue;
-        };
-        let restored = restore(store, shard, config.bus.shards, actor_cfg.limits).await?;
-        if restored.table.is_some() {
-            metrics.snapshots_loaded.inc();
+    match durable {
+        None => {
+            anyhow::ensure!(
+                config.lease_ttl_ms == 0,
+                "shard leases (--lease-ttl-ms) need --durable"
+            );
+            for &shard in &owned {
+                let actor = ShardActor::new(shard, actor_cfg.clone(), bus.clone(), metrics.clone());
+                let (mailbox, handle) = actor.spawn(config.mailbox, shutdown.clone());
+                tasks.push(handle);
+                tasks.push(
+                    intake::spawn_intake(&bus, shard, mailbox.clone(), shutdown.clone()).await?,
+                );
+                tasks.push(
+                    responders::spawn_responders(&bus, shard, mailbox, shutdown.clone()).await?,
+                );
+            }
         }
-        let sink = SnapshotSink {
-            store: store.clone(),
-        };
-        let actor = ShardActor::durable(
-            shard,
-            actor_cfg.clone(),
-            bus.clone(),
-            metrics.clone(),
-            restored,
-            sink,
-        );
-        let after = actor.applied();
-        let (mailbox, handle) = actor.spawn(config.mailbox, shutdown.clone());
-        tasks.push(handle);
-        tasks.push(
-            responders::spawn_responders(&bus, shard, mailbox.clone(), shutdown.clone()).await?,
-        );
-        tasks.push(
-            intake::spawn_durable_intake(
-                &bus,
-                intake_cfg.clone(),
-                shard,
-                after,
-                mailbox,
-                metrics.clone(),
-                shutdown.clone(),
-            )
-            .await?,
-        );
+        Some((intake_cfg, store)) => {
+            let ctx = std::sync::Arc::new(ShardCtx {
+                bus: bus.clone(),
+                actor_cfg: actor_cfg.clone(),
+                metrics: metrics.clone(),
+                mailbox: config.mailbox,
+                intake: intake_cfg,
+                store,
+            });
+            if config.lease_ttl_ms == 0 {
+                for &shard in &owned {
+                    tasks.extend(
+                        start_durable_shard(&ctx, shard, Fence::always(), shutdown.clone()).await?,
+                    );
+                }
+            } else {
+                let ttl = Duration::from_millis(config.lease_ttl_ms.max(30));
+                let leases =
+                    js::lease_store(&bus.jetstream(), &bus.subjects, ttl, config.js_replicas)
+                        .await?;
+                let owner = format!(
+                    "session-state-{}-{:016x}",
+                    std::process::id(),
+                    tether_protocol::random_u64()
+                );
+                let start: StartShard =
+                    std::sync::Arc::new(move |shard, fence, _revision, token| {
+                        let ctx = ctx.clone();
+                        Box::pin(
+                            async move { start_durable_shard(&ctx, shard, fence, token).await },
+                        )
+                    });
+                for &shard in &owned {
+                    tasks.push(lease::spawn_lease(
+                        leases.clone(),
+                        shard,
+                        owner.clone(),
+                        ttl,
+                        start.clone(),
+                        metrics.clone(),
+                        shutdown.clone(),
+                    ));
+                }
+            }
+        }
     }
 
     let (admin_addr, server) = spawn_server(

@@ -18,6 +18,10 @@ use tracing::Instrument;
 use crate::{Bus, BusError, inject_context};
 
 pub use async_nats::jetstream::consumer::PullConsumer as ShardConsumer;
+pub use async_nats::jetstream::kv::{
+    CreateErrorKind as LeaseCreateErrorKind, Store as LeaseStore,
+    UpdateErrorKind as LeaseUpdateErrorKind,
+};
 pub use async_nats::jetstream::object_store::{GetErrorKind, ObjectStore};
 pub use async_nats::jetstream::stream::Stream as JsStream;
 pub use async_nats::jetstream::{Context, Message as JsMessage};
@@ -65,6 +69,16 @@ pub fn snapshot_bucket_name(subjects: &Subjects) -> String {
 
 /// The object name of a shard's snapshot.
 pub fn snapshot_object_name(shard: u16) -> String {
+    format!("shard-{shard}")
+}
+
+/// `<prefix>-leases`: the KV bucket of shard leases (one key per shard).
+pub fn lease_bucket_name(subjects: &Subjects) -> String {
+    format!("{}-leases", sanitize(subjects.prefix()))
+}
+
+/// The key of a shard's lease.
+pub fn lease_key(shard: u16) -> String {
     format!("shard-{shard}")
 }
 
@@ -185,6 +199,31 @@ pub async fn shard_consumer(
             name,
             error: e.to_string(),
         })
+}
+
+/// Opens the lease bucket (history 1; an entry not renewed within `ttl`
+/// expires), creating it or updating its TTL.
+pub async fn lease_store(
+    js: &Context,
+    subjects: &Subjects,
+    ttl: Duration,
+    replicas: usize,
+) -> Result<LeaseStore, JetStreamError> {
+    let bucket = lease_bucket_name(subjects);
+    js.create_or_update_key_value(async_nats::jetstream::kv::Config {
+        bucket: bucket.clone(),
+        description: "Tether session-state shard leases".into(),
+        history: 1,
+        max_age: ttl,
+        storage: StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| JetStreamError::Store {
+        name: bucket,
+        error: e.to_string(),
+    })
 }
 
 /// A shard consumer's lag: messages not yet delivered, and delivered but not
