@@ -75,7 +75,7 @@ pub struct Config {
     pub body_read_timeout_secs: u64,
     /// Request-body bytes the ingress holds at once, over all calls; calls
     /// beyond get 503 with Retry-After.
-    #[arg(long, env = "TETHER_MAX_BUFFERED_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    #[arg(long, env = "TETHER_MAX_BUFFERED_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_buffered_body_bytes: usize,
     /// File of API keys, one `tenant:<sha256 of the key, hex>` a line; with
     /// any keys configured every /v1 call needs `Authorization: Bearer <key>`.
