@@ -118,6 +118,8 @@ enum Misbehaviour {
     Fails,
     /// Starts a 200 SSE stream, sends one event, then drops the connection.
     CutsStreams,
+    /// Answers 500 until the flag is set, then a short chat completion.
+    FailsUntil(&'static std::sync::atomic::AtomicBool),
 }
 
 /// A bad engine on loopback, stopped when dropped.
@@ -188,7 +190,19 @@ async fn serve_bad(mut tcp: TcpStream, how: Misbehaviour) {
     match how {
         Misbehaviour::Dies => {}
         Misbehaviour::Hangs => std::future::pending::<()>().await,
-        Misbehaviour::Fails => {
+        Misbehaviour::FailsUntil(healed) if healed.load(std::sync::atomic::Ordering::SeqCst) => {
+            let body = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+            let _ = tcp
+                .write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+        Misbehaviour::Fails | Misbehaviour::FailsUntil(_) => {
             let body = r#"{"error":{"message":"boom"}}"#;
             let _ = tcp
                 .write_all(
@@ -1249,4 +1263,43 @@ async fn round_trip_any(bus: &tether_bus::Bus) {
         bus.client.request("tether.nobody", bytes::Bytes::new()),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejected_engine_is_readmitted_after_a_good_probe() -> anyhow::Result<()> {
+    static HEALED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let (u, _bad) = with_bad(
+        Misbehaviour::FailsUntil(&HEALED),
+        &["--breaker-failures", "1", "--breaker-cooldown-ms", "300"],
+    )
+    .await?;
+    until_retried(&u, false).await?;
+    assert_eq!(
+        u.ingress_metric("tether_ingress_engine_ejections", "engine=\"bad\"")
+            .await?,
+        1.0
+    );
+    HEALED.store(true, std::sync::atomic::Ordering::SeqCst);
+    // After the cool-down calls probe it again; it answers, and is back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    loop {
+        i += 1;
+        let r = u.chat(Some(&format!("probe-{i}")), "hi", 2).await?;
+        if engine_of(&r) == "bad" {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the engine was never probed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while u
+        .ingress_metric("tether_ingress_engine_ejected", "engine=\"bad\"")
+        .await?
+        != 0.0
+    {
+        anyhow::ensure!(Instant::now() < deadline, "still ejected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
