@@ -68,7 +68,7 @@ pub struct Config {
     pub affinity_cache: usize,
     /// A connection must send a request's headers within this time, seconds;
     /// also the idle timeout of a kept-alive connection (0 disables).
-    #[arg(long, env = "TETHER_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(long, env = "TETHER_HEADER_READ_TIMEOUT_SECS", default_value_t = 30)]
     pub header_read_timeout_secs: u64,
     /// A request body must arrive within this time, seconds (0 disables).
     #[arg(long, env = "TETHER_BODY_READ_TIMEOUT_SECS", default_value_t = 30)]
