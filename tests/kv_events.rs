@@ -24,9 +24,13 @@ impl Drop for Child {
     }
 }
 
+fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
 fn python() -> std::path::PathBuf {
     std::env::var_os("TETHER_PYTHON").map_or_else(
-        || tether_testkit::workspace_root().join(".tools/venv/bin/python"),
+        || root().join(".tools/venv/bin/python"),
         std::path::PathBuf::from,
     )
 }
@@ -98,7 +102,7 @@ async fn complete(client: &http::HttpClient, url: &str, prompt: &str) -> anyhow:
 async fn decoded_by_msgspec(format: KvEventsFormat) -> anyhow::Result<()> {
     let stop = Shutdown::new();
     let (url, events, replay) = engine_with_events("sim-py", 8, format, &stop).await?;
-    let script = tether_testkit::workspace_root().join("tools/engine-sim/tests/vllm_kv_events.py");
+    let script = root().join("tools/engine-sim/tests/vllm_kv_events.py");
     let fmt = match format {
         KvEventsFormat::Array => "array",
         KvEventsFormat::Map => "map",
@@ -129,10 +133,25 @@ async fn decoded_by_msgspec(format: KvEventsFormat) -> anyhow::Result<()> {
     });
     let ready = tokio::time::timeout(Duration::from_secs(60), lines.recv()).await?;
     anyhow::ensure!(ready.as_deref() == Some("ready"), "script said {ready:?}");
+    // Until the subscription reaches the publisher, batches are lost: send
+    // harmless ones (clearing the empty cache) until one arrives.
+    let client = http::client();
+    let reset_url = format!("{url}/reset_prefix_cache");
+    let mut live = false;
+    for _ in 0..600 {
+        let r = http::post_json(&client, &reset_url, &[], &serde_json::json!({})).await;
+        anyhow::ensure!(r.is_ok_and(|r| r.status == 200), "reset failed");
+        if let Ok(Some(line)) = tokio::time::timeout(Duration::from_millis(50), lines.recv()).await
+        {
+            anyhow::ensure!(line == "live", "script said {line:?}");
+            live = true;
+            break;
+        }
+    }
+    anyhow::ensure!(live, "no batch reached the script");
 
     // 8 blocks of 16 tokens. A: 64 words = 4 full blocks (its one answer
     // token is sampled, never computed). B: 96 words = 6 blocks: evicts 2.
-    let client = http::client();
     let (a, b) = (words(0, 64), words(1000, 96));
     complete(&client, &url, &a).await?;
     complete(&client, &url, &b).await?;
@@ -152,7 +171,14 @@ async fn decoded_by_msgspec(format: KvEventsFormat) -> anyhow::Result<()> {
     stop.cancel();
     anyhow::ensure!(status.success(), "the script failed: {status}");
     let v: serde_json::Value = serde_json::from_str(&out)?;
-    let events = v["events"].as_array().cloned().unwrap_or_default();
+    // The clears of the empty cache sent to get the stream going come first.
+    let events: Vec<serde_json::Value> = v["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .skip_while(|e| e["kind"] == "cleared")
+        .collect();
 
     let ha = block_hashes(&tokenize(&a), 16);
     let hb = block_hashes(&tokenize(&b), 16);
@@ -310,6 +336,29 @@ async fn placement_follows_the_engines_events_through_clears_and_restarts() -> a
         (d.engine.as_str(), d.reason),
         ("sim-a", RouteReason::PrefixMatch)
     );
+
+    // A new replica starts from the relay's snapshot, not from empty: it
+    // knows sim-a's blocks though no event has come since it started.
+    let mut args2 = base.to_vec();
+    args2.extend(["--prefix-source", "exact"]);
+    let stop2 = root.child_token();
+    let sched2 = tether_scheduler::start_with_fleet(
+        <tether_scheduler::Config as clap::Parser>::try_parse_from(args2)?,
+        fleet.clone(),
+        stop2.clone(),
+    )
+    .await?;
+    until("the new replica loads sim-a's snapshot", || {
+        metric(
+            &sched2.admin,
+            "tether_scheduler_kv_snapshots_total",
+            "outcome=\"loaded\"",
+        ) >= 2.0
+            && metric(&sched2.admin, "tether_scheduler_kv_index_blocks", "") >= 8.0
+    })
+    .await?;
+    stop2.cancel();
+    tokio::time::timeout(Duration::from_secs(10), sched2.join()).await?;
 
     // sim-a drops its cache: the index follows, and nothing goes there for it.
     let reset = http::post_json(

@@ -17,15 +17,25 @@
 //! restarted with an empty cache). Every relayed message carries the
 //! stream's epoch (random per relay start) and its own `seq` 1, 2, 3, …,
 //! so that a receiver detects what it missed on NATS.
+//!
+//! The relay also keeps what each engine holds (hash → parent, from the
+//! events it relays; 40–50 bytes a block) and serves it in pages on
+//! `<p>.kv-snapshot`, so that a new scheduler replica starts from it. A
+//! first page takes a copy at the current `seq`; later pages read that copy,
+//! so that all pages of one snapshot agree.
 
 use bytes::Bytes;
 use futures::StreamExt;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tether_bus::Bus;
-use tether_protocol::{KvEvent, KvEventBatch, now_ms, random_u64};
+use tether_protocol::{
+    KvEvent, KvEventBatch, KvSnapshotPage, KvSnapshotRequest, now_ms, random_u64,
+};
 use tether_telemetry::{AdminState, Shutdown};
+use tokio::sync::mpsc;
 use zeromq::{DealerSocket, Socket, SocketEvent, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 use crate::metrics::{Metrics, engine, engine_and};
@@ -74,7 +84,14 @@ pub struct Relay {
     epoch: u64,
     seq: u64,
     next: Option<u64>,
+    /// What the engine holds, as relayed: hash → parent (0: none).
+    held: BTreeMap<u64, u64>,
+    /// The snapshot being paged: its `seq` and its blocks in hash order.
+    frozen: Option<(u64, Vec<(u64, u64)>)>,
 }
+
+/// A snapshot request and the message to answer.
+pub type SnapshotAsk = (KvSnapshotRequest, tether_bus::Message);
 
 impl Relay {
     pub fn new(stream: Stream, bus: Bus, metrics: Metrics, replay_timeout: Duration) -> Self {
@@ -88,11 +105,70 @@ impl Relay {
             epoch: random_u64(),
             seq: 0,
             next: None,
+            held: BTreeMap::new(),
+            frozen: None,
+        }
+    }
+
+    /// Answers one page of a snapshot of what the engine holds.
+    async fn answer(&mut self, req: KvSnapshotRequest, msg: tether_bus::Message) {
+        if req.after.is_none() || self.frozen.is_none() {
+            self.frozen = Some((self.seq, self.held.iter().map(|(h, p)| (*h, *p)).collect()));
+        }
+        let (seq, blocks) = self
+            .frozen
+            .as_ref()
+            .map_or((0, &[][..]), |(s, b)| (*s, &b[..]));
+        let start = req
+            .after
+            .map_or(0, |a| blocks.partition_point(|(h, _)| *h <= a));
+        let limit = (req.limit.max(1) as usize).min(100_000);
+        let page: Vec<(u64, u64)> = blocks[start..].iter().take(limit).copied().collect();
+        let next = if start + page.len() < blocks.len() {
+            page.last().map(|(h, _)| *h)
+        } else {
+            None
+        };
+        let reply = KvSnapshotPage {
+            engine: self.stream.engine.clone(),
+            epoch: self.epoch,
+            seq,
+            blocks: page,
+            next,
+        };
+        if let Err(e) = self.bus.respond(&msg, &reply).await {
+            tracing::warn!(engine = %self.stream.engine, error = %e, "cannot answer a KV snapshot request");
+        }
+    }
+
+    /// Keeps `held` in step with what is relayed.
+    fn track(&mut self, events: &[KvEvent]) {
+        for e in events {
+            match e {
+                KvEvent::Stored { hashes, parent, .. } => {
+                    let mut parent = parent.unwrap_or(0);
+                    for h in hashes {
+                        self.held.insert(*h, parent);
+                        parent = *h;
+                    }
+                }
+                KvEvent::Removed { hashes } => {
+                    for h in hashes {
+                        self.held.remove(h);
+                    }
+                }
+                KvEvent::Cleared | KvEvent::Reset => self.held.clear(),
+            }
         }
     }
 
     /// Runs until `shutdown`: connects (retrying), relays, reconnects.
-    pub async fn run(mut self, ready: Readiness, shutdown: Shutdown) {
+    pub async fn run(
+        mut self,
+        ready: Readiness,
+        mut snapshots: mpsc::Receiver<SnapshotAsk>,
+        shutdown: Shutdown,
+    ) {
         let name = self.stream.engine.clone();
         loop {
             let mut sub = SubSocket::new();
@@ -101,9 +177,17 @@ impl Relay {
                 tracing::warn!(engine = %name, error = %e, "cannot subscribe");
             }
             // Waits for the engine (up to the library's connect timeout).
-            let connected = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                c = sub.connect(&self.stream.events) => c,
+            let endpoint = self.stream.events.clone();
+            let connected = {
+                let connect = sub.connect(&endpoint);
+                tokio::pin!(connect);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        c = &mut connect => break c,
+                        Some((req, msg)) = snapshots.recv() => self.answer(req, msg).await,
+                    }
+                }
             };
             if let Err(e) = connected {
                 tracing::warn!(engine = %name, endpoint = %self.stream.events, error = %e, "cannot connect to KV events; retrying");
@@ -138,6 +222,7 @@ impl Relay {
                         Some(_) => {}
                         None => break,
                     },
+                    Some((req, msg)) = snapshots.recv() => self.answer(req, msg).await,
                     msg = sub.recv() => match msg {
                         Ok(msg) => self.on_message(msg).await,
                         Err(e) => tracing::debug!(engine = %name, error = %e, "KV events receive error"),
@@ -258,6 +343,7 @@ impl Relay {
     }
 
     async fn publish(&mut self, engine_seq: u64, at_ms: u64, events: Vec<KvEvent>) {
+        self.track(&events);
         self.seq += 1;
         let msg = KvEventBatch {
             engine: self.stream.engine.clone(),

@@ -11,8 +11,9 @@ use std::time::Duration;
 use tether_fleet::FleetConfig;
 use tether_telemetry::{AdminState, Shutdown, admin_router, spawn_server};
 
-use crate::relay::{Readiness, Relay, Stream};
+use crate::relay::{Readiness, Relay, SnapshotAsk, Stream};
 use crate::{Config, metrics::Metrics};
+use tether_protocol::KvSnapshotRequest;
 
 pub struct Running {
     pub admin_addr: SocketAddr,
@@ -66,6 +67,43 @@ pub async fn start_with_fleet(
     };
     let timeout = Duration::from_millis(config.replay_timeout_ms.max(1));
     let mut tasks = Vec::new();
+    // Snapshot requests, dispatched to the engine's relay task.
+    let mut asks = std::collections::HashMap::new();
+    let mut inboxes = Vec::new();
+    for s in &streams {
+        let (tx, rx) = tokio::sync::mpsc::channel::<SnapshotAsk>(64);
+        asks.insert(s.engine.clone(), tx);
+        inboxes.push(rx);
+    }
+    let mut requests = bus.subscribe(bus.subjects.kv_snapshot()).await?;
+    let (b, stop) = (bus.clone(), shutdown.clone());
+    tasks.push(tokio::spawn(async move {
+        use futures::StreamExt;
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => return,
+                m = requests.next() => match m { Some(m) => m, None => return },
+            };
+            let Some(req) = b.decode::<KvSnapshotRequest>(&msg, "kv-snapshot") else {
+                continue;
+            };
+            match asks.get(&req.engine) {
+                Some(tx) => {
+                    let _ = tx.try_send((req, msg));
+                }
+                None => {
+                    let empty = tether_protocol::KvSnapshotPage {
+                        engine: req.engine,
+                        epoch: 0,
+                        seq: 0,
+                        blocks: Vec::new(),
+                        next: None,
+                    };
+                    let _ = b.respond(&msg, &empty).await;
+                }
+            }
+        }
+    }));
     // NATS connects in the background and may drop: re-check now and then.
     let (r, b, stop) = (ready.clone(), bus.clone(), shutdown.clone());
     tasks.push(tokio::spawn(async move {
@@ -77,9 +115,13 @@ pub async fn start_with_fleet(
             }
         }
     }));
-    for s in streams {
+    for (s, inbox) in streams.into_iter().zip(inboxes) {
         let relay = Relay::new(s, bus.clone(), metrics.clone(), timeout);
-        tasks.push(tokio::spawn(relay.run(ready.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(relay.run(
+            ready.clone(),
+            inbox,
+            shutdown.clone(),
+        )));
     }
     let (admin_addr, server) = spawn_server(
         config.admin_listen,

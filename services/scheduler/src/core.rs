@@ -32,7 +32,17 @@ pub struct Core {
     pub page_size: u32,
     pub call_timeout: Duration,
     resyncing: Vec<bool>,
+    /// Engines whose KV snapshot is being fetched.
+    kv_fetching: Vec<bool>,
+    /// Their batches arrived meanwhile, applied after the snapshot (at most
+    /// [`KV_PENDING_CAP`] per engine; beyond, they are applied at once).
+    kv_pending: Vec<Vec<KvEventBatch>>,
 }
+
+const KV_PENDING_CAP: usize = 10_000;
+
+/// A fetched KV snapshot: engine index, then `(epoch, seq, blocks)`.
+type KvSnapshot = (usize, Result<(u64, u64, Vec<(u64, u64)>), String>);
 
 impl Core {
     pub fn new(
@@ -53,6 +63,8 @@ impl Core {
             page_size,
             call_timeout,
             resyncing: vec![false; usize::from(shards)],
+            kv_fetching: Vec::new(),
+            kv_pending: Vec::new(),
         }
     }
 
@@ -61,6 +73,10 @@ impl Core {
         for shard in 0..self.shards {
             self.start_resync(shard, &resync_tx);
         }
+        let (kv_tx, mut kv_rx) = mpsc::channel::<KvSnapshot>(16);
+        self.kv_fetching = vec![false; self.decider.kv.engines()];
+        self.kv_pending = vec![Vec::new(); self.decider.kv.engines()];
+        self.fetch_kv_snapshots(&kv_tx);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -79,9 +95,13 @@ impl Core {
                         Some(s) => s.next().await,
                         None => std::future::pending().await,
                     }
-                } => self.kv_batch(msg),
+                } => self.kv_batch(msg, &kv_tx),
+                Some(snap) = kv_rx.recv() => self.kv_snapshot(snap, &kv_tx),
                 Some(msg) = resync_rx.recv() => self.resync_msg(msg),
-                _ = tick.tick() => self.housekeeping(&resync_tx),
+                _ = tick.tick() => {
+                    self.housekeeping(&resync_tx);
+                    self.fetch_kv_snapshots(&kv_tx);
+                }
                 else => break,
             }
         }
@@ -162,23 +182,109 @@ impl Core {
     }
 
     /// Applies an engine's KV events to the exact index.
-    fn kv_batch(&mut self, msg: tether_bus::Message) {
+    fn kv_batch(&mut self, msg: tether_bus::Message, kv_tx: &mpsc::Sender<KvSnapshot>) {
         let Some(b) = self.bus.decode::<KvEventBatch>(&msg, "kv") else {
             return;
         };
+        if let Some(i) = self.decider.engine_index(&b.engine)
+            && self.kv_fetching.get(i).copied().unwrap_or(false)
+            && let Some(pending) = self.kv_pending.get_mut(i)
+            && pending.len() < KV_PENDING_CAP
+        {
+            pending.push(b);
+            return;
+        }
+        self.kv_apply(b, kv_tx);
+    }
+
+    fn kv_apply(&mut self, b: KvEventBatch, kv_tx: &mpsc::Sender<KvSnapshot>) {
         let outcome = match self.decider.engine_index(&b.engine) {
             Some(i) => self.decider.kv.apply(i, &b),
             None => crate::kv_index::Applied::UnknownEngine,
         };
         let outcome = match outcome {
             crate::kv_index::Applied::Ok => "ok",
-            crate::kv_index::Applied::Resynced => "resynced",
+            crate::kv_index::Applied::Resynced => {
+                // Purged after a gap: start again from the relay's snapshot.
+                if let Some(i) = self.decider.engine_index(&b.engine) {
+                    self.fetch_kv_snapshot(i, kv_tx);
+                }
+                "resynced"
+            }
             crate::kv_index::Applied::UnknownEngine => "unknown",
+            crate::kv_index::Applied::Duplicate => "duplicate",
         };
         self.metrics
             .kv_batches
             .get_or_create(&label("outcome", outcome))
             .inc();
+        self.metrics
+            .kv_blocks
+            .set(i64::try_from(self.decider.kv.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Fetches the snapshot of every engine with KV events whose events do
+    /// not flow yet (at start, and retried each tick until they do).
+    fn fetch_kv_snapshots(&mut self, kv_tx: &mpsc::Sender<KvSnapshot>) {
+        for i in 0..self.kv_fetching.len() {
+            let has_events = self
+                .decider
+                .fleet
+                .engines
+                .get(i)
+                .is_some_and(|e| e.kv_events.is_some());
+            if has_events && !self.decider.kv.active(i) {
+                self.fetch_kv_snapshot(i, kv_tx);
+            }
+        }
+    }
+
+    fn fetch_kv_snapshot(&mut self, engine: usize, kv_tx: &mpsc::Sender<KvSnapshot>) {
+        let Some(busy) = self.kv_fetching.get_mut(engine) else {
+            return;
+        };
+        if *busy {
+            return;
+        }
+        *busy = true;
+        let (bus, tx) = (self.bus.clone(), kv_tx.clone());
+        let name = self.decider.fleet.engines[engine].name.clone();
+        tokio::spawn(async move {
+            let got = crate::kv_index::fetch_snapshot(&bus, &name, 50_000).await;
+            let _ = tx.send((engine, got)).await;
+        });
+    }
+
+    fn kv_snapshot(&mut self, (engine, got): KvSnapshot, kv_tx: &mpsc::Sender<KvSnapshot>) {
+        if let Some(b) = self.kv_fetching.get_mut(engine) {
+            *b = false;
+        }
+        let pending = self
+            .kv_pending
+            .get_mut(engine)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        let outcome = match got {
+            Ok((epoch, seq, blocks)) => {
+                if self.decider.kv.load_snapshot(engine, epoch, seq, &blocks) {
+                    "loaded"
+                } else {
+                    "stale"
+                }
+            }
+            Err(error) => {
+                tracing::debug!(engine, %error, "KV snapshot fetch failed; will retry");
+                "failed"
+            }
+        };
+        self.metrics
+            .kv_snapshots
+            .get_or_create(&label("outcome", outcome))
+            .inc();
+        // What arrived meanwhile: those the snapshot holds are duplicates.
+        for b in pending {
+            self.kv_apply(b, kv_tx);
+        }
         self.metrics
             .kv_blocks
             .set(i64::try_from(self.decider.kv.len()).unwrap_or(i64::MAX));

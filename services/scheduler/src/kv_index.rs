@@ -20,6 +20,10 @@
 //!   blocks the engine holds or is predicted to hold, as a share of the
 //!   prompt; it replaces the approximate index's answer for the engines
 //!   whose events flow (those that have reported in the current epoch).
+//! - **Snapshots.** A replica starting (or purging an engine after a gap)
+//!   asks the relay for what the engine holds (`<p>.kv-snapshot`, paged,
+//!   all pages at one relay `seq`) and loads it unless it already applied
+//!   batches past that `seq`; relayed batches up to it are then duplicates.
 //! - **Memory.** Bounded by `max_blocks` entries (new blocks past it are
 //!   not indexed, and counted): 40 bytes of entry and key plus hashbrown's
 //!   control byte and slack, so 41–82 bytes per block — at 1 M blocks, with
@@ -49,6 +53,8 @@ pub enum Applied {
     Resynced,
     /// The batch names an engine the index does not know.
     UnknownEngine,
+    /// Already applied (a snapshot included it).
+    Duplicate,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -89,6 +95,11 @@ impl KvIndex {
         self.blocks.len()
     }
 
+    /// Engines the index follows (0 when it is off).
+    pub fn engines(&self) -> usize {
+        self.streams.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.blocks.is_empty()
     }
@@ -127,6 +138,9 @@ impl KvIndex {
             return Applied::UnknownEngine;
         };
         let mut outcome = Applied::Ok;
+        if stream.active && stream.epoch == batch.epoch && batch.seq <= stream.seq {
+            return Applied::Duplicate;
+        }
         if !stream.active || stream.epoch != batch.epoch || batch.seq != stream.seq + 1 {
             // The first batch of a stream is in order only at seq 1 of an
             // epoch never seen before; anything else lost something.
@@ -181,6 +195,48 @@ impl KvIndex {
             }
         }
         outcome
+    }
+
+    /// Loads a snapshot of what `engine` holds, taken at relay `(epoch,
+    /// seq)`, unless batches past it were applied already (then it would
+    /// undo them: false, nothing changes).
+    pub fn load_snapshot(
+        &mut self,
+        engine: usize,
+        epoch: u64,
+        seq: u64,
+        blocks: &[(u64, u64)],
+    ) -> bool {
+        let Some(stream) = self.streams.get(engine).copied() else {
+            return false;
+        };
+        if stream.active && (stream.epoch != epoch || stream.seq > seq) {
+            return false;
+        }
+        self.purge(engine);
+        let bit = 1u64 << engine;
+        for &(h, parent) in blocks {
+            if let Some(e) = self.blocks.get_mut(&h) {
+                e.held |= bit;
+            } else if self.blocks.len() < self.max_blocks {
+                self.blocks.insert(
+                    h,
+                    Entry {
+                        held: bit,
+                        parent,
+                        ..Entry::default()
+                    },
+                );
+            } else {
+                self.dropped += 1;
+            }
+        }
+        self.streams[engine] = Stream {
+            epoch,
+            seq,
+            active: true,
+        };
+        true
     }
 
     /// Forgets everything `engine` held or was predicted to hold.
@@ -298,6 +354,46 @@ impl KvIndex {
     }
 }
 
+/// Fetches a whole snapshot of what `engine` holds from the KV events
+/// relay: `(epoch, seq, blocks)`. Pages of another `seq` than the first
+/// mean the relay started over; the fetch fails then (the caller retries).
+pub async fn fetch_snapshot(
+    bus: &tether_bus::Bus,
+    engine: &str,
+    page: u32,
+) -> Result<(u64, u64, Vec<(u64, u64)>), String> {
+    let mut after = None;
+    let mut blocks = Vec::new();
+    let mut at: Option<(u64, u64)> = None;
+    loop {
+        let req = tether_protocol::KvSnapshotRequest {
+            engine: engine.to_owned(),
+            after,
+            limit: page,
+        };
+        let p: tether_protocol::KvSnapshotPage = bus
+            .request(
+                bus.subjects.kv_snapshot(),
+                &req,
+                std::time::Duration::from_secs(2),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        match at {
+            None => at = Some((p.epoch, p.seq)),
+            Some(a) if a != (p.epoch, p.seq) => return Err("the snapshot changed".into()),
+            Some(_) => {}
+        }
+        blocks.extend(p.blocks);
+        match p.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    let (epoch, seq) = at.unwrap_or((0, 0));
+    Ok((epoch, seq, blocks))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,6 +474,23 @@ mod tests {
         ix.expire(1000);
         assert_eq!(ratios(&ix, &[1, 2], 1000)[0], 0.5);
         assert!(ix.holds(0, 1) && ix.len() == 1);
+    }
+
+    #[test]
+    fn a_snapshot_loads_unless_overtaken_and_its_batches_are_duplicates() {
+        let mut ix = KvIndex::new(1, 100, 1000);
+        assert!(ix.load_snapshot(0, 3, 10, &[(1, 0), (2, 1)]));
+        assert!(ix.holds(0, 2) && ix.parent(2) == Some(1));
+        assert_eq!(
+            ix.apply(0, &batch(3, 9, vec![KvEvent::Cleared])),
+            Applied::Duplicate
+        );
+        assert_eq!(ix.apply(0, &batch(3, 11, vec![stored(&[5])])), Applied::Ok);
+        assert!(
+            !ix.load_snapshot(0, 3, 10, &[]),
+            "older than what was applied"
+        );
+        assert!(ix.holds(0, 5));
     }
 
     #[test]

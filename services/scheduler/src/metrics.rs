@@ -27,6 +27,9 @@ pub struct Metrics {
     /// `resynced` (a gap or new epoch purged the engine first), `unknown`
     /// (an engine not in the fleet).
     pub kv_batches: Family<Labels, Counter>,
+    /// KV snapshots fetched from the relay, by `outcome`: `loaded`, `stale`
+    /// (batches past it were applied already), `failed` (retried).
+    pub kv_snapshots: Family<Labels, Counter>,
     /// Blocks in the exact index.
     pub kv_blocks: Gauge,
     /// Engines whose KV events flow (the exact index answers for them).
@@ -41,6 +44,11 @@ impl Metrics {
             "tether_scheduler_kv_batches",
             "KV event batches applied to the exact index, by outcome",
             self.kv_batches.clone(),
+        );
+        r.register(
+            "tether_scheduler_kv_snapshots",
+            "KV snapshots fetched from the relay, by outcome",
+            self.kv_snapshots.clone(),
         );
         r.register(
             "tether_scheduler_kv_index_blocks",

@@ -249,3 +249,28 @@ pub enum KvEvent {
     /// replay, or the engine restarted): forget everything it held.
     Reset,
 }
+
+/// Asks the KV events relay for the blocks one engine holds, in hash order
+/// (a new scheduler replica starts from it rather than from empty).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KvSnapshotRequest {
+    pub engine: String,
+    /// Blocks with a hash strictly greater than this (None: from the start,
+    /// which also takes a new snapshot; later pages come from that one).
+    pub after: Option<u64>,
+    pub limit: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KvSnapshotPage {
+    pub engine: String,
+    /// The relay stream's epoch and the `seq` of the last batch the
+    /// snapshot includes (0: none yet); every page of one snapshot has the
+    /// same. Batches up to `seq` are in it; apply those after.
+    pub epoch: u64,
+    pub seq: u64,
+    /// `(hash, parent)`, parent 0 when none or unknown.
+    pub blocks: Vec<(u64, u64)>,
+    /// Pass as `after` for the next page; None on the last.
+    pub next: Option<u64>,
+}

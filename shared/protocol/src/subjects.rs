@@ -81,6 +81,12 @@ impl Subjects {
         format!("{}.kv.{token}", self.prefix)
     }
 
+    /// `<p>.kv-snapshot` — request-reply, [`crate::KvSnapshotRequest`] →
+    /// [`crate::KvSnapshotPage`], answered by the KV events relay.
+    pub fn kv_snapshot(&self) -> String {
+        format!("{}.kv-snapshot", self.prefix)
+    }
+
     /// `<p>.kv.*` — every engine's KV cache events.
     pub fn kv_all(&self) -> String {
         format!("{}.kv.*", self.prefix)

@@ -17,10 +17,13 @@ big-endian, payload); the ROUTER replay socket takes (b"", start_seq) from a
 DEALER and answers (b"", seq, payload) per buffered batch, then
 (b"", -1, b"").
 
-The script connects, prints `ready`, collects batches until one holds an
-AllBlocksCleared, then asks for a replay from 0 and checks that the replay
-agrees with what it received live. It prints one JSON object: the events in
-order, as decoded by msgspec with strict typing.
+The script connects and prints `ready`; once a first batch has arrived
+(the caller resets the empty cache until then: a SUB socket misses what is
+sent before its subscription reaches the publisher) it prints `live`. It
+then collects batches until an AllBlocksCleared follows a BlockStored, asks
+for a replay from 0 and checks that the replay agrees with what it received
+live. It prints one JSON object: every event replayed, in order, as decoded
+by msgspec with strict typing.
 """
 
 import json
@@ -96,12 +99,16 @@ def main() -> None:
     print("ready", flush=True)
 
     live: dict[int, bytes] = {}
+    stored = False
     while True:
         topic, seq_bytes, payload = sub.recv_multipart()
         seq = int.from_bytes(seq_bytes, "big")
+        if not live:
+            print("live", flush=True)
         live[seq] = payload
         batch = decoder.decode(payload)
-        if any(isinstance(e, AllBlocksCleared) for e in batch.events):
+        stored = stored or any(isinstance(e, BlockStored) for e in batch.events)
+        if stored and any(isinstance(e, AllBlocksCleared) for e in batch.events):
             break
 
     dealer = ctx.socket(zmq.DEALER)
