@@ -53,7 +53,18 @@ impl std::fmt::Debug for BusArgs {
             .field("nats_url", &redact_url(&self.nats_url))
             .field("prefix", &self.prefix)
             .field("shards", &self.shards)
-            .field("auth", &self.auth_or_default())
+            .field("nats_user", &self.nats_user)
+            .field(
+                "nats_password",
+                &self.nats_password.as_ref().map(|_| "<set>"),
+            )
+            .field("nats_token", &self.nats_token.as_ref().map(|_| "<set>"))
+            .field("nats_nkey_file", &self.nats_nkey_file)
+            .field("nats_creds", &self.nats_creds)
+            .field("nats_tls_ca", &self.nats_tls_ca)
+            .field("nats_tls_cert", &self.nats_tls_cert)
+            .field("nats_tls_key", &self.nats_tls_key)
+            .field("nats_tls", &self.nats_tls)
             .finish()
     }
 }
@@ -71,10 +82,6 @@ pub fn redact_url(urls: &str) -> String {
 }
 
 impl BusArgs {
-    fn auth_or_default(&self) -> BusAuth {
-        self.auth().unwrap_or_default()
-    }
-
     /// The authentication and TLS options these flags give.
     pub fn auth(&self) -> Result<BusAuth, BusError> {
         let nkey_seed = match &self.nats_nkey_file {
