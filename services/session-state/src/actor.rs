@@ -450,3 +450,118 @@ impl ShardActor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use futures::StreamExt;
+    use tether_bus::jetstream as js;
+    use tether_protocol::EventKind;
+
+    /// One real delivery from a real events stream, the actor that would
+    /// apply it (1 shard), and the delivery's sequence.
+    async fn setup(
+        nats: &tether_testkit::NatsServer,
+    ) -> anyhow::Result<(Bus, SnapshotSink, RequestEvent, JsMessage, u64)> {
+        let config =
+            crate::Config::try_parse_from(["x", "--nats-url", &nats.url(), "--shards", "1"])?;
+        let bus = config.bus.connect("actor-test").await?;
+        let context = bus.jetstream();
+        let stream = js::ensure_events_stream(
+            &context,
+            &bus.subjects,
+            js::EventsStreamConfig {
+                max_age: Duration::from_secs(60),
+                replicas: 1,
+                duplicate_window: Duration::from_secs(10),
+            },
+        )
+        .await?;
+        let store = js::snapshot_store(&context, &bus.subjects, 1).await?;
+        let event = RequestEvent {
+            call_id: 1,
+            session_hash: stable_hash(b"s"),
+            session_key: "s".into(),
+            at_ms: now_ms(),
+            engine: "e".into(),
+            kind: EventKind::Dispatched {
+                inherited_cst: 0.0,
+                level: 0,
+            },
+        };
+        bus.publish_with_id(bus.subjects.events(0), &event, &js::event_msg_id(&event))
+            .await?;
+        bus.client.flush().await?;
+        let consumer =
+            js::shard_consumer(&stream, &bus.subjects, 0, 0, Duration::from_secs(30), 100).await?;
+        let mut batch = consumer.fetch().max_messages(1).messages().await?;
+        let msg = batch
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no delivery"))?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let seq = msg
+            .info()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .stream_sequence;
+        Ok((bus, SnapshotSink { store }, event, msg, seq))
+    }
+
+    fn cfg() -> ActorConfig {
+        ActorConfig {
+            shards: 1,
+            limits: TableLimits::default(),
+            delta_interval: Duration::from_millis(5),
+            max_delta_records: 100,
+            evict_interval: Duration::from_secs(60),
+            announce_interval: Duration::from_secs(2),
+            snapshot_interval: Duration::from_secs(10),
+        }
+    }
+
+    #[tokio::test]
+    async fn deliveries_apply_once_and_only_under_a_holding_fence() -> anyhow::Result<()> {
+        let nats = tether_testkit::NatsServer::start()?;
+        let (bus, sink, event, msg, seq) = setup(&nats).await?;
+        let hash = event.session_hash;
+        let delivery = |msg: JsMessage| ShardMsg::Durable {
+            seq,
+            event: Some((event.clone(), tracing::Span::none())),
+            msg: Box::new(msg),
+        };
+
+        // A lapsed lease: nothing is applied.
+        let metrics = Metrics::default();
+        let lapsed = crate::lease::Fence::until(std::time::Instant::now());
+        let mut fenced = ShardActor::durable(
+            0,
+            cfg(),
+            bus.clone(),
+            metrics.clone(),
+            Restored::default(),
+            sink.clone(),
+            lapsed,
+        );
+        fenced.handle(delivery(msg.clone()));
+        assert!(fenced.table.get(hash).is_none());
+        assert_eq!((fenced.applied(), metrics.fenced.get()), (0, 1));
+
+        // An owner applies it once; the repeat is skipped.
+        let metrics = Metrics::default();
+        let mut owner = ShardActor::durable(
+            0,
+            cfg(),
+            bus,
+            metrics.clone(),
+            Restored::default(),
+            sink,
+            crate::lease::Fence::always(),
+        );
+        owner.handle(delivery(msg.clone()));
+        owner.handle(delivery(msg));
+        assert_eq!(owner.table.get(hash).map(|s| s.requests), Some(1));
+        assert_eq!((owner.applied(), metrics.duplicates.get()), (seq, 1));
+        Ok(())
+    }
+}

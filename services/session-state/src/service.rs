@@ -36,6 +36,8 @@ impl Running {
 
     /// Stops every task at once, without the shutdown path (no final flush,
     /// acknowledgement or snapshot): what a crash leaves behind, for tests.
+    /// Under static ownership only: a leased shard's tasks belong to its
+    /// lease task and outlive this (stop a leased replica's process instead).
     pub fn abort(self) {
         for t in &self.tasks {
             t.abort();
