@@ -72,6 +72,7 @@ DEFAULT = "tether"
 OVERLOAD_VARIANTS = [
     {"name": "tether", "scheduler_args": [], "ingress_args": []},
     {"name": "tether, FCFS ordering", "scheduler_args": ["--ordering", "fcfs"], "ingress_args": []},
+    {"name": "tether, due order γ=4", "scheduler_args": [], "ingress_args": ["--queue-size-ratio", "4"]},
 ]
 
 # <<< OVERLOAD VARIANTS

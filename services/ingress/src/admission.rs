@@ -71,6 +71,8 @@ impl Drop for Permit {
 pub struct Request {
     pub level: u8,
     pub service: f64,
+    /// The call's uncached prefill, engine seconds (see [`Ask::size`]).
+    pub size: f64,
     pub preferred: usize,
     pub bind_delay: f64,
     pub candidates: Vec<usize>,
@@ -182,6 +184,7 @@ impl Gateway {
         let ask = Ask {
             level: r.level,
             service: r.service / self.time_scale,
+            size: r.size / self.time_scale,
             preferred: r.preferred,
             bind_delay: r.bind_delay / self.time_scale,
             candidates: r.candidates,
@@ -249,6 +252,7 @@ mod tests {
                 max_queue: 8,
                 queue_starvation_ratio: beta,
                 service_floor: 1.0,
+                size_ratio: 0.0,
             },
             1.0,
         )
@@ -258,6 +262,7 @@ mod tests {
         Request {
             level,
             service: 0.0,
+            size: 0.0,
             preferred,
             bind_delay,
             candidates: (0..n).collect(),

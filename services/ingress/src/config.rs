@@ -125,6 +125,10 @@ pub struct Config {
     /// The service floor of the queue's starvation bound, seconds.
     #[arg(long, env = "TETHER_SERVICE_FLOOR", default_value_t = 1.0)]
     pub service_floor: f64,
+    /// γ of the gateway queue's due time, `arrival + γ · uncached prefill`,
+    /// that orders calls of one level (0: arrival order).
+    #[arg(long, env = "TETHER_QUEUE_SIZE_RATIO", default_value_t = 0.0)]
+    pub queue_size_ratio: f64,
     /// Learn each engine's limit from its metrics (waiting queue, KV usage) so
     /// calls wait at the gateway, not in the engine; false: the fleet file's
     /// `max_concurrency` is a fixed limit.

@@ -178,9 +178,19 @@ async fn handle(
     // the call has waited longer than its cache there would save — on any
     // engine with room (late binding). A client that goes away meanwhile
     // drops the tracker, which reports the call cancelled.
+    // The prefill the call brings to its engine: its prompt, less what the
+    // scheduler expects that engine's cache to save (the bind delay; none
+    // known for the baselines, whose bind delay is infinite).
+    let prefill = app.cost.prefill_per_token * (call.raw_len() / 4) as f64;
+    let size = if r.bind_delay.is_finite() {
+        (prefill - r.bind_delay).max(0.0)
+    } else {
+        prefill
+    };
     let mut ask = crate::admission::Request {
         level: r.level,
         service: r.service,
+        size,
         preferred: r.engine,
         bind_delay: r.bind_delay,
         candidates: std::mem::take(&mut r.candidates),
@@ -289,6 +299,7 @@ async fn handle(
         ask = crate::admission::Request {
             level: r.level,
             service: r.service,
+            size,
             preferred,
             // Any engine with room will do.
             bind_delay: 0.0,
@@ -316,12 +327,12 @@ async fn handle(
             http::header::CONTENT_TYPE,
         );
         tether_headers(
-        out.headers_mut(),
-        &e.name,
-        &client_key,
-        r.level,
-        r.reason.as_str(),
-    );
+            out.headers_mut(),
+            &e.name,
+            &client_key,
+            r.level,
+            r.reason.as_str(),
+        );
         return Ok(out);
     }
 

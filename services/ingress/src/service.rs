@@ -151,6 +151,7 @@ pub async fn start_with_fleet(
         max_queue: config.max_queue,
         queue_starvation_ratio: config.queue_starvation_ratio,
         service_floor: config.service_floor,
+        size_ratio: config.queue_size_ratio,
     };
     let replicas = config.ingress_replicas.max(1);
     let limits: Vec<usize> = fleet

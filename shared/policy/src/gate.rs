@@ -12,10 +12,19 @@
 //! worth. A call without a bind delay goes to any candidate with room at
 //! once.
 //!
-//! Order among the calls eligible for a freed slot: level, then arrival. A
-//! call that has waited `β · max(service, floor)` counts as level 0
-//! (anti-starvation), so it waits at most that long plus the time to drain
-//! the level-0 calls that arrived before it.
+//! Order among the calls eligible for a freed slot: level, then due time,
+//! then arrival. A call that has waited `β · max(service, floor)` counts as
+//! level 0 (anti-starvation), so it waits at most that long plus the time to
+//! drain the level-0 calls due before it.
+//!
+//! The due time is `arrival + γ · size`, where `size` is the engine work the
+//! call brings that is known on arrival (its uncached prefill, seconds) and
+//! γ is `size_ratio`. With γ = 0 (the default) calls of a level go in
+//! arrival order. With γ > 0 a short call may pass a longer one that
+//! arrived less than `γ · (difference in size)` before it: earliest due
+//! date first, which favours short calls (mean time to first token) while
+//! bounding how far any call can be passed — a call is only ever passed by
+//! calls due before it.
 //!
 //! Invariant, kept by every operation: no engine with room has an eligible
 //! waiter. Eligibility grows with time (bind delays run out), so the owner
@@ -37,6 +46,8 @@ pub struct GateConfig {
     pub queue_starvation_ratio: f64,
     /// The service floor of that bound, seconds.
     pub service_floor: f64,
+    /// γ of the due time `arrival + γ · size` that orders a level (0: arrival order).
+    pub size_ratio: f64,
 }
 
 impl Default for GateConfig {
@@ -45,6 +56,7 @@ impl Default for GateConfig {
             max_queue: 1024,
             queue_starvation_ratio: 2.0,
             service_floor: 1.0,
+            size_ratio: 0.0,
         }
     }
 }
@@ -56,6 +68,9 @@ pub struct Ask {
     pub level: u8,
     /// The service behind the level, seconds (for the starvation bound).
     pub service: f64,
+    /// Engine work the call brings, known on arrival (its uncached prefill),
+    /// seconds: with [`GateConfig::size_ratio`], when it is due.
+    pub size: f64,
     /// The engine the scheduler chose.
     pub preferred: usize,
     /// Seconds the call waits for `preferred` before any candidate will do
@@ -89,6 +104,8 @@ struct Waiter {
     ask: Ask,
     arrived: f64,
     seq: u64,
+    /// `arrived + size_ratio · size`: the order within a level.
+    due: f64,
     starving_at: f64,
     bind_at: f64,
 }
@@ -176,12 +193,15 @@ impl GateQueue {
             f64::INFINITY
         };
         let bind_at = now + ask.bind_delay.max(0.0);
+        let due = now + self.cfg.size_ratio.max(0.0) * ask.size.max(0.0);
         self.engines[ask.preferred].waiting += 1;
         self.waiters.insert(
             id,
             Waiter {
                 arrived: now,
                 seq: self.seq,
+                // A NaN or infinite size counts as none: arrival order.
+                due: if due.is_finite() { due } else { now },
                 starving_at: if starving_at.is_nan() {
                     f64::INFINITY
                 } else {
@@ -239,7 +259,7 @@ impl GateQueue {
             .waiters
             .iter()
             .filter(|(_, w)| Self::eligible(w, engine, now))
-            .min_by_key(|(_, w)| Self::order(w, engine, now))
+            .min_by(|(_, a), (_, b)| Self::before(a, b, engine, now))
             .map(|(id, _)| *id)?;
         self.take(id, engine)
     }
@@ -257,14 +277,20 @@ impl GateQueue {
         w.ask.preferred == engine || (now >= w.bind_at && w.ask.candidates.contains(&engine))
     }
 
-    /// (effective level, not its preferred engine, arrival order): lower
-    /// goes first. Within a level a slot goes to a call that wants this very
-    /// engine before one that moves here (its bind delay ran out elsewhere):
-    /// a move costs the call its cache, so it takes only a slot no local
-    /// call wants — delay scheduling's rule.
-    fn order(w: &Waiter, engine: usize, now: f64) -> (u8, bool, u64) {
-        let level = if now >= w.starving_at { 0 } else { w.ask.level };
-        (level, w.ask.preferred != engine, w.seq)
+    /// (effective level, not its preferred engine, due time, arrival
+    /// order): lower goes first. Within a level a slot goes to a call that
+    /// wants this very engine before one that moves here (its bind delay ran
+    /// out elsewhere): a move costs the call its cache, so it takes only a
+    /// slot no local call wants — delay scheduling's rule.
+    fn before(a: &Waiter, b: &Waiter, engine: usize, now: f64) -> std::cmp::Ordering {
+        let key = |w: &Waiter| {
+            let level = if now >= w.starving_at { 0 } else { w.ask.level };
+            (level, w.ask.preferred != engine)
+        };
+        key(a)
+            .cmp(&key(b))
+            .then(a.due.total_cmp(&b.due))
+            .then(a.seq.cmp(&b.seq))
     }
 
     /// Waiters whose bind delay has run out take free slots on any candidate.
@@ -316,6 +342,7 @@ mod tests {
         Ask {
             level,
             service: 0.0,
+            size: 0.0,
             preferred,
             bind_delay,
             candidates: (0..n).collect(),
@@ -391,6 +418,7 @@ mod tests {
             queue_starvation_ratio: 2.0,
             service_floor: 1.0,
             max_queue: 8,
+            size_ratio: 0.0,
         };
         let mut q = GateQueue::new(&[1], cfg);
         assert_eq!(q.offer(1, ask(0, 0, 1.0, 1), 0.0), Offer::Run(0));
@@ -402,6 +430,29 @@ mod tests {
         assert_eq!(q.offer(3, ask(1, 0, 1.0, 1), 2.5), Offer::Queued);
         // At 3 s the heavy call has waited 3 ≥ 2·max(1, 1): it goes first.
         assert_eq!(q.release(0, 3.0), Some(Grant { id: 2, engine: 0 }));
+    }
+
+    #[test]
+    fn short_calls_pass_long_ones_only_until_those_are_due() {
+        let cfg = GateConfig {
+            size_ratio: 4.0,
+            ..no_starvation()
+        };
+        let sized = |size| Ask {
+            size,
+            ..ask(0, 0, f64::INFINITY, 1)
+        };
+        let mut q = GateQueue::new(&[1], cfg);
+        assert_eq!(q.offer(1, sized(0.0), 0.0), Offer::Run(0));
+        // Long: due at 0 + 4·1 = 4. Short at 1: due 1.4, passes it. Short
+        // at 3.9: due 4.3, does not.
+        assert_eq!(q.offer(2, sized(1.0), 0.0), Offer::Queued);
+        assert_eq!(q.offer(3, sized(0.1), 1.0), Offer::Queued);
+        assert_eq!(q.offer(4, sized(0.1), 3.9), Offer::Queued);
+        let order: Vec<u64> = (0..3)
+            .filter_map(|_| q.release(0, 5.0).map(|g| g.id))
+            .collect();
+        assert_eq!(order, vec![3, 2, 4]);
     }
 
     #[test]
@@ -461,7 +512,7 @@ mod tests {
         #[test]
         fn no_call_is_lost_or_duplicated(ops in proptest::collection::vec(op(3), 1..200)) {
             let n = 3;
-            let cfg = GateConfig { max_queue: 4, queue_starvation_ratio: 2.0, service_floor: 1.0 };
+            let cfg = GateConfig { max_queue: 4, queue_starvation_ratio: 2.0, service_floor: 1.0, size_ratio: 0.5 };
             let mut q = GateQueue::new(&[1, 2, 1], cfg);
             let mut now = 0.0;
             let mut next_id = 0u64;
@@ -526,7 +577,7 @@ mod tests {
         fn a_starving_call_is_not_overtaken_by_later_arrivals(
             fresh in 1usize..30, service in 0.0f64..5.0, wait in 0.0f64..20.0
         ) {
-            let cfg = GateConfig { max_queue: 1000, queue_starvation_ratio: 2.0, service_floor: 1.0 };
+            let cfg = GateConfig { max_queue: 1000, queue_starvation_ratio: 2.0, service_floor: 1.0, size_ratio: 0.0 };
             let mut q = GateQueue::new(&[1], cfg);
             prop_assert_eq!(q.offer(0, ask(0, 0, 1.0, 1), 0.0), Offer::Run(0));
             let old = Ask { service, ..ask(4, 0, 1.0, 1) };
@@ -537,6 +588,33 @@ mod tests {
             let g = q.release(0, wait);
             let bound = 2.0 * service.max(1.0);
             prop_assert_eq!(g.map(|g| g.id == 1), Some(wait >= bound));
+        }
+
+        /// Within a level, calls are granted in order of due time
+        /// (`arrival + γ · size`, ties by arrival): no call is ever passed by
+        /// one due after it, whatever the sizes and arrival times.
+        #[test]
+        fn calls_of_a_level_go_in_due_order(
+            calls in proptest::collection::vec((0.0f64..10.0, 0.0f64..3.0), 1..40),
+            ratio in 0.0f64..8.0,
+        ) {
+            let cfg = GateConfig { size_ratio: ratio, ..no_starvation() };
+            let mut q = GateQueue::new(&[1], cfg);
+            prop_assert_eq!(q.offer(0, ask(0, 0, f64::INFINITY, 1), 0.0), Offer::Run(0));
+            let mut arrivals: Vec<f64> = calls.iter().map(|c| c.0).collect();
+            arrivals.sort_by(f64::total_cmp);
+            let mut due = Vec::new();
+            for (i, (at, (_, size))) in arrivals.iter().zip(&calls).enumerate() {
+                let a = Ask { size: *size, ..ask(0, 0, f64::INFINITY, 1) };
+                prop_assert_eq!(q.offer(i as u64 + 1, a, *at), Offer::Queued);
+                due.push((at + ratio * size, i as u64 + 1));
+            }
+            let mut granted = Vec::new();
+            while let Some(g) = q.release(0, 20.0) {
+                granted.push(g.id);
+            }
+            due.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            prop_assert_eq!(granted, due.iter().map(|d| d.1).collect::<Vec<_>>());
         }
     }
 }

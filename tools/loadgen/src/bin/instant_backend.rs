@@ -138,7 +138,11 @@ async fn serve(
             if wants_stream(&body) {
                 reply(StatusCode::OK, "text/event-stream", canned.stream.clone())
             } else {
-                reply(StatusCode::OK, "application/json", canned.completion.clone())
+                reply(
+                    StatusCode::OK,
+                    "application/json",
+                    canned.completion.clone(),
+                )
             }
         }
         (Method::GET, "/v1/models") => {
@@ -167,7 +171,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let canned = Arc::new(Canned::new(&args)?);
     let listener = TcpListener::bind(args.listen).await?;
-    eprintln!("tether-instant-backend listening on {}", listener.local_addr()?);
+    eprintln!(
+        "tether-instant-backend listening on {}",
+        listener.local_addr()?
+    );
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
