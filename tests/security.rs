@@ -1303,3 +1303,76 @@ async fn an_ejected_engine_is_readmitted_after_a_good_probe() -> anyhow::Result<
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_reach_nats_with_an_nkey() -> anyhow::Result<()> {
+    use tether_universe::tether_testkit::{free_port, workspace_root};
+    let user = nkeys::KeyPair::new_user();
+    let port = free_port()?;
+    let dir = std::env::temp_dir().join(format!("tether-nkey-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    struct Cleanup(std::path::PathBuf, Option<std::process::Child>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(c) = &mut self.1 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let mut cleanup = Cleanup(dir.clone(), None);
+    let conf = dir.join("nkey.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users: [ {{ nkey: {} }} ] }}\n",
+            user.public_key()
+        ),
+    )?;
+    let seed = dir.join("user.nk");
+    std::fs::write(&seed, format!("{}\n", user.seed()?))?;
+    let bin = std::env::var_os("TETHER_NATS_SERVER")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".tools/venv/bin/nats-server"));
+    cleanup.1 = Some(
+        std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        bus: tether_bus::BusArgs,
+    }
+    let url = format!("nats://127.0.0.1:{port}");
+    let flags = <Flags as clap::Parser>::try_parse_from([
+        "x",
+        "--nats-url",
+        &url,
+        "--nats-nkey-file",
+        &seed.display().to_string(),
+    ])?;
+    let bus = flags.bus.connect("nkey-test").await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !bus.is_connected() {
+        anyhow::ensure!(Instant::now() < deadline, "never connected with the nkey");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another key is refused.
+    let other = nkeys::KeyPair::new_user().seed()?;
+    let refused = tether_bus::async_nats::ConnectOptions::with_nkey(other)
+        .connect(url.as_str())
+        .await;
+    assert!(refused.is_err(), "a stranger's nkey got in");
+    Ok(())
+}
