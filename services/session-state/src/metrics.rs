@@ -25,6 +25,9 @@ pub struct Metrics {
     pub snapshots_loaded: Counter,
     /// Shard consumers recreated after a reconnect or a stream error.
     pub consumer_restarts: Counter,
+    /// Shards started from a snapshot older than the stream's first
+    /// retained event: events in between may be lost.
+    pub replay_gaps: Counter,
     /// Shards whose lease this process holds (lease mode).
     pub leases: Gauge,
     pub lease_losses: Counter,
@@ -94,6 +97,11 @@ impl Metrics {
             "tether_session_consumer_restarts",
             "Shard consumers recreated after a reconnect or a stream error",
             self.consumer_restarts.clone(),
+        );
+        r.register(
+            "tether_session_replay_gaps",
+            "Shards started from a snapshot older than the events stream's first retained event",
+            self.replay_gaps.clone(),
         );
         r.register(
             "tether_session_leases",

@@ -73,6 +73,22 @@ async fn start_durable_shard(
     if restored.table.is_some() {
         ctx.metrics.snapshots_loaded.inc();
     }
+    // Events after the snapshot that the stream no longer holds are lost.
+    let mut stream = ctx.intake.stream.clone();
+    if restored.table.is_some()
+        && let Ok(info) = stream.info().await
+        && info.state.messages > 0
+        && info.state.first_sequence > restored.stream_seq.saturating_add(1)
+    {
+        ctx.metrics.replay_gaps.inc();
+        tracing::warn!(
+            shard,
+            snapshot_seq = restored.stream_seq,
+            first_retained = info.state.first_sequence,
+            "the events stream no longer holds every event after the snapshot; some may be \
+             lost (retention shorter than the time since the snapshot)"
+        );
+    }
     let sink = SnapshotSink {
         store: ctx.store.clone(),
     };
