@@ -295,6 +295,8 @@ async fn handle(
             .get_or_create(&crate::metrics::label("reason", why))
             .inc();
         tracing::info!(engine = %e.name, reason = why, %err, "retrying the call on another engine");
+        // The failed engine's slot goes back before waiting for another.
+        tracker.release_slot();
         let preferred = crate::routing::rendezvous_pick(&app, &rest, key.hash());
         ask = crate::admission::Request {
             level: r.level,

@@ -111,6 +111,13 @@ impl Tracker {
         self.app.events.emit(event, info.span.clone());
     }
 
+    /// Gives the engine slot back (the attempt failed; the call will wait
+    /// for a slot elsewhere). The call stays counted in flight until it is
+    /// dispatched again or ends.
+    pub fn release_slot(&mut self) {
+        self.permit = None;
+    }
+
     pub fn observe(&mut self, chunk: &[u8]) {
         if self.info.as_ref().is_some_and(|i| i.stream) {
             let before = self.sse_events;
