@@ -173,6 +173,10 @@ impl Core {
             return;
         };
         self.metrics.deltas.inc();
+        if let Some(newest) = d.updated.iter().map(|r| r.last_active_ms).max() {
+            let lag_ms = now_ms().saturating_sub(newest);
+            self.metrics.delta_lag.0.observe(lag_ms as f64 / 1000.0);
+        }
         match self.decider.apply_delta(&d) {
             DeltaOutcome::InOrder => {}
             DeltaOutcome::NeedsResync | DeltaOutcome::Unsynced => {

@@ -1,13 +1,29 @@
 //! The scheduler's Prometheus metrics.
 
-use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::metrics::{
+    counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
+};
 use prometheus_client::registry::Registry;
 
 pub type Labels = Vec<(String, String)>;
 
+/// Event to replica: how old the newest event behind a state delta is when
+/// the delta reaches this scheduler, seconds (1 ms to 5 s).
+#[derive(Clone, Debug)]
+pub struct DeltaLag(pub Histogram);
+
+impl Default for DeltaLag {
+    fn default() -> Self {
+        Self(Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+        ]))
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
     pub decisions: Family<Labels, Counter>,
+    pub delta_lag: DeltaLag,
     pub no_engine: Counter,
     pub deltas: Counter,
     pub resyncs: Counter,
@@ -40,6 +56,11 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "tether_scheduler_delta_lag_seconds",
+            "Age of the newest event behind a state delta when the delta arrives",
+            self.delta_lag.0.clone(),
+        );
         r.register(
             "tether_scheduler_kv_batches",
             "KV event batches applied to the exact index, by outcome",
