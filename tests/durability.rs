@@ -6,7 +6,8 @@
 //! idle ones included; a flood of new sessions at the cap evicts no session
 //! active within the idle TTL; with shard leases, a hung replica's shards
 //! move to another, which ends identical to the reference while the hung one,
-//! resumed, applies nothing more.
+//! resumed, applies nothing more; a nats-server restart loses and repeats
+//! nothing.
 
 use clap::Parser;
 use std::collections::HashMap;
@@ -624,5 +625,52 @@ async fn a_hung_owners_shards_move_and_it_applies_nothing_more() -> anyhow::Resu
     stop.cancel();
     b.join().await;
     drop(a);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_loses_and_repeats_nothing() -> anyhow::Result<()> {
+    let mut nats = NatsServer::start()?;
+    let url = nats.url();
+    let bus = test_bus(&url).await?;
+    let events = workload(100, 1_000);
+    let mut reference = SessionTable::new(TableLimits::default());
+    for e in &events {
+        reference.apply(e, 0);
+    }
+    let stop = Shutdown::new();
+    let running = start_session_state(&url, stop.clone()).await?;
+
+    let half = events.len() / 2;
+    for e in &events[..half] {
+        publish(&bus, e).await?;
+    }
+    bus.client.flush().await?;
+    drained(&bus).await?;
+
+    // nats-server killed and started again on the same port and store.
+    nats.restart()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !bus.is_connected() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the test client never reconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for e in &events[half..] {
+        publish(&bus, e).await?;
+    }
+    bus.client.flush().await?;
+    drained(&bus).await?;
+    same_as_reference(&bus, &reference, 100).await?;
+    assert!(metric(running.admin_addr, "tether_session_consumer_restarts").await? >= 1.0);
+    assert_eq!(
+        metric(running.admin_addr, "tether_session_replay_gaps").await?,
+        0.0
+    );
+
+    stop.cancel();
+    running.join().await;
     Ok(())
 }

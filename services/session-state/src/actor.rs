@@ -47,6 +47,9 @@ pub enum ShardMsg {
         event: Option<(RequestEvent, tracing::Span)>,
         msg: Box<JsMessage>,
     },
+    /// The events stream restarted its numbering below what was applied:
+    /// continue after this sequence.
+    Rebase(u64),
     Snapshot(SnapshotRequest, oneshot::Sender<SnapshotPage>),
     Query(SessionQuery, oneshot::Sender<SessionView>),
 }
@@ -313,6 +316,10 @@ impl ShardActor {
                 self.applied = seq;
                 self.dirty = true;
                 self.unacked = Some(msg);
+            }
+            ShardMsg::Rebase(seq) => {
+                self.applied = seq;
+                self.dirty = true;
             }
             ShardMsg::Snapshot(req, reply) => {
                 self.metrics.snapshots.inc();

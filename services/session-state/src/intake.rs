@@ -72,19 +72,41 @@ pub async fn spawn_durable_intake(
                 Some(c) => c,
                 // Only an owner recreates the consumer (fenced by its lease).
                 None if !fence.holds() => break,
-                None => match create(forwarded, intake.clone(), subjects.clone()).await {
-                    Ok(c) => {
-                        metrics.consumer_restarts.inc();
-                        c
-                    }
-                    Err(err) => {
-                        tracing::warn!(%err, shard, "recreating the shard consumer failed; retrying");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                None => {
+                    // A stream that lost events (recreated, or its server
+                    // lost data) numbers new ones from below what was
+                    // applied: continue from its end instead of skipping them.
+                    let mut stream = intake.stream.clone();
+                    if let Ok(info) = stream.info().await
+                        && info.state.last_sequence < forwarded
+                    {
+                        metrics.replay_gaps.inc();
+                        tracing::error!(
+                            shard,
+                            forwarded,
+                            last = info.state.last_sequence,
+                            "the events stream is behind what was applied (recreated or lost \
+                             data); continuing from its end"
+                        );
+                        forwarded = info.state.last_sequence;
+                        if mailbox.send(ShardMsg::Rebase(forwarded)).await.is_err() {
+                            return;
                         }
                     }
-                },
+                    match create(forwarded, intake.clone(), subjects.clone()).await {
+                        Ok(c) => {
+                            metrics.consumer_restarts.inc();
+                            c
+                        }
+                        Err(err) => {
+                            tracing::warn!(%err, shard, "recreating the shard consumer failed; retrying");
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                            }
+                        }
+                    }
+                }
             };
             let connects = bus.client.statistics().connects.load(Ordering::Relaxed);
             let mut messages = match consumer

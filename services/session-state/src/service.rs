@@ -63,7 +63,7 @@ async fn start_durable_shard(
     fence: Fence,
     shutdown: Shutdown,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let restored = restore(
+    let mut restored = restore(
         &ctx.store,
         shard,
         ctx.actor_cfg.shards,
@@ -75,16 +75,31 @@ async fn start_durable_shard(
     }
     // Events after the snapshot that the stream no longer holds are lost.
     let mut stream = ctx.intake.stream.clone();
-    if restored.table.is_some()
-        && let Ok(info) = stream.info().await
-        && info.state.messages > 0
-        && info.state.first_sequence > restored.stream_seq.saturating_add(1)
+    let info = stream.info().await.ok().map(|i| i.state.clone());
+    if let Some(state) = &info
+        && state.last_sequence < restored.stream_seq
+    {
+        // The stream was recreated (or lost data) after the snapshot: its
+        // numbering restarted; apply all it holds on top of the snapshot.
+        ctx.metrics.replay_gaps.inc();
+        tracing::error!(
+            shard,
+            snapshot_seq = restored.stream_seq,
+            last = state.last_sequence,
+            "the events stream is behind the snapshot (recreated or lost data); \
+             replaying all it holds"
+        );
+        restored.stream_seq = 0;
+    } else if let Some(info) = info
+        && restored.table.is_some()
+        && info.messages > 0
+        && info.first_sequence > restored.stream_seq.saturating_add(1)
     {
         ctx.metrics.replay_gaps.inc();
         tracing::warn!(
             shard,
             snapshot_seq = restored.stream_seq,
-            first_retained = info.state.first_sequence,
+            first_retained = info.first_sequence,
             "the events stream no longer holds every event after the snapshot; some may be \
              lost (retention shorter than the time since the snapshot)"
         );
