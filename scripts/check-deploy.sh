@@ -120,10 +120,6 @@ find_kubectl() {
 
 check_k8s() {
   local kubectl out overlay
-  if [ -f deploy/nats/tether.conf ]; then
-    cmp -s deploy/nats/tether.conf deploy/k8s/overlays/dev/tether.conf \
-      || fail "deploy/k8s/overlays/dev/tether.conf differs from deploy/nats/tether.conf (copy it over)"
-  fi
   kubectl="$(find_kubectl)"
   pip_tool kubernetes-validate "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
   out="$(mktemp -d)"
