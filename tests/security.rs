@@ -822,6 +822,9 @@ async fn services_work_under_the_shipped_config_and_are_unready_without_the_bus(
         "127.0.0.1:0",
         "--delta-interval-ms",
         "2",
+        // Leases too: the shard-lease bucket must be within its permissions.
+        "--lease-ttl-ms",
+        "3000",
     ]);
     let state = tether_session_state::start(parse(&state_args)?, stop.child_token()).await?;
     let sched_args = with(&[
