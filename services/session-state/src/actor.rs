@@ -101,7 +101,8 @@ pub struct ShardActor {
     sink: Option<SnapshotSink>,
     /// Changed since the last snapshot was taken.
     dirty: bool,
-    writing: Option<tokio::task::JoinHandle<()>>,
+    /// The snapshot write under way; it returns whether it succeeded.
+    writing: Option<tokio::task::JoinHandle<bool>>,
     /// While it holds, this process owns the shard (always, under static
     /// ownership); once it lapses nothing is applied, acknowledged or published.
     fence: Fence,
@@ -244,8 +245,10 @@ impl ShardActor {
             if !writing.is_finished() && !last {
                 return; // the previous write is still going: next tick
             }
-            if let Some(w) = self.writing.take() {
-                let _ = w.await;
+            if let Some(w) = self.writing.take()
+                && !w.await.unwrap_or(false)
+            {
+                self.dirty = true; // the last write failed: write again
             }
         }
         if !self.dirty {
@@ -275,10 +278,12 @@ impl ShardActor {
                 Ok(_) => {
                     metrics.snapshots_written.inc();
                     tracing::debug!(shard, seq, bytes = bytes.len(), "snapshot written");
+                    true
                 }
                 Err(err) => {
                     metrics.snapshot_failures.inc();
-                    tracing::warn!(shard, %err, "snapshot write failed; the next one retries");
+                    tracing::warn!(shard, %err, "snapshot write failed; the next tick retries");
+                    false
                 }
             }
         };
