@@ -518,6 +518,10 @@ async fn the_exact_index_agrees_with_the_engines_cache() -> anyhow::Result<()> {
             }
         }
     });
+    // Cached before the relay listens: it must learn it by replay.
+    let client = http::client();
+    let early = words(7_000_000, 64);
+    complete(&client, &url, &early).await?;
     let relay = tether_kv_events::start_with_fleet(
         <tether_kv_events::Config as clap::Parser>::try_parse_from([
             "x",
@@ -531,10 +535,37 @@ async fn the_exact_index_agrees_with_the_engines_cache() -> anyhow::Result<()> {
     )
     .await?;
     until("the relay follows the engine", || relay.admin.is_ready()).await?;
+    // A batch reaching the relay (the first may be sent before its
+    // subscription reaches the engine) makes it replay from 0.
+    let early_h = block_hashes(&tokenize(&early), 16);
+    let mut replayed = false;
+    for k in 0..100 {
+        complete(&client, &url, &words(8_000_000 + k * 1000, 16)).await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ix = index.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        if early_h.iter().all(|h| ix.holds(0, *h)) {
+            replayed = true;
+            break;
+        }
+    }
+    assert!(
+        replayed,
+        "blocks cached before the relay started were not replayed"
+    );
+    assert!(
+        metric(
+            &relay.admin,
+            "tether_kv_events_replays_total",
+            "outcome=\"ok\""
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(&relay.admin, "tether_kv_events_resets_total", ""),
+        0.0
+    );
 
     // 8 families of prompts sharing a 4-block opening, each with its own
     // 2–5-block tail: ~200 distinct blocks through a 48-block cache.
-    let client = http::client();
     let mut prompts = Vec::new();
     let mut during = Vec::new();
     for i in 0..48usize {
