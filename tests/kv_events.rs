@@ -607,3 +607,36 @@ async fn the_exact_index_agrees_with_the_engines_cache() -> anyhow::Result<()> {
     root.cancel();
     Ok(())
 }
+
+/// With `--block-hashes engine-sim` the ingress sends the very block hashes
+/// engine-sim caches (and publishes), for chats and completions alike.
+#[test]
+fn the_ingress_computes_engine_sims_block_hashes() -> anyhow::Result<()> {
+    use tether_engine_sim::openai::{Completion, Kind};
+    use tether_ingress::request::{CallBody, Endpoint};
+    let long = words(0, 70);
+    let chat = serde_json::json!({
+        "model": "tether-sim",
+        "messages": [
+            {"role": "system", "content": "be  brief\nplease"},
+            {"role": "user", "content": [{"type": "text", "text": long}, {"type": "text", "text": "and more"}]},
+        ],
+    });
+    let completion =
+        serde_json::json!({"model": "tether-sim", "prompt": [long.clone(), "tail words"]});
+    for (kind, endpoint, body) in [
+        (Kind::Chat, Endpoint::Chat, &chat),
+        (Kind::Completion, Endpoint::Completions, &completion),
+    ] {
+        let bytes = serde_json::to_vec(body)?;
+        let sim = Completion::parse(kind, &bytes, &SimConfig::default())
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let expected = block_hashes(&tokenize(&sim.prompt), 16);
+        let ingress =
+            CallBody::parse(endpoint, bytes.into()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let got = tether_protocol::sim_token_blocks(&ingress.sim_prompt_text(), 16);
+        assert!(expected.len() >= 4);
+        assert_eq!(got, expected);
+    }
+    Ok(())
+}

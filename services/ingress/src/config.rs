@@ -152,6 +152,15 @@ pub struct Config {
         default_value = "x-claude-code-session-id"
     )]
     pub program_headers: Vec<String>,
+    /// The prompt block hashes sent with route requests: `text` (256-byte
+    /// text blocks, for the scheduler's approximate index) or `engine-sim`
+    /// (engine-sim's own token-block hashes, as its KV events carry them,
+    /// for the scheduler's exact index, `--prefix-source exact`).
+    #[arg(long, env = "TETHER_BLOCK_HASHES", default_value = "text", value_parser = ["text", "engine-sim"])]
+    pub block_hashes: String,
+    /// Tokens per KV block of the engines, for `--block-hashes engine-sim`.
+    #[arg(long, env = "TETHER_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
     /// Engine seconds per wall second, for simulated engines that run faster
     /// than real time (engine-sim `--time-scale`): the gateway divides its
     /// waiting bounds (bind delay, starvation) by it. 1 for real engines.

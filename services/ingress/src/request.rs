@@ -180,6 +180,26 @@ impl CallBody {
         }
     }
 
+    /// The prompt as engine-sim renders it (`<|role|> content` per chat
+    /// message; a completion's prompt as is): for its token-block hashes.
+    pub fn sim_prompt_text(&self) -> String {
+        match self.endpoint {
+            Endpoint::Chat => {
+                let mut out = String::new();
+                if let Some(Value::Array(messages)) = self.json.get("messages") {
+                    for m in messages {
+                        let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
+                        out.push_str(&format!("<|{role}|> "));
+                        out.push_str(&content_text(m.get("content")));
+                        out.push('\n');
+                    }
+                }
+                out
+            }
+            Endpoint::Completions => self.prompt_text(),
+        }
+    }
+
     /// The body to send to the engine: the original bytes, or — when the
     /// engine schedules by priority — the body with `priority` set.
     pub fn engine_body(&self, priority: Option<i64>) -> Result<Bytes, ApiError> {

@@ -67,7 +67,10 @@ pub async fn route(
         session_hash: key.hash(),
         model: body.model.clone(),
         prompt_tokens: u32::try_from(body.raw_len() / 4).unwrap_or(u32::MAX),
-        block_hashes: tether_protocol::prompt_blocks(body.prompt_text().as_bytes()),
+        block_hashes: match app.sim_block_size {
+            Some(bs) => tether_protocol::sim_token_blocks(&body.sim_prompt_text(), bs),
+            None => tether_protocol::prompt_blocks(body.prompt_text().as_bytes()),
+        },
         candidates: candidates
             .iter()
             .map(|i| app.fleet.engines[*i].name.clone())

@@ -36,6 +36,9 @@ pub struct App {
     pub session_headers: Vec<String>,
     /// Headers that mark a session as an agent program (lower case).
     pub program_headers: Vec<String>,
+    /// Route requests carry engine-sim's token-block hashes (block size)
+    /// instead of text-block hashes.
+    pub sim_block_size: Option<usize>,
     /// Sessions with calls in flight here, and those that ran in parallel.
     pub programs: crate::programs::Programs,
     pub session_field: String,
@@ -181,6 +184,7 @@ pub async fn start_with_fleet(
     let app = Arc::new(App {
         gateway: Gateway::new(&limits, gate_cfg, config.time_scale),
         program_headers: headers(&config.program_headers),
+        sim_block_size: (config.block_hashes == "engine-sim").then_some(config.block_size.max(1)),
         programs: crate::programs::Programs::default(),
         fleet,
         health,

@@ -144,6 +144,36 @@ pub fn prompt_blocks(text: &[u8]) -> Vec<u64> {
     out
 }
 
+/// The block hashes engine-sim's prefix cache uses (and publishes in its KV
+/// events), for a prompt as engine-sim renders it: a token is a run of
+/// non-whitespace characters, its id the 32-bit FNV-1a of its bytes; block
+/// `i` covers tokens `[bs·i, bs·(i+1))` and its hash is the 64-bit FNV-1a
+/// state after every token byte (little-endian) up to the block's end,
+/// chained from the offset basis. Full blocks only, at most 512.
+pub fn sim_token_blocks(text: &str, block_size: usize) -> Vec<u64> {
+    let bs = block_size.max(1);
+    let mut out = Vec::new();
+    let mut h = FNV_OFFSET;
+    let mut in_block = 0;
+    for word in text.split_whitespace() {
+        let mut t: u32 = 0x811c_9dc5;
+        for b in word.as_bytes() {
+            t ^= u32::from(*b);
+            t = t.wrapping_mul(0x0100_0193);
+        }
+        h = fnv1a64_update(h, &t.to_le_bytes());
+        in_block += 1;
+        if in_block == bs {
+            out.push(h);
+            in_block = 0;
+            if out.len() == MAX_PROMPT_BLOCKS {
+                break;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod block_tests {
     use super::*;

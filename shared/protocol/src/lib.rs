@@ -17,7 +17,7 @@ pub mod messages;
 pub mod subjects;
 
 pub use codec::{CodecError, SCHEMA_VERSION, decode, encode};
-pub use hash::{now_ms, prompt_blocks, random_u64, shard_of, stable_hash};
+pub use hash::{now_ms, prompt_blocks, random_u64, shard_of, sim_token_blocks, stable_hash};
 pub use key::{KeyError, MAX_KEY_LEN, SessionKey};
 pub use messages::*;
 pub use subjects::Subjects;
