@@ -130,9 +130,11 @@ pub struct Config {
     #[arg(long, env = "TETHER_QUEUE_SIZE_RATIO", default_value_t = 0.0)]
     pub queue_size_ratio: f64,
     /// Learn each engine's limit from its metrics (waiting queue, KV usage) so
-    /// calls wait at the gateway, not in the engine; false: the fleet file's
-    /// `max_concurrency` is a fixed limit.
-    #[arg(long, env = "TETHER_CAPACITY_CONTROL", default_value_t = true, action = clap::ArgAction::Set)]
+    /// calls wait at the gateway, not in the engine; false (the default): the
+    /// fleet file's `max_concurrency` is a fixed limit. Off by default:
+    /// measured, holding calls at the gateway cost more time to first token
+    /// than ordering them won (docs/policy.md).
+    #[arg(long, env = "TETHER_CAPACITY_CONTROL", default_value_t = false, action = clap::ArgAction::Set)]
     pub capacity_control: bool,
     /// Calls an engine may queue before the gateway lowers its limit.
     #[arg(long, env = "TETHER_CAPACITY_TARGET_WAITING", default_value_t = 1.0)]
