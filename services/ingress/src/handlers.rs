@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use opentelemetry::propagation::Extractor;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -174,174 +174,38 @@ async fn handle(
             tenant: tenant.clone(),
         },
     );
-    // Wait for a slot at the gateway: on the scheduler's engine, or — once
-    // the call has waited longer than its cache there would save — on any
-    // engine with room (late binding). A client that goes away meanwhile
-    // drops the tracker, which reports the call cancelled.
-    // The prefill the call brings to its engine: its prompt, less what the
-    // scheduler expects that engine's cache to save (the bind delay; none
-    // known for the baselines, whose bind delay is infinite).
-    let prefill = app.cost.prefill_per_token * (call.raw_len() / 4) as f64;
-    let size = if r.bind_delay.is_finite() {
-        (prefill - r.bind_delay).max(0.0)
-    } else {
-        prefill
-    };
-    let mut ask = crate::admission::Request {
-        level: r.level,
-        service: r.service,
-        size,
-        preferred: r.engine,
-        bind_delay: r.bind_delay,
-        candidates: std::mem::take(&mut r.candidates),
-    };
-    let all_candidates = ask.candidates.clone();
-    let header_timeout = if call.stream {
-        Duration::from_secs_f64(
-            app.engine_ttfb_timeout_secs
-                .min(app.engine_timeout_secs as f64)
-                .max(0.001),
-        )
-    } else {
-        Duration::from_secs(app.engine_timeout_secs)
-    };
-    // Engines tried and failed, before any byte reached the client.
-    let mut failed: Vec<usize> = Vec::new();
-    let (engine, parts, incoming) = loop {
-        let queued_at = Instant::now();
-        let engine = match app.gateway.acquire(call_id, ask).await {
-            Ok(permit) => {
-                span.record(
-                    "tether.queue.wait_seconds",
-                    queued_at.elapsed().as_secs_f64(),
-                );
-                let engine = permit.engine();
-                let binding = if !failed.is_empty() {
-                    "retried"
-                } else if engine == r.engine {
-                    "preferred"
-                } else {
-                    "moved"
-                };
-                app.metrics
-                    .bindings
-                    .get_or_create(&crate::metrics::label("binding", binding))
-                    .inc();
-                tracker.dispatch(permit);
-                engine
-            }
-            Err(crate::admission::Refused::QueueFull) => {
-                app.metrics.refused.inc();
-                tracker.finish(Outcome::Refused);
-                return Err(ApiError::queue_full(&app.fleet.engines[r.engine].name).counted());
-            }
-        };
-        let e = &app.fleet.engines[engine];
-        span.record("engine", e.name.as_str());
-        let body = match call.engine_body(e.priority.then_some(i64::from(r.level))) {
-            Ok(b) => b,
-            Err(err) => {
-                tracker.finish(Outcome::EngineError);
-                return Err(err.counted());
-            }
-        };
-        let (err, why) =
-            match crate::proxy::forward(&app, engine, endpoint, body, header_timeout).await {
-                Ok(resp) if !resp.status().is_server_error() => {
-                    app.breaker.success(engine);
-                    let (parts, incoming) = resp.into_parts();
-                    break (engine, parts, incoming);
-                }
-                Ok(resp) => {
-                    let (parts, incoming) = resp.into_parts();
-                    let bytes = Limited::new(incoming, 64 * 1024)
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
-                    let err = ApiError::engine_failed(format!(
-                        "engine {} answered {}: {}",
-                        e.name,
-                        parts.status,
-                        String::from_utf8_lossy(&bytes)
-                            .chars()
-                            .take(512)
-                            .collect::<String>()
-                    ));
-                    (err, "status")
-                }
-                Err(failure) => failure,
-            };
-        // Nothing reached the client yet: charge the engine, try another.
-        if app.breaker.failure(engine) == crate::breaker::Verdict::Ejected {
-            app.metrics
-                .ejections
-                .get_or_create(&crate::metrics::label("engine", &e.name))
-                .inc();
-            tracing::warn!(engine = %e.name, "engine ejected after consecutive failures");
-        }
-        failed.push(engine);
-        let rest: Vec<usize> = all_candidates
-            .iter()
-            .copied()
-            .filter(|i| !failed.contains(i) && app.breaker.allows(*i) && app.health.is_healthy(*i))
-            .collect();
-        if rest.is_empty() || failed.len() >= app.engine_attempts {
-            tracker.finish(Outcome::EngineError);
-            return Err(err.counted());
-        }
-        app.metrics
-            .retries
-            .get_or_create(&crate::metrics::label("reason", why))
-            .inc();
-        tracing::info!(engine = %e.name, reason = why, %err, "retrying the call on another engine");
-        // The failed engine's slot goes back before waiting for another.
-        tracker.release_slot();
-        let preferred = crate::routing::rendezvous_pick(&app, &rest, key.hash());
-        ask = crate::admission::Request {
-            level: r.level,
-            service: r.service,
-            size,
-            preferred,
-            // Any engine with room will do.
-            bind_delay: 0.0,
-            candidates: rest,
-        };
-    };
+    let crate::dispatch::Answered {
+        engine,
+        parts,
+        body: incoming,
+    } = crate::dispatch::run(
+        &app,
+        call_id,
+        key.hash(),
+        endpoint,
+        &call,
+        &mut r,
+        &mut tracker,
+    )
+    .await?;
     app.metrics
         .time_to_headers
         .observe(arrived.elapsed().as_secs_f64());
     app.recent.set(key.hash(), engine);
     let e = &app.fleet.engines[engine];
-    if !parts.status.is_success() {
-        let bytes = Limited::new(incoming, 64 * 1024)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+    let (body, headers): (Body, &[http::header::HeaderName]) = if parts.status.is_success() {
+        let headers = &[http::header::CONTENT_TYPE, http::header::CACHE_CONTROL];
+        (Body::new(TrackedBody::new(incoming, tracker)), headers)
+    } else {
         // The engine refused the request (4xx): its error is the client's to see.
+        let bytes = crate::dispatch::error_body(incoming).await;
         tracker.finish(Outcome::EngineError);
-        let mut out = Response::new(Body::from(bytes));
-        *out.status_mut() = parts.status;
-        copy_header(
-            &parts.headers,
-            out.headers_mut(),
-            http::header::CONTENT_TYPE,
-        );
-        tether_headers(
-            out.headers_mut(),
-            &e.name,
-            &client_key,
-            r.level,
-            r.reason.as_str(),
-        );
-        return Ok(out);
-    }
-
-    let mut out = Response::new(Body::new(TrackedBody::new(incoming, tracker)));
+        (Body::from(bytes), &[http::header::CONTENT_TYPE])
+    };
+    let mut out = Response::new(body);
     *out.status_mut() = parts.status;
-    for name in [http::header::CONTENT_TYPE, http::header::CACHE_CONTROL] {
-        copy_header(&parts.headers, out.headers_mut(), name);
+    for name in headers {
+        copy_header(&parts.headers, out.headers_mut(), name.clone());
     }
     tether_headers(
         out.headers_mut(),

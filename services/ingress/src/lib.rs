@@ -9,6 +9,7 @@
 //!
 //! Module map:
 //! - [`admission`] — the gateway queue, live: limits, order, starvation bound, late binding.
+//! - [`dispatch`] — running a routed call: a slot at the gateway, the engine, retries before the first byte.
 //! - [`auth`]     — optional API keys (hashed), one tenant per key.
 //! - [`affinity`] — the engine that last served each recent session (for the fallback route).
 //! - [`breaker`]  — the circuit breaker: engines whose calls keep failing are ejected.
@@ -34,6 +35,7 @@ pub mod auth;
 pub mod breaker;
 pub mod capacity;
 pub mod config;
+pub mod dispatch;
 pub mod errors;
 pub mod events;
 pub mod handlers;
