@@ -33,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from compare import BIN, ROOT, ROUTERS, free_port, http_ok, wait_until  # noqa: E402
+from compare import BIN, ROOT, ROUTERS, Procs, free_port, http_ok, wait_until  # noqa: E402
 
 MODEL = "tether-sim"
 
@@ -46,27 +46,6 @@ request = function()
     {["content-type"] = "application/json", ["x-session-id"] = "s" .. (n % 4096)}, body)
 end
 """
-
-
-class Procs:
-    def __init__(self, log_dir):
-        self.procs, self.log_dir = [], log_dir
-
-    def spawn(self, name, args, env=None):
-        log = open(self.log_dir / f"{name}.log", "w")
-        e = dict(os.environ, RUST_LOG="warn", **(env or {}))
-        self.procs.append(subprocess.Popen([str(a) for a in args], stdout=log, stderr=subprocess.STDOUT, env=e))
-
-    def stop(self):
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 def probe(url):

@@ -139,21 +139,40 @@ def flags_missing(args, help_out):
     return [a for a in args if a.startswith("--") and a.split("=")[0] not in help_out]
 
 
+class Procs:
+    """Processes started for one measurement, each logging to its own file
+    in `log_dir`; `stop` ends them all (terminate, then kill)."""
+
+    def __init__(self, log_dir):
+        self.procs, self.log_dir = [], log_dir
+
+    def spawn(self, name, args, env=None):
+        log = open(self.log_dir / f"{name}.log", "w")
+        e = dict(os.environ, RUST_LOG="warn", **(env or {}))
+        self.procs.append(subprocess.Popen([str(a) for a in args], stdout=log, stderr=subprocess.STDOUT, env=e))
+
+    def stop(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 class Stack:
     """Four engine-sims and one router in front of them: Tether (NATS,
     session-state, scheduler, ingress) or a peer router."""
 
     def __init__(self, system, scale, log_dir, ingress_time_scale):
         self.sys, self.scale = system, scale
-        self.procs = []
+        self.procs = Procs(log_dir)
+        self.spawn = self.procs.spawn
         self.tmp = pathlib.Path(tempfile.mkdtemp(prefix="tether-compare-"))
-        self.log_dir = log_dir
         self.ingress_time_scale = ingress_time_scale
-
-    def spawn(self, name, args, env=None):
-        log = open(self.log_dir / f"{name}.log", "w")
-        e = dict(os.environ, RUST_LOG="warn", **(env or {}))
-        self.procs.append(subprocess.Popen([str(a) for a in args], stdout=log, stderr=subprocess.STDOUT, env=e))
 
     def __enter__(self):
         try:
@@ -247,15 +266,7 @@ class Stack:
         return best
 
     def __exit__(self, *exc):
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        self.procs.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
