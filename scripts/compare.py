@@ -48,7 +48,10 @@ ROUTERS = ROOT / ".tools" / "routers" / "bin"
 # extra scheduler / ingress arguments. Peers: the router and its --policy.
 SYSTEMS = {
     "tether": {"kind": "tether", "strategy": "tether"},
-    "cache-aware": {"kind": "tether", "strategy": "cache-aware"},
+    "cache-aware": {"kind": "tether", "strategy": "cache-aware", "ingress_args": ["--stage-calls", "0"]},
+    "tether-g1": {"kind": "tether", "strategy": "tether", "ingress_args": ["--queue-size-ratio", "1"]},
+    "tether-g2": {"kind": "tether", "strategy": "tether", "ingress_args": ["--queue-size-ratio", "2"]},
+    "tether-unstaged": {"kind": "tether", "strategy": "tether", "ingress_args": ["--stage-calls", "0"]},
     "least-loaded": {"kind": "tether", "strategy": "least-loaded"},
     "round-robin": {"kind": "tether", "strategy": "round-robin"},
     "session-hash": {"kind": "tether", "strategy": "session-hash"},
@@ -89,7 +92,7 @@ AGENT_EXTRA_HEADERS = ["x-claude-code-session-id"]
 
 # The agent workload (tether-loadgen agent; docs/loadgen.md). --sessions and
 # --rate are set per run.
-AGENT_FLAGS = ["--steps", "12", "--step-alpha", "1.0", "--fanout", "4", "--fanout-min", "1",
+AGENT_FLAGS = json.loads(os.environ["TETHER_COMPARE_AGENT_FLAGS"]) if os.environ.get("TETHER_COMPARE_AGENT_FLAGS") else ["--steps", "12", "--step-alpha", "1.0", "--fanout", "4", "--fanout-min", "1",
                "--tool-pause-secs", "1.5", "--tool-pause-max-secs", "6",
                "--system-prompts", "4", "--system-prompt-words", "2000",
                "--prompt-min", "50", "--prompt-max", "300", "--answer-min", "16", "--answer-max", "160",

@@ -31,7 +31,7 @@ pub enum Refused {
 
 struct Inner {
     queue: GateQueue,
-    senders: HashMap<u64, oneshot::Sender<usize>>,
+    senders: HashMap<u64, oneshot::Sender<Grant>>,
 }
 
 /// The gateway's slots on every engine and the calls waiting for them.
@@ -47,6 +47,9 @@ pub struct Gateway {
 pub struct Permit {
     gateway: Gateway,
     engine: usize,
+    /// The prefill tokens this call stages on its engine until its first
+    /// token ([`Permit::started`]); `None` once started, or never staged.
+    staged: Option<f64>,
 }
 
 impl Permit {
@@ -55,14 +58,26 @@ impl Permit {
     pub fn engine(&self) -> usize {
         self.engine
     }
+
+    /// The engine answered with the call's first token: it is no longer
+    /// staged, and the engine may take another call. Later calls do nothing.
+    pub fn started(&mut self) {
+        let Some(stage) = self.staged.take() else {
+            return;
+        };
+        let mut g = self.gateway.lock();
+        let now = self.gateway.now();
+        let grants = g.queue.started(self.engine, stage, now);
+        Gateway::deliver(&mut g, now, grants);
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut g = self.gateway.lock();
         let now = self.gateway.now();
-        let grant = g.queue.release(self.engine, now);
-        Gateway::deliver(&mut g, now, grant.into_iter().collect());
+        let grants = g.queue.release(self.engine, self.staged.take(), now);
+        Gateway::deliver(&mut g, now, grants);
     }
 }
 
@@ -76,6 +91,9 @@ pub struct Request {
     pub preferred: usize,
     pub bind_delay: f64,
     pub candidates: Vec<usize>,
+    /// The prefill tokens the call stages on its engine until its first
+    /// token (see [`Ask::stage`]); `None` when not streamed.
+    pub stage: Option<f64>,
 }
 
 /// Removes a waiter that is dropped before its grant arrived; returns a
@@ -83,7 +101,7 @@ pub struct Request {
 struct Waiting {
     gateway: Gateway,
     id: u64,
-    rx: oneshot::Receiver<usize>,
+    rx: oneshot::Receiver<Grant>,
     done: bool,
 }
 
@@ -98,10 +116,10 @@ impl Drop for Waiting {
             return;
         }
         // Granted while the client went away: the slot goes on.
-        if let Ok(engine) = self.rx.try_recv() {
+        if let Ok(grant) = self.rx.try_recv() {
             let now = self.gateway.now();
-            let grant = g.queue.release(engine, now);
-            Gateway::deliver(&mut g, now, grant.into_iter().collect());
+            let grants = g.queue.release(grant.engine, grant.stage, now);
+            Gateway::deliver(&mut g, now, grants);
         }
     }
 }
@@ -146,9 +164,9 @@ impl Gateway {
             let sent = g
                 .senders
                 .remove(&grant.id)
-                .is_some_and(|tx| tx.send(grant.engine).is_ok());
+                .is_some_and(|tx| tx.send(grant).is_ok());
             if !sent {
-                grants.extend(g.queue.release(grant.engine, now));
+                grants.extend(g.queue.release(grant.engine, grant.stage, now));
             }
         }
     }
@@ -156,6 +174,11 @@ impl Gateway {
     /// (in use, limit, waiting) of one engine — for metrics, control and tests.
     pub fn usage(&self, engine: usize) -> (usize, usize, usize) {
         self.lock().queue.usage(engine)
+    }
+
+    /// (staged calls, staged prefill tokens) of one engine.
+    pub fn staged(&self, engine: usize) -> (usize, f64) {
+        self.lock().queue.staged(engine)
     }
 
     /// Calls waiting in all.
@@ -188,7 +211,9 @@ impl Gateway {
             preferred: r.preferred,
             bind_delay: r.bind_delay / self.time_scale,
             candidates: r.candidates,
+            stage: r.stage,
         };
+        let stage = ask.stage;
         let bind_delay = ask.bind_delay;
         let rx = {
             let mut g = self.lock();
@@ -200,6 +225,7 @@ impl Gateway {
                     return Ok(Permit {
                         gateway: self.clone(),
                         engine,
+                        staged: stage,
                     });
                 }
                 Offer::Full => return Err(Refused::QueueFull),
@@ -226,7 +252,11 @@ impl Gateway {
                 got = &mut waiting.rx => {
                     waiting.done = true;
                     return match got {
-                        Ok(engine) => Ok(Permit { gateway: self.clone(), engine }),
+                        Ok(grant) => Ok(Permit {
+                            gateway: self.clone(),
+                            engine: grant.engine,
+                            staged: grant.stage,
+                        }),
                         // The sender went away without a grant: only when
                         // the gateway itself is dropped (shutdown).
                         Err(_) => Err(Refused::QueueFull),
@@ -253,6 +283,8 @@ mod tests {
                 queue_starvation_ratio: beta,
                 service_floor: 1.0,
                 size_ratio: 0.0,
+                stage_calls: 0,
+                stage_tokens: 0.0,
             },
             1.0,
         )
@@ -266,6 +298,7 @@ mod tests {
             preferred,
             bind_delay,
             candidates: (0..n).collect(),
+            stage: None,
         }
     }
 
@@ -454,5 +487,40 @@ mod tests {
         assert_eq!(waiter.await.ok().and_then(Result::ok), Some(0));
         drop(held);
         assert_eq!(gate.usage(0), (0, 2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_staged_engine_takes_more_calls_after_a_first_token() {
+        let gate = Gateway::new(
+            &[256],
+            GateConfig {
+                stage_calls: 1,
+                stage_tokens: 0.0,
+                queue_starvation_ratio: 0.0,
+                ..GateConfig::default()
+            },
+            1.0,
+        );
+        let staged = || Request {
+            stage: Some(100.0),
+            ..req(0, 0, f64::INFINITY, 1)
+        };
+        let mut first = gate.acquire(1, staged()).await.ok();
+        let g = gate.clone();
+        let waiter = tokio::spawn(async move { g.acquire(2, staged()).await.map(|p| p.engine()) });
+        settle().await;
+        // One staged call: the second waits though the engine has 255 seats.
+        assert_eq!(gate.usage(0), (1, 256, 1));
+        assert_eq!(gate.staged(0), (1, 100.0));
+        if let Some(p) = first.as_mut() {
+            p.started();
+            // A second first token changes nothing.
+            p.started();
+        }
+        assert_eq!(waiter.await.ok().and_then(Result::ok), Some(0));
+        // The waiter's permit was dropped with it, staged: nothing stays staged.
+        assert_eq!(gate.staged(0), (0, 0.0));
+        drop(first);
+        assert_eq!(gate.usage(0), (0, 256, 0));
     }
 }

@@ -129,6 +129,19 @@ pub struct Config {
     /// that orders calls of one level (0: arrival order).
     #[arg(long, env = "TETHER_QUEUE_SIZE_RATIO", default_value_t = 0.0)]
     pub queue_size_ratio: f64,
+    /// Most calls staged on an engine — sent, no first token back yet —
+    /// before the gateway holds further calls for it (in Tether's order,
+    /// free to bind late); 0 disables staging. A call the engine runs
+    /// answers its first token within a step or two of prefill; one that
+    /// does not is queued in the engine. Off (0) by default until a full
+    /// sweep backs it (docs/policy.md); 8 is the value measured.
+    #[arg(long, env = "TETHER_STAGE_CALLS", default_value_t = 0)]
+    pub stage_calls: usize,
+    /// Most prefill tokens (uncached prompt, estimated) staged on an engine;
+    /// 0: no token bound. An engine with nothing staged always takes a call.
+    /// Default: two steps of vLLM's default `max_num_batched_tokens` (8,192).
+    #[arg(long, env = "TETHER_STAGE_TOKENS", default_value_t = 16384.0)]
+    pub stage_tokens: f64,
     /// Learn each engine's limit from its metrics (waiting queue, KV usage) so
     /// calls wait at the gateway, not in the engine; false (the default): the
     /// fleet file's `max_concurrency` is a fixed limit. Off by default:

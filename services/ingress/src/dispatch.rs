@@ -47,11 +47,19 @@ fn ask(app: &App, route: &mut Route, call: &CallBody) -> Request {
     // The prefill the call brings to its engine: its prompt, less what the
     // scheduler expects that engine's cache to save (the bind delay; none
     // known for the baselines, whose bind delay is infinite).
-    let prefill = app.cost.prefill_per_token * (call.raw_len() / 4) as f64;
+    let prompt_tokens = (call.raw_len() / 4) as f64;
+    let prefill = app.cost.prefill_per_token * prompt_tokens;
     let size = if route.bind_delay.is_finite() {
         (prefill - route.bind_delay).max(0.0)
     } else {
         prefill
+    };
+    // What it stages on its engine until its first token: the uncached
+    // prompt, in tokens (a non-streamed call is never counted as staged).
+    let uncached = if app.cost.prefill_per_token > 0.0 {
+        size / app.cost.prefill_per_token
+    } else {
+        prompt_tokens
     };
     Request {
         level: route.level,
@@ -60,6 +68,7 @@ fn ask(app: &App, route: &mut Route, call: &CallBody) -> Request {
         preferred: route.engine,
         bind_delay: route.bind_delay,
         candidates: std::mem::take(&mut route.candidates),
+        stage: call.stream.then_some(uncached),
     }
 }
 
@@ -98,7 +107,7 @@ pub async fn run(
     let mut failed: Vec<usize> = Vec::new();
     loop {
         let queued_at = Instant::now();
-        let size = ask.size;
+        let (size, stage) = (ask.size, ask.stage);
         let engine = match app.gateway.acquire(call_id, ask).await {
             Ok(permit) => {
                 span.record(
@@ -194,6 +203,7 @@ pub async fn run(
             // Any engine with room will do.
             bind_delay: 0.0,
             candidates: rest,
+            stage,
         };
     }
 }

@@ -155,6 +155,11 @@ pub async fn start_with_fleet(
         queue_starvation_ratio: config.queue_starvation_ratio,
         service_floor: config.service_floor,
         size_ratio: config.queue_size_ratio,
+        // Each ingress replica stages its share of an engine's bound.
+        stage_calls: config
+            .stage_calls
+            .div_ceil(config.ingress_replicas.max(1) as usize),
+        stage_tokens: config.stage_tokens / config.ingress_replicas.max(1) as f64,
     };
     let replicas = config.ingress_replicas.max(1);
     let limits: Vec<usize> = fleet

@@ -129,6 +129,10 @@ impl Tracker {
             {
                 let ttft = info.arrived.elapsed().as_secs_f64();
                 self.app.metrics.time_to_first_token.observe(ttft);
+                // The engine runs the call: it is no longer staged there.
+                if let Some(p) = self.permit.as_mut() {
+                    p.started();
+                }
             }
         }
         self.tail.extend_from_slice(chunk);

@@ -26,6 +26,18 @@
 //! bounding how far any call can be passed — a call is only ever passed by
 //! calls due before it.
 //!
+//! **Staging.** An engine has room only while it has few calls *staged*:
+//! sent and not yet answered with a first token. A call the engine has
+//! admitted produces its first token within a step or two of prefill; a
+//! call that produces none is waiting in the engine's own queue (seats or
+//! KV blocks are full) or behind other prefills. So while an engine has
+//! `stage_calls` staged calls, or `stage_tokens` of prefill staged, the
+//! gateway sends it nothing more: the engine's queue stays a call or two
+//! deep, and the rest wait here, in Tether's order, free to bind late. The
+//! signal is the engine's own first token, exact and without a scrape's
+//! lag. A call that streams nothing until its end (non-streamed) is not
+//! counted as staged: its first byte is its last.
+//!
 //! Invariant, kept by every operation: no engine with room has an eligible
 //! waiter. Eligibility grows with time (bind delays run out), so the owner
 //! calls [`GateQueue::expire`] when a waiter's bind deadline passes
@@ -48,6 +60,12 @@ pub struct GateConfig {
     pub service_floor: f64,
     /// γ of the due time `arrival + γ · size` that orders a level (0: arrival order).
     pub size_ratio: f64,
+    /// Most staged calls (sent, no first token yet) per engine before the
+    /// gateway holds further calls back (0: no staging bound).
+    pub stage_calls: usize,
+    /// Most prefill tokens staged per engine (≤ 0: no token bound). An
+    /// engine with nothing staged always takes one call, however large.
+    pub stage_tokens: f64,
 }
 
 impl Default for GateConfig {
@@ -57,6 +75,8 @@ impl Default for GateConfig {
             queue_starvation_ratio: 2.0,
             service_floor: 1.0,
             size_ratio: 0.0,
+            stage_calls: 0,
+            stage_tokens: 16384.0,
         }
     }
 }
@@ -79,6 +99,10 @@ pub struct Ask {
     /// Engines the call may run on (healthy, serving its model); `preferred`
     /// is always allowed.
     pub candidates: Vec<usize>,
+    /// The prefill tokens it stages on its engine until its first token
+    /// (its uncached prompt); `None` for a call whose first byte is its last
+    /// (not streamed), which is never counted as staged.
+    pub stage: Option<f64>,
 }
 
 /// The answer to [`GateQueue::offer`].
@@ -93,10 +117,12 @@ pub enum Offer {
 }
 
 /// A slot handed to a waiting call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Grant {
     pub id: u64,
     pub engine: usize,
+    /// What the call stages there (its ask's `stage`).
+    pub stage: Option<f64>,
 }
 
 #[derive(Clone, Debug)]
@@ -115,6 +141,8 @@ struct Engine {
     limit: usize,
     in_use: usize,
     waiting: usize,
+    staged_calls: usize,
+    staged_tokens: f64,
 }
 
 /// The queue. See the module docs.
@@ -163,7 +191,56 @@ impl GateQueue {
     }
 
     fn has_room(&self, engine: usize) -> bool {
-        self.engines.get(engine).is_some_and(|e| e.in_use < e.limit)
+        self.engines.get(engine).is_some_and(|e| {
+            e.in_use < e.limit
+                && (self.cfg.stage_calls == 0
+                    || e.staged_calls == 0
+                    || (e.staged_calls < self.cfg.stage_calls
+                        && (self.cfg.stage_tokens <= 0.0
+                            || e.staged_tokens < self.cfg.stage_tokens)))
+        })
+    }
+
+    /// (staged calls, staged prefill tokens) of one engine.
+    pub fn staged(&self, engine: usize) -> (usize, f64) {
+        self.engines
+            .get(engine)
+            .map_or((0, 0.0), |e| (e.staged_calls, e.staged_tokens))
+    }
+
+    /// Takes a slot on `engine` for a call staging `stage`.
+    fn occupy(&mut self, engine: usize, stage: Option<f64>) {
+        let e = &mut self.engines[engine];
+        e.in_use += 1;
+        if let Some(t) = stage {
+            e.staged_calls += 1;
+            e.staged_tokens += if t.is_finite() { t.max(0.0) } else { 0.0 };
+        }
+    }
+
+    /// Ends the staging of one call of `engine` that staged `stage` tokens.
+    fn unstage(&mut self, engine: usize, stage: f64) {
+        if let Some(e) = self.engines.get_mut(engine) {
+            e.staged_calls = e.staged_calls.saturating_sub(1);
+            e.staged_tokens = if e.staged_calls == 0 {
+                0.0
+            } else {
+                (e.staged_tokens
+                    - if stage.is_finite() {
+                        stage.max(0.0)
+                    } else {
+                        0.0
+                    })
+                .max(0.0)
+            };
+        }
+    }
+
+    /// A staged call on `engine` produced its first token (it staged
+    /// `stage` tokens): the engine may have room for more.
+    pub fn started(&mut self, engine: usize, stage: f64, now: f64) -> Vec<Grant> {
+        self.unstage(engine, stage);
+        self.fill_all(engine, now)
     }
 
     /// A call arrives: runs now, waits, or is refused. `id` must be unique
@@ -173,14 +250,14 @@ impl GateQueue {
         let Some(pref) = self.engines.get(ask.preferred).copied() else {
             return Offer::Full;
         };
-        if pref.in_use < pref.limit {
-            self.engines[ask.preferred].in_use += 1;
+        if self.has_room(ask.preferred) {
+            self.occupy(ask.preferred, ask.stage);
             return Offer::Run(ask.preferred);
         }
         if ask.bind_delay <= 0.0
             && let Some(e) = self.roomiest(&ask.candidates)
         {
-            self.engines[e].in_use += 1;
+            self.occupy(e, ask.stage);
             return Offer::Run(e);
         }
         if pref.waiting >= self.cfg.max_queue {
@@ -218,7 +295,8 @@ impl GateQueue {
         Offer::Queued
     }
 
-    /// The candidate with the most free slots (ties: lowest index).
+    /// The candidate with room and the fewest staged calls, then the most
+    /// free slots (ties: lowest index).
     fn roomiest(&self, candidates: &[usize]) -> Option<usize> {
         candidates
             .iter()
@@ -226,7 +304,11 @@ impl GateQueue {
             .filter(|e| self.has_room(*e))
             .max_by_key(|e| {
                 let x = self.engines[*e];
-                (x.limit - x.in_use, std::cmp::Reverse(*e))
+                (
+                    std::cmp::Reverse(x.staged_calls),
+                    x.limit - x.in_use,
+                    std::cmp::Reverse(*e),
+                )
             })
     }
 
@@ -243,11 +325,26 @@ impl GateQueue {
         }
     }
 
-    /// A call on `engine` ended: its slot goes to the best eligible waiter.
-    pub fn release(&mut self, engine: usize, now: f64) -> Option<Grant> {
-        let e = self.engines.get_mut(engine)?;
+    /// A call on `engine` ended: its slot (and its staging, if it was still
+    /// staged: `stage` its tokens) goes to the best eligible waiters.
+    pub fn release(&mut self, engine: usize, stage: Option<f64>, now: f64) -> Vec<Grant> {
+        let Some(e) = self.engines.get_mut(engine) else {
+            return Vec::new();
+        };
         e.in_use = e.in_use.saturating_sub(1);
-        self.fill(engine, now)
+        if let Some(t) = stage {
+            self.unstage(engine, t);
+        }
+        self.fill_all(engine, now)
+    }
+
+    /// Fills `engine` while it has room and eligible waiters.
+    fn fill_all(&mut self, engine: usize, now: f64) -> Vec<Grant> {
+        let mut grants = Vec::new();
+        while let Some(g) = self.fill(engine, now) {
+            grants.push(g);
+        }
+        grants
     }
 
     /// Hands a free slot of `engine` to its best eligible waiter, if any.
@@ -269,8 +366,12 @@ impl GateQueue {
         if let Some(p) = self.engines.get_mut(w.ask.preferred) {
             p.waiting = p.waiting.saturating_sub(1);
         }
-        self.engines[engine].in_use += 1;
-        Some(Grant { id, engine })
+        self.occupy(engine, w.ask.stage);
+        Some(Grant {
+            id,
+            engine,
+            stage: w.ask.stage,
+        })
     }
 
     fn eligible(w: &Waiter, engine: usize, now: f64) -> bool {
@@ -297,9 +398,7 @@ impl GateQueue {
     pub fn expire(&mut self, now: f64) -> Vec<Grant> {
         let mut grants = Vec::new();
         for engine in 0..self.engines.len() {
-            while let Some(g) = self.fill(engine, now) {
-                grants.push(g);
-            }
+            grants.extend(self.fill_all(engine, now));
         }
         grants
     }
@@ -319,11 +418,7 @@ impl GateQueue {
             return Vec::new();
         };
         e.limit = limit.max(1);
-        let mut grants = Vec::new();
-        while let Some(g) = self.fill(engine, now) {
-            grants.push(g);
-        }
-        grants
+        self.fill_all(engine, now)
     }
 
     /// How long the call `id` has waited, seconds.
@@ -346,7 +441,13 @@ mod tests {
             preferred,
             bind_delay,
             candidates: (0..n).collect(),
+            stage: None,
         }
+    }
+
+    /// Releases one call of `engine` that is no longer staged.
+    fn rel(q: &mut GateQueue, engine: usize, now: f64) -> Option<Grant> {
+        q.release(engine, None, now).into_iter().next()
     }
 
     fn no_starvation() -> GateConfig {
@@ -373,7 +474,14 @@ mod tests {
         assert_eq!(q.offer(2, ask(0, 0, 1.0, 2), 0.0), Offer::Queued);
         assert_eq!(q.expire(0.5), vec![]);
         assert_eq!(q.next_deadline(0.5), Some(1.0));
-        assert_eq!(q.expire(1.0), vec![Grant { id: 2, engine: 1 }]);
+        assert_eq!(
+            q.expire(1.0),
+            vec![Grant {
+                id: 2,
+                engine: 1,
+                stage: None
+            }]
+        );
         assert_eq!(q.usage(1), (1, 1, 0));
     }
 
@@ -386,7 +494,14 @@ mod tests {
         assert_eq!(q.offer(3, ask(0, 0, 1.0, 2), 0.0), Offer::Queued);
         assert_eq!(q.offer(4, ask(0, 1, 1.0, 2), 1.5), Offer::Queued);
         // Engine 1 frees: its own caller goes first, though it came later.
-        assert_eq!(q.release(1, 2.0), Some(Grant { id: 4, engine: 1 }));
+        assert_eq!(
+            rel(&mut q, 1, 2.0),
+            Some(Grant {
+                id: 4,
+                engine: 1,
+                stage: None
+            })
+        );
     }
 
     #[test]
@@ -394,7 +509,14 @@ mod tests {
         let mut q = GateQueue::new(&[1, 1], no_starvation());
         assert_eq!(q.offer(1, ask(0, 0, 1.0, 2), 0.0), Offer::Run(0));
         assert_eq!(q.offer(2, ask(0, 0, 1.0, 2), 0.0), Offer::Queued);
-        assert_eq!(q.release(0, 0.4), Some(Grant { id: 2, engine: 0 }));
+        assert_eq!(
+            rel(&mut q, 0, 0.4),
+            Some(Grant {
+                id: 2,
+                engine: 0,
+                stage: None
+            })
+        );
         assert_eq!(q.expire(2.0), vec![]);
     }
 
@@ -406,7 +528,7 @@ mod tests {
             assert_eq!(q.offer(id, ask(level, 0, 1.0, 1), 0.0), Offer::Queued);
         }
         let mut order = Vec::new();
-        while let Some(g) = q.release(0, 0.0) {
+        while let Some(g) = rel(&mut q, 0, 0.0) {
             order.push(g.id);
         }
         assert_eq!(order, vec![11, 12, 13, 10]);
@@ -419,6 +541,8 @@ mod tests {
             service_floor: 1.0,
             max_queue: 8,
             size_ratio: 0.0,
+            stage_calls: 0,
+            stage_tokens: 0.0,
         };
         let mut q = GateQueue::new(&[1], cfg);
         assert_eq!(q.offer(1, ask(0, 0, 1.0, 1), 0.0), Offer::Run(0));
@@ -429,7 +553,14 @@ mod tests {
         assert_eq!(q.offer(2, heavy, 0.0), Offer::Queued);
         assert_eq!(q.offer(3, ask(1, 0, 1.0, 1), 2.5), Offer::Queued);
         // At 3 s the heavy call has waited 3 ≥ 2·max(1, 1): it goes first.
-        assert_eq!(q.release(0, 3.0), Some(Grant { id: 2, engine: 0 }));
+        assert_eq!(
+            rel(&mut q, 0, 3.0),
+            Some(Grant {
+                id: 2,
+                engine: 0,
+                stage: None
+            })
+        );
     }
 
     #[test]
@@ -450,7 +581,7 @@ mod tests {
         assert_eq!(q.offer(3, sized(0.1), 1.0), Offer::Queued);
         assert_eq!(q.offer(4, sized(0.1), 3.9), Offer::Queued);
         let order: Vec<u64> = (0..3)
-            .filter_map(|_| q.release(0, 5.0).map(|g| g.id))
+            .filter_map(|_| rel(&mut q, 0, 5.0).map(|g| g.id))
             .collect();
         assert_eq!(order, vec![3, 2, 4]);
     }
@@ -467,7 +598,7 @@ mod tests {
         assert_eq!(q.offer(3, ask(0, 0, 1.0, 1), 0.0), Offer::Full);
         assert!(q.cancel(2));
         assert!(!q.cancel(2));
-        assert_eq!(q.release(0, 1.0), None);
+        assert_eq!(rel(&mut q, 0, 1.0), None);
         assert_eq!(q.usage(0), (0, 1, 0));
     }
 
@@ -481,14 +612,108 @@ mod tests {
         assert_eq!(q.usage(0), (3, 3, 0));
         // Lowering it takes nothing back; releases stop handing out slots.
         assert!(q.set_limit(0, 1, 0.0).is_empty());
-        assert_eq!(q.release(0, 0.0), None);
+        assert_eq!(rel(&mut q, 0, 0.0), None);
         assert_eq!(q.usage(0), (2, 1, 0));
+    }
+
+    #[test]
+    fn staged_calls_hold_the_rest_at_the_gateway_until_a_first_token() {
+        let cfg = GateConfig {
+            stage_calls: 2,
+            stage_tokens: 1000.0,
+            ..no_starvation()
+        };
+        let staged = |t: f64| Ask {
+            stage: Some(t),
+            ..ask(0, 0, f64::INFINITY, 1)
+        };
+        let mut q = GateQueue::new(&[256], cfg);
+        assert_eq!(q.offer(1, staged(100.0), 0.0), Offer::Run(0));
+        assert_eq!(q.offer(2, staged(100.0), 0.0), Offer::Run(0));
+        // Two staged: the third waits though 254 seats are free.
+        assert_eq!(q.offer(3, staged(100.0), 0.0), Offer::Queued);
+        assert_eq!(q.staged(0), (2, 200.0));
+        // A first token frees staging room: the waiter goes.
+        assert_eq!(
+            q.started(0, 100.0, 0.1),
+            vec![Grant {
+                id: 3,
+                engine: 0,
+                stage: Some(100.0)
+            }]
+        );
+        // Non-streamed calls are never staged, but wait while the engine is.
+        let plain = ask(0, 0, f64::INFINITY, 1);
+        assert_eq!(q.offer(4, plain.clone(), 0.1), Offer::Queued);
+        assert_eq!(
+            q.release(0, Some(100.0), 0.2),
+            vec![Grant {
+                id: 4,
+                engine: 0,
+                stage: None
+            }]
+        );
+        assert_eq!(q.staged(0), (1, 100.0));
+        assert_eq!(q.offer(5, plain, 0.2), Offer::Run(0));
+    }
+
+    #[test]
+    fn a_large_prefill_stages_alone() {
+        let cfg = GateConfig {
+            stage_calls: 8,
+            stage_tokens: 1000.0,
+            ..no_starvation()
+        };
+        let staged = |t: f64| Ask {
+            stage: Some(t),
+            ..ask(0, 0, f64::INFINITY, 1)
+        };
+        let mut q = GateQueue::new(&[256], cfg);
+        // An engine with nothing staged takes any call.
+        assert_eq!(q.offer(1, staged(5000.0), 0.0), Offer::Run(0));
+        assert_eq!(q.offer(2, staged(10.0), 0.0), Offer::Queued);
+        assert_eq!(q.started(0, 5000.0, 1.0).len(), 1);
+    }
+
+    #[test]
+    fn a_call_without_a_cache_to_wait_for_goes_where_least_is_staged() {
+        let cfg = GateConfig {
+            stage_calls: 4,
+            stage_tokens: 0.0,
+            ..no_starvation()
+        };
+        let staged = |delay: f64| Ask {
+            stage: Some(10.0),
+            ..ask(0, 0, delay, 2)
+        };
+        let mut q = GateQueue::new(&[256, 256], cfg);
+        for id in 0..4 {
+            assert_eq!(q.offer(id, staged(1.0), 0.0), Offer::Run(0));
+        }
+        // Engine 0 stages 4: a call with a cache there waits; one without goes to 1.
+        assert_eq!(q.offer(10, staged(1.0), 0.0), Offer::Queued);
+        assert_eq!(q.offer(11, staged(0.0), 0.0), Offer::Run(1));
+        // Its bind delay out, the waiter moves to engine 1.
+        assert_eq!(
+            q.expire(1.0),
+            vec![Grant {
+                id: 10,
+                engine: 1,
+                stage: Some(10.0)
+            }]
+        );
     }
 
     #[derive(Clone, Debug)]
     enum Op {
-        Offer { level: u8, pref: usize, delay: u8 },
+        Offer {
+            level: u8,
+            pref: usize,
+            delay: u8,
+            stage: Option<u8>,
+        },
         Release(usize),
+        Start(usize),
         Cancel(usize),
         Tick(u8),
         Limit(usize, usize),
@@ -496,8 +721,10 @@ mod tests {
 
     fn op(n: usize) -> impl Strategy<Value = Op> {
         prop_oneof![
-            4 => (0u8..5, 0..n, 0u8..4).prop_map(|(level, pref, delay)| Op::Offer { level, pref, delay }),
+            4 => (0u8..5, 0..n, 0u8..4, proptest::option::of(0u8..200))
+                .prop_map(|(level, pref, delay, stage)| Op::Offer { level, pref, delay, stage }),
             3 => (0..n).prop_map(Op::Release),
+            2 => (0..n).prop_map(Op::Start),
             1 => (0usize..64).prop_map(Op::Cancel),
             1 => (1u8..20).prop_map(Op::Tick),
             1 => (0..n, 1usize..4).prop_map(|(e, l)| Op::Limit(e, l)),
@@ -507,36 +734,49 @@ mod tests {
     proptest! {
         /// Whatever happens, every call is accounted for exactly once (it
         /// runs, waits, was refused or left), no engine runs more calls than
-        /// were granted on it, and no engine with room has an eligible
-        /// waiter after an operation that may fill it.
+        /// were granted on it, staging is counted exactly and never exceeds
+        /// its bound, and no engine with room has an eligible waiter after
+        /// an operation that may fill it.
         #[test]
         fn no_call_is_lost_or_duplicated(ops in proptest::collection::vec(op(3), 1..200)) {
             let n = 3;
-            let cfg = GateConfig { max_queue: 4, queue_starvation_ratio: 2.0, service_floor: 1.0, size_ratio: 0.5 };
-            let mut q = GateQueue::new(&[1, 2, 1], cfg);
+            let cfg = GateConfig {
+                max_queue: 4, queue_starvation_ratio: 2.0, service_floor: 1.0, size_ratio: 0.5,
+                stage_calls: 2, stage_tokens: 300.0,
+            };
+            let mut q = GateQueue::new(&[2, 3, 1], cfg);
             let mut now = 0.0;
             let mut next_id = 0u64;
-            let mut running: Vec<Vec<u64>> = vec![Vec::new(); n];
+            // Per engine: (call, tokens it still stages).
+            let mut running: Vec<Vec<(u64, Option<f64>)>> = vec![Vec::new(); n];
             let mut waiting: HashSet<u64> = HashSet::new();
             let mut done: HashSet<u64> = HashSet::new();
-            let place = |g: Grant, waiting: &mut HashSet<u64>, running: &mut Vec<Vec<u64>>| {
+            let place = |g: Grant, waiting: &mut HashSet<u64>, running: &mut Vec<Vec<(u64, Option<f64>)>>| {
                 assert!(waiting.remove(&g.id), "granted a call that was not waiting");
-                running[g.engine].push(g.id);
+                running[g.engine].push((g.id, g.stage));
             };
             for o in ops {
                 match o {
-                    Op::Offer { level, pref, delay } => {
+                    Op::Offer { level, pref, delay, stage } => {
                         next_id += 1;
-                        match q.offer(next_id, ask(level, pref, f64::from(delay), n), now) {
-                            Offer::Run(e) => running[e].push(next_id),
+                        let stage = stage.map(f64::from);
+                        let a = Ask { stage, ..ask(level, pref, f64::from(delay), n) };
+                        match q.offer(next_id, a, now) {
+                            Offer::Run(e) => running[e].push((next_id, stage)),
                             Offer::Queued => { waiting.insert(next_id); }
                             Offer::Full => { done.insert(next_id); }
                         }
                     }
                     Op::Release(e) => {
-                        if let Some(id) = running[e].pop() {
+                        if let Some((id, staged)) = running[e].pop() {
                             done.insert(id);
-                            if let Some(g) = q.release(e, now) { place(g, &mut waiting, &mut running); }
+                            for g in q.release(e, staged, now) { place(g, &mut waiting, &mut running); }
+                        }
+                    }
+                    Op::Start(e) => {
+                        if let Some(c) = running[e].iter_mut().find(|c| c.1.is_some()) {
+                            let t = c.1.take().unwrap_or(0.0);
+                            for g in q.started(e, t, now) { place(g, &mut waiting, &mut running); }
                         }
                     }
                     Op::Cancel(k) => {
@@ -557,6 +797,11 @@ mod tests {
                 prop_assert_eq!(q.waiting(), waiting.len());
                 for (e, r) in running.iter().enumerate() {
                     prop_assert_eq!(q.usage(e).0, r.len());
+                    let staged: Vec<f64> = r.iter().filter_map(|c| c.1).collect();
+                    let (calls, tokens) = q.staged(e);
+                    prop_assert_eq!(calls, staged.len());
+                    prop_assert!((tokens - staged.iter().sum::<f64>()).abs() < 1e-6);
+                    prop_assert!(calls <= cfg.stage_calls);
                 }
                 let total = running.iter().map(Vec::len).sum::<usize>() + waiting.len() + done.len();
                 prop_assert_eq!(total as u64, next_id);
@@ -577,7 +822,7 @@ mod tests {
         fn a_starving_call_is_not_overtaken_by_later_arrivals(
             fresh in 1usize..30, service in 0.0f64..5.0, wait in 0.0f64..20.0
         ) {
-            let cfg = GateConfig { max_queue: 1000, queue_starvation_ratio: 2.0, service_floor: 1.0, size_ratio: 0.0 };
+            let cfg = GateConfig { max_queue: 1000, queue_starvation_ratio: 2.0, service_floor: 1.0, size_ratio: 0.0, stage_calls: 0, stage_tokens: 0.0 };
             let mut q = GateQueue::new(&[1], cfg);
             prop_assert_eq!(q.offer(0, ask(0, 0, 1.0, 1), 0.0), Offer::Run(0));
             let old = Ask { service, ..ask(4, 0, 1.0, 1) };
@@ -585,7 +830,7 @@ mod tests {
             for i in 0..fresh {
                 prop_assert_eq!(q.offer(2 + i as u64, ask(0, 0, 1.0, 1), wait * 0.5), Offer::Queued);
             }
-            let g = q.release(0, wait);
+            let g = rel(&mut q, 0, wait);
             let bound = 2.0 * service.max(1.0);
             prop_assert_eq!(g.map(|g| g.id == 1), Some(wait >= bound));
         }
@@ -610,7 +855,7 @@ mod tests {
                 due.push((at + ratio * size, i as u64 + 1));
             }
             let mut granted = Vec::new();
-            while let Some(g) = q.release(0, 20.0) {
+            while let Some(g) = rel(&mut q, 0, 20.0) {
                 granted.push(g.id);
             }
             due.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
