@@ -52,6 +52,8 @@ SYSTEMS = {
     "tether-g1": {"kind": "tether", "strategy": "tether", "ingress_args": ["--queue-size-ratio", "1"]},
     "tether-g2": {"kind": "tether", "strategy": "tether", "ingress_args": ["--queue-size-ratio", "2"]},
     "tether-unstaged": {"kind": "tether", "strategy": "tether", "ingress_args": ["--stage-calls", "0"]},
+    "tether-staged": {"kind": "tether", "strategy": "tether", "ingress_args": ["--stage-calls", "8"]},
+    "tether-staged-g4": {"kind": "tether", "strategy": "tether", "ingress_args": ["--stage-calls", "8", "--queue-size-ratio", "4"]},
     "least-loaded": {"kind": "tether", "strategy": "least-loaded"},
     "round-robin": {"kind": "tether", "strategy": "round-robin"},
     "session-hash": {"kind": "tether", "strategy": "session-hash"},
