@@ -78,6 +78,10 @@ OVERLOAD_VARIANTS = [
     {"name": "tether", "scheduler_args": [], "ingress_args": []},
     {"name": "tether, FCFS ordering", "scheduler_args": ["--ordering", "fcfs"], "ingress_args": []},
     {"name": "tether, due order γ=4", "scheduler_args": [], "ingress_args": ["--queue-size-ratio", "4"]},
+    # Staging on (`tether-staged`) with the levels' order off: what the order
+    # buys once calls do wait at the gateway (compare with tether-staged).
+    {"name": "tether-staged, FCFS ordering", "scheduler_args": ["--ordering", "fcfs"],
+     "ingress_args": ["--stage-calls", "8"]},
 ]
 
 # <<< OVERLOAD VARIANTS
