@@ -15,9 +15,12 @@ the engines, the replayer and Tether's gateway alike.
 Usage: scripts/compare.py [--quick] [--repeats N] [--time-scale F] [--systems a,b]
                           [--chat-speedups ...] [--agent-rates ...] [--out DIR]
                           [--report-only] [--dry-run]
-The full sweep (8 systems x 2 workloads x 4 levels x 3 repeats, ~200 runs)
-takes about 36 minutes on 2 cores; --quick about 2. The systems, the
-overload variants and the agent workload are listed at the top of this file.
+The full sweep (the six REPORT_SYSTEMS x 2 workloads x 4 levels x 2
+repeats, plus the overload variants: ~110 runs at time scale 4) takes about
+45 minutes on 2 cores; --quick a few. Time scale 4 is what a 2-core machine
+keeps up with (watch the engines' lag and the load generator's send lag in
+the report). The systems, the overload variants and the agent workload are
+listed at the top of this file.
 (`just compare [ARGS]` installs the peers, builds, and runs it).
 """
 import argparse
@@ -61,6 +64,10 @@ SYSTEMS = {
     "vllm-router cache_aware": {"kind": "vllm-router", "policy": "cache_aware"},
     "vllm-router consistent_hash": {"kind": "vllm-router", "policy": "consistent_hash"},
 }
+# The full sweep (no --systems) runs these: the default, the default with
+# staging off (the earlier default), and every baseline.
+REPORT_SYSTEMS = ["tether", "tether-unstaged", "cache-aware", "sglang-router cache_aware",
+                  "vllm-router cache_aware", "vllm-router consistent_hash"]
 # --quick runs these only.
 QUICK_SYSTEMS = ["tether", "cache-aware", "sglang-router cache_aware", "vllm-router consistent_hash"]
 # The "never loses" target compares the default against the best of these.
@@ -77,11 +84,7 @@ DEFAULT = "tether"
 OVERLOAD_VARIANTS = [
     {"name": "tether", "scheduler_args": [], "ingress_args": []},
     {"name": "tether, FCFS ordering", "scheduler_args": ["--ordering", "fcfs"], "ingress_args": []},
-    {"name": "tether, due order γ=4", "scheduler_args": [], "ingress_args": ["--queue-size-ratio", "4"]},
-    # Staging on (`tether-staged`) with the levels' order off: what the order
-    # buys once calls do wait at the gateway (compare with tether-staged).
-    {"name": "tether-staged, FCFS ordering", "scheduler_args": ["--ordering", "fcfs"],
-     "ingress_args": ["--stage-calls", "8"]},
+    {"name": "tether, due order γ=2", "scheduler_args": [], "ingress_args": ["--queue-size-ratio", "2"]},
 ]
 
 # <<< OVERLOAD VARIANTS
@@ -402,12 +405,12 @@ def estimate(seconds_sim, kind, scale):
 def main():
     global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--time-scale", type=float, default=10.0, help="simulated seconds per wall second (default 10)")
-    ap.add_argument("--repeats", type=int, default=None, help="runs per point (default 3; --quick: 1)")
+    ap.add_argument("--time-scale", type=float, default=4.0, help="simulated seconds per wall second (default 4)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs per point (default 2; --quick: 1)")
     ap.add_argument("--chat-requests", type=int, default=None, help="first N trace requests per chat run (default 200; --quick: 100)")
     ap.add_argument("--chat-speedups", default=None, help="chat load levels: trace speed-ups (default 0.6,1.2,1.8,2.4)")
     ap.add_argument("--agent-programs", type=int, default=None, help="programs per agent run (default 280, about 2,040 calls; --quick: 80)")
-    ap.add_argument("--agent-rates", default=None, help="agent load levels: programs per second (default 2.5,5,10,20)")
+    ap.add_argument("--agent-rates", default=None, help="agent load levels: programs per second (default 5,10,20,40)")
     ap.add_argument("--unloaded-fraction", type=float, default=0.5,
                     help="the unloaded reference runs at this fraction of the lightest level (default 0.5)")
     ap.add_argument("--systems", default=None, help="comma-separated subset of the systems")
@@ -425,12 +428,12 @@ def main():
         saved = json.loads((OUT / "comparison.json").read_text())
         write_report(saved)
         return
-    a.repeats = a.repeats or (1 if a.quick else 3)
+    a.repeats = a.repeats or (1 if a.quick else 2)
     a.chat_requests = a.chat_requests or (100 if a.quick else 200)
     a.agent_programs = a.agent_programs or (80 if a.quick else 280)
     a.chat_speedups = [float(x) for x in (a.chat_speedups or ("0.6,2.4" if a.quick else "0.6,1.2,1.8,2.4")).split(",")]
-    a.agent_rates = [float(x) for x in (a.agent_rates or ("2.5,20" if a.quick else "2.5,5,10,20")).split(",")]
-    names = a.systems.split(",") if a.systems else (QUICK_SYSTEMS if a.quick else list(SYSTEMS))
+    a.agent_rates = [float(x) for x in (a.agent_rates or ("5,40" if a.quick else "5,10,20,40")).split(",")]
+    names = a.systems.split(",") if a.systems else (QUICK_SYSTEMS if a.quick else REPORT_SYSTEMS)
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
         sys.exit(f"unknown systems {unknown}; known: {list(SYSTEMS)}")
@@ -790,7 +793,9 @@ def write_report(saved):
             L.append(f"| {name} | Tether, strategy `tether`, scheduler args `{' '.join(v.get('scheduler_args', []))}`, "
                      f"ingress args `{' '.join(v.get('ingress_args', []))}` (overload comparison only) |")
         elif spec["kind"] == "tether":
+            extra = " ".join(spec.get("ingress_args", []))
             L.append(f"| {name} | Tether (NATS, session-state, scheduler, ingress), scheduler `--strategy {spec['strategy']}`"
+                     f"{f', ingress `{extra}`' if extra else ''}"
                      f"{' — the default' if name == DEFAULT else ''}; fleet file `priority = false` |")
         else:
             L.append(f"| {name} | {spec['kind']} from PyPI (scripts/peers.sh), `--policy {spec['policy']}` |")

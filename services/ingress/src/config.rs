@@ -133,9 +133,9 @@ pub struct Config {
     /// before the gateway holds further calls for it (in Tether's order,
     /// free to bind late); 0 disables staging. A call the engine runs
     /// answers its first token within a step or two of prefill; one that
-    /// does not is queued in the engine. Off (0) by default until a full
-    /// sweep backs it (docs/policy.md); 8 is the value measured.
-    #[arg(long, env = "TETHER_STAGE_CALLS", default_value_t = 0)]
+    /// does not is queued in the engine. Default 8, the value the load sweep
+    /// measured (docs/policy.md, "Staging").
+    #[arg(long, env = "TETHER_STAGE_CALLS", default_value_t = 8)]
     pub stage_calls: usize,
     /// Most prefill tokens (uncached prompt, estimated) staged on an engine;
     /// 0: no token bound. An engine with nothing staged always takes a call.

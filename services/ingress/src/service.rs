@@ -14,7 +14,7 @@ use tether_fleet::{
     EngineClient, FleetConfig, FleetHealth, HealthConfig, engine_client, spawn_prober,
 };
 use tether_protocol::random_u64;
-use tether_telemetry::{AdminState, Shutdown, admin_router};
+use tether_telemetry::{AdminState, Shutdown, Tasks, admin_router};
 
 use crate::admission::Gateway;
 use crate::events::{EventSink, spawn_publisher};
@@ -84,14 +84,12 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     pub admin: AdminState,
     pub app: Arc<App>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl Running {
     pub async fn join(self) {
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.tasks.join().await;
     }
 }
 
@@ -111,7 +109,7 @@ pub async fn start_with_fleet(
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     bus.stats.register(&mut registry);
-    let mut tasks = Vec::new();
+    let mut tasks = Tasks::default();
     let (events, publisher) = spawn_publisher(
         bus.clone(),
         config.bus.shards,

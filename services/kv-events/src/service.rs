@@ -2,14 +2,13 @@
 //! has a `kv_events` endpoint, serve the admin endpoint. Ready when every
 //! engine's publisher is connected (and NATS is).
 
-use anyhow::Context;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 use tether_fleet::FleetConfig;
-use tether_telemetry::{AdminState, Shutdown, admin_router, spawn_server};
+use tether_telemetry::{AdminState, Shutdown, Tasks, serve_admin};
 
 use crate::relay::{Readiness, Relay, SnapshotAsk, Stream};
 use crate::{Config, metrics::Metrics};
@@ -18,14 +17,12 @@ use tether_protocol::KvSnapshotRequest;
 pub struct Running {
     pub admin_addr: SocketAddr,
     pub admin: AdminState,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl Running {
     pub async fn join(self) {
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.tasks.join().await;
     }
 }
 
@@ -66,7 +63,7 @@ pub async fn start_with_fleet(
         total: streams.len(),
     };
     let timeout = Duration::from_millis(config.replay_timeout_ms.max(1));
-    let mut tasks = Vec::new();
+    let mut tasks = Tasks::default();
     // Snapshot requests, dispatched to the engine's relay task.
     let mut asks = std::collections::HashMap::new();
     let mut inboxes = Vec::new();
@@ -123,14 +120,7 @@ pub async fn start_with_fleet(
             shutdown.clone(),
         )));
     }
-    let (admin_addr, server) = spawn_server(
-        config.admin_listen,
-        admin_router(admin.clone()),
-        shutdown.clone(),
-    )
-    .await
-    .with_context(|| format!("binding the admin endpoint on {}", config.admin_listen))?;
-    tasks.push(server);
+    let admin_addr = serve_admin(config.admin_listen, &admin, &shutdown, &mut tasks).await?;
     tracing::info!(%admin_addr, "kv-events relay running");
     Ok(Running {
         admin_addr,

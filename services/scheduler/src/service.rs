@@ -1,6 +1,5 @@
 //! Wiring: read the fleet, connect, subscribe, probe engines, run the actor.
 
-use anyhow::Context;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +8,7 @@ use tether_fleet::{
     FleetConfig, FleetHealth, FleetLoad, HealthConfig, engine_client, spawn_scraper,
 };
 use tether_protocol::subjects::SCHEDULER_QUEUE_GROUP;
-use tether_telemetry::{AdminState, Shutdown, admin_router, spawn_server};
+use tether_telemetry::{AdminState, Shutdown, Tasks, serve_admin};
 
 use crate::core::{Core, Subscriptions};
 use crate::decider::Decider;
@@ -18,14 +17,12 @@ use crate::{Config, metrics::Metrics};
 pub struct Running {
     pub admin_addr: SocketAddr,
     pub admin: AdminState,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl Running {
     pub async fn join(self) {
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.tasks.join().await;
     }
 }
 
@@ -58,14 +55,15 @@ pub async fn start_with_fleet(
         recover_after: 2,
         ..HealthConfig::default()
     };
-    let mut tasks = vec![spawn_scraper(
+    let mut tasks = Tasks::default();
+    tasks.push(spawn_scraper(
         fleet.clone(),
         reported.clone(),
         health.clone(),
         engine_client(),
         health_cfg,
         shutdown.clone(),
-    )];
+    ));
 
     let subs = Subscriptions {
         route: bus
@@ -103,14 +101,7 @@ pub async fn start_with_fleet(
     );
     tasks.push(tokio::spawn(core.run(subs, shutdown.clone())));
 
-    let (admin_addr, server) = spawn_server(
-        config.admin_listen,
-        admin_router(admin.clone()),
-        shutdown.clone(),
-    )
-    .await
-    .with_context(|| format!("binding the admin endpoint on {}", config.admin_listen))?;
-    tasks.push(server);
+    let admin_addr = serve_admin(config.admin_listen, &admin, &shutdown, &mut tasks).await?;
     tracing::info!(%admin_addr, "scheduler running");
     Ok(Running {
         admin_addr,

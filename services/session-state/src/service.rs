@@ -10,7 +10,7 @@ use tether_bus::jetstream::{
     self as js, EventsStreamConfig, GetErrorKind, ObjectStore, snapshot_object_name,
 };
 use tether_session::{SessionTable, TableLimits};
-use tether_telemetry::{AdminState, Shutdown, admin_router, spawn_server};
+use tether_telemetry::{AdminState, Shutdown, Tasks, serve_admin};
 use tokio::io::AsyncReadExt;
 
 use crate::actor::{ActorConfig, Restored, ShardActor, SnapshotSink};
@@ -23,15 +23,13 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub admin: AdminState,
     pub shards: Vec<u16>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl Running {
     /// Waits until every task has stopped (after the shutdown token fired).
     pub async fn join(self) {
-        for t in self.tasks {
-            let _ = t.await;
-        }
+        self.tasks.join().await;
     }
 
     /// Stops every task at once, without the shutdown path (no final flush,
@@ -39,9 +37,7 @@ impl Running {
     /// Under static ownership only: a leased shard's tasks belong to its
     /// lease task and outlive this (stop a leased replica's process instead).
     pub fn abort(self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.tasks.abort();
     }
 }
 
@@ -258,7 +254,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         None
     };
 
-    let mut tasks = Vec::new();
+    let mut tasks = Tasks::default();
     match durable {
         None => {
             anyhow::ensure!(
@@ -324,14 +320,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         }
     }
 
-    let (admin_addr, server) = spawn_server(
-        config.admin_listen,
-        admin_router(admin.clone()),
-        shutdown.clone(),
-    )
-    .await
-    .with_context(|| format!("binding the admin endpoint on {}", config.admin_listen))?;
-    tasks.push(server);
+    let admin_addr = serve_admin(config.admin_listen, &admin, &shutdown, &mut tasks).await?;
     // Ready once subscribed; the subscriptions are registered with the client
     // and re-established by it after a reconnect. Not ready while the bus is
     // not connected (wrong credentials, NATS down).

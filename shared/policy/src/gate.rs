@@ -75,7 +75,7 @@ impl Default for GateConfig {
             queue_starvation_ratio: 2.0,
             service_floor: 1.0,
             size_ratio: 0.0,
-            stage_calls: 0,
+            stage_calls: 8,
             stage_tokens: 16384.0,
         }
     }
