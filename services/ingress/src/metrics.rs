@@ -36,6 +36,8 @@ pub struct Metrics {
     pub refused: Counter,
     /// Calls waiting for a slot, per preferred engine.
     pub queued: Family<Labels, Gauge>,
+    /// Calls sent to an engine with no first token back yet (staging).
+    pub staged: Family<Labels, Gauge>,
     /// The gateway's current limit per engine (capacity control).
     pub limit: Family<Labels, Gauge>,
     /// The engine's own waiting queue, as last scraped.
@@ -86,6 +88,7 @@ impl Default for Metrics {
             in_flight: Family::default(),
             refused: Counter::default(),
             queued: Family::default(),
+            staged: Family::default(),
             limit: Family::default(),
             engine_waiting: Family::default(),
             bindings: Family::default(),
@@ -138,6 +141,11 @@ impl Metrics {
             "tether_ingress_queued",
             "Calls waiting for an engine slot",
             self.queued.clone(),
+        );
+        r.register(
+            "tether_ingress_staged",
+            "Streamed calls sent to an engine with no first token back yet",
+            self.staged.clone(),
         );
         r.register(
             "tether_ingress_engine_limit",

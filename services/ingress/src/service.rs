@@ -302,12 +302,18 @@ pub async fn start_with_fleet(
             ready_admin.set_ready(any && bus_seen);
             for (i, e) in ready_app.fleet.engines.iter().enumerate() {
                 let (_, _, waiting) = ready_app.gateway.usage(i);
+                let (staged, _) = ready_app.gateway.staged(i);
                 let engine = label("engine", &e.name);
                 ready_app
                     .metrics
                     .queued
                     .get_or_create(&engine)
                     .set(waiting as i64);
+                ready_app
+                    .metrics
+                    .staged
+                    .get_or_create(&engine)
+                    .set(staged as i64);
                 ready_app
                     .metrics
                     .ejected
