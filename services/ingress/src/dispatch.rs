@@ -124,7 +124,7 @@ pub async fn run(
                 };
                 app.metrics
                     .bindings
-                    .get_or_create(&label("binding", binding))
+                    .get_or_create(&[("binding", binding)])
                     .inc();
                 tracker.dispatch(permit);
                 engine

@@ -7,6 +7,10 @@ use prometheus_client::registry::Registry;
 
 pub type Labels = Vec<(String, String)>;
 
+/// One label whose key and value are known at compile time: the families
+/// counted on every call use it, so an increment allocates nothing.
+pub type StaticLabel = [(&'static str, &'static str); 1];
+
 pub fn label(key: &str, value: &str) -> Labels {
     vec![(key.to_owned(), value.to_owned())]
 }
@@ -27,9 +31,9 @@ pub struct Metrics {
     /// cancelled, refused) and, with API keys, `tenant`.
     pub calls: Family<Labels, Counter>,
     /// Decisions taken locally because the scheduler did not answer, by `reason`.
-    pub fallbacks: Family<Labels, Counter>,
+    pub fallbacks: Family<StaticLabel, Counter>,
     /// Scheduler decisions, by `reason`.
-    pub decisions: Family<Labels, Counter>,
+    pub decisions: Family<StaticLabel, Counter>,
     /// Calls in flight per engine, as this ingress counts them.
     pub in_flight: Family<Labels, Gauge>,
     /// Calls refused because an engine's queue was full.
@@ -45,7 +49,7 @@ pub struct Metrics {
     /// Dispatched calls by `binding`: `preferred` (the scheduler's engine),
     /// `moved` (late binding sent it to another engine with room) or
     /// `retried` (another engine after a failed attempt).
-    pub bindings: Family<Labels, Counter>,
+    pub bindings: Family<StaticLabel, Counter>,
     /// Calls retried on another engine before any byte reached the client,
     /// by `reason` (connect, status, timeout).
     pub retries: Family<Labels, Counter>,

@@ -12,7 +12,6 @@ use tether_policy::{EngineLoad, rendezvous};
 use tether_protocol::{CallId, RouteReason, RouteReply, RouteRequest, SessionKey, stable_hash};
 
 use crate::errors::ApiError;
-use crate::metrics::label;
 use crate::request::CallBody;
 use crate::service::App;
 
@@ -94,7 +93,7 @@ pub async fn route(
             Some(engine) => {
                 app.metrics
                     .decisions
-                    .get_or_create(&label("reason", d.reason.as_str()))
+                    .get_or_create(&[("reason", d.reason.as_str())])
                     .inc();
                 return Ok(Route {
                     engine,
@@ -121,7 +120,7 @@ pub async fn route(
     };
     app.metrics
         .fallbacks
-        .get_or_create(&label("reason", reason))
+        .get_or_create(&[("reason", reason)])
         .inc();
     tracing::debug!(reason, "scheduler unavailable; routing locally");
     Ok(fallback(app, &candidates, key))

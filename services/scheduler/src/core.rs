@@ -145,16 +145,16 @@ impl Core {
                 span.record("tether.level", d.level);
                 self.metrics
                     .decisions
-                    .get_or_create(&label("reason", d.reason.as_str()))
+                    .get_or_create(&[("reason", d.reason.as_str())])
                     .inc();
                 let note = self.decider.last;
                 self.metrics
                     .affinity
-                    .get_or_create(&label("affinity", note.affinity()))
+                    .get_or_create(&[("affinity", note.affinity())])
                     .inc();
                 self.metrics
                     .prefix
-                    .get_or_create(&label("prefix", note.prefix()))
+                    .get_or_create(&[("prefix", note.prefix())])
                     .inc();
             }
             RouteReply::NoEngine { .. } if garbage => {}

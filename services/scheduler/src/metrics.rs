@@ -7,6 +7,10 @@ use prometheus_client::registry::Registry;
 
 pub type Labels = Vec<(String, String)>;
 
+/// One label whose key and value are known at compile time: the families
+/// counted on every call use it, so an increment allocates nothing.
+pub type StaticLabel = [(&'static str, &'static str); 1];
+
 /// Event to replica: how old the newest event behind a state delta is when
 /// the delta reaches this scheduler, seconds (1 ms to 5 s).
 #[derive(Clone, Debug)]
@@ -22,7 +26,7 @@ impl Default for DeltaLag {
 
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
-    pub decisions: Family<Labels, Counter>,
+    pub decisions: Family<StaticLabel, Counter>,
     pub delta_lag: DeltaLag,
     pub no_engine: Counter,
     pub deltas: Counter,
@@ -34,11 +38,11 @@ pub struct Metrics {
     pub expired_calls: Counter,
     /// Decisions for sessions that had an affinity engine, by `affinity`:
     /// `kept` (placed there) or `moved` (placed elsewhere); `none` without.
-    pub affinity: Family<Labels, Counter>,
+    pub affinity: Family<StaticLabel, Counter>,
     /// Decisions by whether the chosen engine held the best prefix match
     /// available: `prefix` = `best`, `shorter` (a longer match elsewhere,
     /// e.g. for load), or `none` (no engine held any of the prompt).
-    pub prefix: Family<Labels, Counter>,
+    pub prefix: Family<StaticLabel, Counter>,
     /// KV event batches applied to the exact index, by `outcome`: `ok`,
     /// `resynced` (a gap or new epoch purged the engine first), `unknown`
     /// (an engine not in the fleet).
