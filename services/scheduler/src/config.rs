@@ -34,8 +34,9 @@ pub struct Config {
     /// Routing strategy: tether, cache-aware, least-loaded, session-hash or round-robin.
     #[arg(long, env = "TETHER_STRATEGY", default_value = "tether", value_parser = Strategy::parse)]
     pub strategy: Strategy,
-    /// cache-aware: the fleet is imbalanced when max − min load exceeds this …
-    #[arg(long, env = "TETHER_CACHE_BALANCE_ABS", default_value_t = 32.0)]
+    /// cache-aware and tether: the fleet is imbalanced when max − min load
+    /// exceeds this … (64: sglang-router's and vllm-router's default)
+    #[arg(long, env = "TETHER_CACHE_BALANCE_ABS", default_value_t = 64.0)]
     pub cache_balance_abs: f64,
     /// … and max exceeds this times min.
     #[arg(long, env = "TETHER_CACHE_BALANCE_REL", default_value_t = 1.5)]

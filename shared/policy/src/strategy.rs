@@ -63,7 +63,7 @@ pub struct CacheAwareConfig {
 impl Default for CacheAwareConfig {
     fn default() -> Self {
         Self {
-            balance_abs: 32.0,
+            balance_abs: 64.0,
             balance_rel: 1.5,
             match_threshold: 0.3,
         }
@@ -339,7 +339,7 @@ mod tests {
             })
         );
         // An imbalanced fleet yields to load.
-        let busy = fleet(&[1.0, 1.0, 40.0]);
+        let busy = fleet(&[1.0, 1.0, 80.0]);
         let p = choose(
             Strategy::Tether,
             &pc,
@@ -382,8 +382,8 @@ mod tests {
                 reason: RouteReason::LeastLoaded
             })
         );
-        // Imbalanced (40 − 2 > 32 and 40 > 1.5·2): least loaded despite the match.
-        let f = fleet(&[40.0, 2.0, 5.0]);
+        // Imbalanced (80 − 2 > 64 and 80 > 1.5·2): least loaded despite the match.
+        let f = fleet(&[80.0, 2.0, 5.0]);
         let p = choose(
             Strategy::CacheAware,
             &pc,
@@ -464,7 +464,7 @@ mod tests {
         /// without a prefix match to justify it.
         #[test]
         fn tether_yields_to_load(
-            loads in proptest::collection::vec(0.0f64..80.0, 2..16),
+            loads in proptest::collection::vec(0.0f64..160.0, 2..16),
             prefix in proptest::collection::vec(0.0f64..1.0, 0..16),
             affinity in proptest::option::of((0usize..16, 0.0f64..=1.0)),
             hash in any::<u64>(),
