@@ -15,9 +15,9 @@ the engines, the replayer and Tether's gateway alike.
 Usage: scripts/compare.py [--quick] [--repeats N] [--time-scale F] [--systems a,b]
                           [--chat-speedups ...] [--agent-rates ...] [--out DIR]
                           [--report-only] [--dry-run]
-The full sweep (the six REPORT_SYSTEMS x 2 workloads x 4 levels x 2
-repeats, plus the overload variants: ~110 runs at time scale 4) takes about
-45 minutes on 2 cores; --quick a few. Time scale 4 is what a 2-core machine
+The full sweep (the seven REPORT_SYSTEMS x 2 workloads x 4 levels x 2
+repeats, plus the overload variants: ~125 runs at time scale 4) takes about
+40 minutes on 2 cores; --quick a few. Time scale 4 is what a 2-core machine
 keeps up with (watch the engines' lag and the load generator's send lag in
 the report). The systems, the overload variants and the agent workload are
 listed at the top of this file.
@@ -55,6 +55,7 @@ SYSTEMS = {
     "tether-g1": {"kind": "tether", "strategy": "tether", "ingress_args": ["--queue-size-ratio", "1"]},
     "tether-g2": {"kind": "tether", "strategy": "tether", "ingress_args": ["--queue-size-ratio", "2"]},
     "tether-unstaged": {"kind": "tether", "strategy": "tether", "ingress_args": ["--stage-calls", "0"]},
+    "tether-unbalanced": {"kind": "tether", "strategy": "tether", "ingress_args": ["--decode-balance", "0"]},
     "tether-staged": {"kind": "tether", "strategy": "tether", "ingress_args": ["--stage-calls", "8"]},
     "tether-staged-g4": {"kind": "tether", "strategy": "tether", "ingress_args": ["--stage-calls", "8", "--queue-size-ratio", "4"]},
     "least-loaded": {"kind": "tether", "strategy": "least-loaded"},
@@ -65,8 +66,9 @@ SYSTEMS = {
     "vllm-router consistent_hash": {"kind": "vllm-router", "policy": "consistent_hash"},
 }
 # The full sweep (no --systems) runs these: the default, the default with
-# staging off (the earlier default), and every baseline.
-REPORT_SYSTEMS = ["tether", "tether-unstaged", "cache-aware", "sglang-router cache_aware",
+# decode balance off (the previous default), with staging off (the one
+# before), and every baseline.
+REPORT_SYSTEMS = ["tether", "tether-unbalanced", "tether-unstaged", "cache-aware", "sglang-router cache_aware",
                   "vllm-router cache_aware", "vllm-router consistent_hash"]
 # --quick runs these only.
 QUICK_SYSTEMS = ["tether", "cache-aware", "sglang-router cache_aware", "vllm-router consistent_hash"]

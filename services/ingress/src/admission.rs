@@ -285,6 +285,8 @@ mod tests {
                 size_ratio: 0.0,
                 stage_calls: 0,
                 stage_tokens: 0.0,
+                decode_balance: 0,
+                step_tokens: 8192.0,
             },
             1.0,
         )
@@ -496,6 +498,8 @@ mod tests {
             GateConfig {
                 stage_calls: 1,
                 stage_tokens: 0.0,
+                decode_balance: 0,
+                step_tokens: 8192.0,
                 queue_starvation_ratio: 0.0,
                 ..GateConfig::default()
             },

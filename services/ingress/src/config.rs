@@ -142,6 +142,14 @@ pub struct Config {
     /// Default: two steps of vLLM's default `max_num_batched_tokens` (8,192).
     #[arg(long, env = "TETHER_STAGE_TOKENS", default_value_t = 16384.0)]
     pub stage_tokens: f64,
+    /// Decode balance: an engine holds back a call of at least one step of
+    /// prefill (half `--stage-tokens`) while another engine that is still
+    /// prefilling has more than this many fewer calls decoding, so that the
+    /// held engine's answers get decode-only steps; 0 disables. A starving
+    /// call is never held. Default 1, the value the load sweep measured
+    /// (docs/policy.md, "Decode balance").
+    #[arg(long, env = "TETHER_DECODE_BALANCE", default_value_t = 1)]
+    pub decode_balance: usize,
     /// Learn each engine's limit from its metrics (waiting queue, KV usage) so
     /// calls wait at the gateway, not in the engine; false (the default): the
     /// fleet file's `max_concurrency` is a fixed limit. Off by default:

@@ -158,6 +158,11 @@ pub async fn start_with_fleet(
             .stage_calls
             .div_ceil(config.ingress_replicas.max(1) as usize),
         stage_tokens: config.stage_tokens / config.ingress_replicas.max(1) as f64,
+        decode_balance: config
+            .decode_balance
+            .div_ceil(config.ingress_replicas.max(1) as usize),
+        // One step's budget is half the (whole engine's) staging token bound.
+        step_tokens: config.stage_tokens / 2.0,
     };
     let replicas = config.ingress_replicas.max(1);
     let limits: Vec<usize> = fleet

@@ -38,8 +38,21 @@
 //! lag. A call that streams nothing until its end (non-streamed) is not
 //! counted as staged: its first byte is its last.
 //!
+//! **Decode balance** (`decode_balance` > 0). A call's prefill stalls every
+//! call decoding on its engine: a step carrying a chunk of prefill takes
+//! far longer than a decode-only step. Staging keeps every engine
+//! prefilling while anything waits, so the fleet's decode-only steps come
+//! only when the whole queue is empty, when few calls are decoding to use
+//! them. So an engine holds back a call that fills at least one prefill
+//! step (`step_tokens`, the engine's step budget) while another engine that is
+//! still prefilling (has staged calls, so it has room again within a step
+//! or two) has more than `decode_balance` fewer calls decoding: the call
+//! waits for that engine, and the held engine's decoders get decode-only
+//! steps. A call is never held once it is starving (the queue's bound), nor
+//! by an engine when no other engine is prefilling.
+//!
 //! Invariant, kept by every operation: no engine with room has an eligible
-//! waiter. Eligibility grows with time (bind delays run out), so the owner
+//! waiter it does not hold. Eligibility grows with time (bind delays run out), so the owner
 //! calls [`GateQueue::expire`] when a waiter's bind deadline passes
 //! ([`GateQueue::next_deadline`] tells when).
 //!
@@ -66,6 +79,13 @@ pub struct GateConfig {
     /// Most prefill tokens staged per engine (≤ 0: no token bound). An
     /// engine with nothing staged always takes one call, however large.
     pub stage_tokens: f64,
+    /// Decoding calls an engine may have beyond a prefilling engine's before
+    /// it holds back calls of a step or more of prefill (0: off). See the
+    /// module docs.
+    pub decode_balance: usize,
+    /// The engine's prefill budget per step, tokens: under decode balance,
+    /// only calls of at least this much uncached prefill are held.
+    pub step_tokens: f64,
 }
 
 impl Default for GateConfig {
@@ -77,6 +97,8 @@ impl Default for GateConfig {
             size_ratio: 0.0,
             stage_calls: 8,
             stage_tokens: 16384.0,
+            decode_balance: 1,
+            step_tokens: 8192.0,
         }
     }
 }
@@ -201,6 +223,36 @@ impl GateQueue {
         })
     }
 
+    /// Calls of `engine` past their first token (decoding), as far as the
+    /// gateway knows: granted, not ended, no longer staged.
+    fn decoding(&self, engine: usize) -> usize {
+        self.engines
+            .get(engine)
+            .map_or(0, |e| e.in_use.saturating_sub(e.staged_calls))
+    }
+
+    /// True if `engine` holds back a call staging `stage` tokens (decode
+    /// balance; see the module docs).
+    fn holds(&self, engine: usize, stage: Option<f64>, starving: bool) -> bool {
+        if self.cfg.decode_balance == 0 || starving {
+            return false;
+        }
+        if !stage.is_some_and(|t| t >= self.cfg.step_tokens) {
+            return false;
+        }
+        let mine = self.decoding(engine);
+        self.engines.iter().enumerate().any(|(i, e)| {
+            i != engine && e.staged_calls > 0 && self.decoding(i) + self.cfg.decode_balance < mine
+        })
+    }
+
+    /// True if `engine` has room for the waiter `w` and it may go there.
+    fn fits(&self, w: &Waiter, engine: usize, now: f64) -> bool {
+        Self::eligible(w, engine, now)
+            && self.has_room(engine)
+            && !self.holds(engine, w.ask.stage, now >= w.starving_at)
+    }
+
     /// (staged calls, staged prefill tokens) of one engine.
     pub fn staged(&self, engine: usize) -> (usize, f64) {
         self.engines
@@ -240,7 +292,24 @@ impl GateQueue {
     /// `stage` tokens): the engine may have room for more.
     pub fn started(&mut self, engine: usize, stage: f64, now: f64) -> Vec<Grant> {
         self.unstage(engine, stage);
-        self.fill_all(engine, now)
+        self.refill(engine, now)
+    }
+
+    /// After `engine`'s counts changed: fills it, or every engine when decode
+    /// balance makes one engine's room depend on the others' counts.
+    fn refill(&mut self, engine: usize, now: f64) -> Vec<Grant> {
+        if self.cfg.decode_balance > 0 {
+            // The engines with the fewest calls decoding choose first.
+            let mut order: Vec<usize> = (0..self.engines.len()).collect();
+            order.sort_by_key(|e| self.decoding(*e));
+            let mut grants = Vec::new();
+            for e in order {
+                grants.extend(self.fill_all(e, now));
+            }
+            grants
+        } else {
+            self.fill_all(engine, now)
+        }
     }
 
     /// A call arrives: runs now, waits, or is refused. `id` must be unique
@@ -250,12 +319,12 @@ impl GateQueue {
         let Some(pref) = self.engines.get(ask.preferred).copied() else {
             return Offer::Full;
         };
-        if self.has_room(ask.preferred) {
+        if self.has_room(ask.preferred) && !self.holds(ask.preferred, ask.stage, false) {
             self.occupy(ask.preferred, ask.stage);
             return Offer::Run(ask.preferred);
         }
         if ask.bind_delay <= 0.0
-            && let Some(e) = self.roomiest(&ask.candidates)
+            && let Some(e) = self.roomiest(&ask.candidates, ask.stage)
         {
             self.occupy(e, ask.stage);
             return Offer::Run(e);
@@ -295,13 +364,14 @@ impl GateQueue {
         Offer::Queued
     }
 
-    /// The candidate with room and the fewest staged calls, then the most
-    /// free slots (ties: lowest index).
-    fn roomiest(&self, candidates: &[usize]) -> Option<usize> {
+    /// The candidate with room (that does not hold a call staging `stage`)
+    /// and the fewest staged calls, then the most free slots (ties: lowest
+    /// index).
+    fn roomiest(&self, candidates: &[usize], stage: Option<f64>) -> Option<usize> {
         candidates
             .iter()
             .copied()
-            .filter(|e| self.has_room(*e))
+            .filter(|e| self.has_room(*e) && !self.holds(*e, stage, false))
             .max_by_key(|e| {
                 let x = self.engines[*e];
                 (
@@ -335,7 +405,7 @@ impl GateQueue {
         if let Some(t) = stage {
             self.unstage(engine, t);
         }
-        self.fill_all(engine, now)
+        self.refill(engine, now)
     }
 
     /// Fills `engine` while it has room and eligible waiters.
@@ -355,7 +425,7 @@ impl GateQueue {
         let id = self
             .waiters
             .iter()
-            .filter(|(_, w)| Self::eligible(w, engine, now))
+            .filter(|(_, w)| self.fits(w, engine, now))
             .min_by(|(_, a), (_, b)| Self::before(a, b, engine, now))
             .map(|(id, _)| *id)?;
         self.take(id, engine)
@@ -403,11 +473,23 @@ impl GateQueue {
         grants
     }
 
-    /// The earliest future bind deadline of a waiter, if any.
+    /// The earliest future deadline of a waiter, if any: its bind delay
+    /// running out, or (with decode balance, which never holds a starving
+    /// call) its starving.
     pub fn next_deadline(&self, now: f64) -> Option<f64> {
+        let balance = self.cfg.decode_balance > 0;
         self.waiters
             .values()
-            .map(|w| w.bind_at)
+            .flat_map(|w| {
+                [
+                    w.bind_at,
+                    if balance {
+                        w.starving_at
+                    } else {
+                        f64::INFINITY
+                    },
+                ]
+            })
             .filter(|t| *t > now && t.is_finite())
             .min_by(f64::total_cmp)
     }
@@ -418,7 +500,7 @@ impl GateQueue {
             return Vec::new();
         };
         e.limit = limit.max(1);
-        self.fill_all(engine, now)
+        self.refill(engine, now)
     }
 
     /// How long the call `id` has waited, seconds.
@@ -543,6 +625,8 @@ mod tests {
             size_ratio: 0.0,
             stage_calls: 0,
             stage_tokens: 0.0,
+            decode_balance: 0,
+            step_tokens: 8192.0,
         };
         let mut q = GateQueue::new(&[1], cfg);
         assert_eq!(q.offer(1, ask(0, 0, 1.0, 1), 0.0), Offer::Run(0));
@@ -680,6 +764,7 @@ mod tests {
         let cfg = GateConfig {
             stage_calls: 4,
             stage_tokens: 0.0,
+            decode_balance: 0,
             ..no_starvation()
         };
         let staged = |delay: f64| Ask {
@@ -702,6 +787,93 @@ mod tests {
                 stage: Some(10.0)
             }]
         );
+    }
+
+    fn balanced() -> GateConfig {
+        GateConfig {
+            stage_calls: 1,
+            decode_balance: 2,
+            ..no_starvation()
+        }
+    }
+
+    fn staged_ask(preferred: usize, tokens: f64) -> Ask {
+        Ask {
+            stage: Some(tokens),
+            ..ask(0, preferred, 0.0, 2)
+        }
+    }
+
+    #[test]
+    fn a_decode_heavy_engine_holds_a_long_prefill_for_a_prefilling_lighter_one() {
+        let mut q = GateQueue::new(&[16, 16], balanced());
+        // Engine 0 decodes four calls.
+        for id in 0..4 {
+            assert_eq!(q.offer(id, staged_ask(0, 100.0), 0.0), Offer::Run(0));
+            assert_eq!(q.started(0, 100.0, 0.0), vec![]);
+        }
+        // Engine 1 prefills one (no room: one call staged).
+        assert_eq!(q.offer(10, staged_ask(1, 100.0), 0.0), Offer::Run(1));
+        // A call of a full step of prefill waits for engine 1: engine 0 has
+        // room, but 4 decoding > 0 + 2.
+        assert_eq!(q.offer(11, staged_ask(0, 10_000.0), 0.0), Offer::Queued);
+        // A short prefill shares its step with the decoders: not held.
+        assert_eq!(q.offer(12, staged_ask(0, 100.0), 0.0), Offer::Run(0));
+        assert_eq!(q.started(0, 100.0, 0.1), vec![]);
+        // Engine 1's first token: the long call goes there, not to engine 0.
+        assert_eq!(
+            q.started(1, 100.0, 0.2),
+            vec![Grant {
+                id: 11,
+                engine: 1,
+                stage: Some(10_000.0)
+            }]
+        );
+    }
+
+    #[test]
+    fn a_held_call_goes_where_it_is_held_once_it_starves() {
+        let cfg = GateConfig {
+            queue_starvation_ratio: 2.0,
+            service_floor: 1.0,
+            ..balanced()
+        };
+        let mut q = GateQueue::new(&[16, 16], cfg);
+        for id in 0..4 {
+            assert_eq!(q.offer(id, staged_ask(0, 100.0), 0.0), Offer::Run(0));
+            assert_eq!(q.started(0, 100.0, 0.0), vec![]);
+        }
+        assert_eq!(q.offer(10, staged_ask(1, 100.0), 0.0), Offer::Run(1));
+        assert_eq!(q.offer(11, staged_ask(0, 10_000.0), 0.0), Offer::Queued);
+        // Engine 1 never answers; the call starves at 2·max(0, 1) s and
+        // then engine 0 takes it.
+        assert_eq!(q.next_deadline(0.0), Some(2.0));
+        assert_eq!(q.expire(1.9), vec![]);
+        assert_eq!(
+            q.expire(2.0),
+            vec![Grant {
+                id: 11,
+                engine: 0,
+                stage: Some(10_000.0)
+            }]
+        );
+    }
+
+    #[test]
+    fn without_decode_balance_the_engine_with_room_takes_the_call() {
+        let mut q = GateQueue::new(
+            &[16, 16],
+            GateConfig {
+                decode_balance: 0,
+                ..balanced()
+            },
+        );
+        for id in 0..4 {
+            assert_eq!(q.offer(id, staged_ask(0, 100.0), 0.0), Offer::Run(0));
+            assert_eq!(q.started(0, 100.0, 0.0), vec![]);
+        }
+        assert_eq!(q.offer(10, staged_ask(1, 100.0), 0.0), Offer::Run(1));
+        assert_eq!(q.offer(11, staged_ask(0, 10_000.0), 0.0), Offer::Run(0));
     }
 
     #[derive(Clone, Debug)]
@@ -738,11 +910,14 @@ mod tests {
         /// its bound, and no engine with room has an eligible waiter after
         /// an operation that may fill it.
         #[test]
-        fn no_call_is_lost_or_duplicated(ops in proptest::collection::vec(op(3), 1..200)) {
+        fn no_call_is_lost_or_duplicated(
+            ops in proptest::collection::vec(op(3), 1..200),
+            decode_balance in 0usize..3,
+        ) {
             let n = 3;
             let cfg = GateConfig {
                 max_queue: 4, queue_starvation_ratio: 2.0, service_floor: 1.0, size_ratio: 0.5,
-                stage_calls: 2, stage_tokens: 300.0,
+                stage_calls: 2, stage_tokens: 300.0, decode_balance, step_tokens: 150.0,
             };
             let mut q = GateQueue::new(&[2, 3, 1], cfg);
             let mut now = 0.0;
@@ -805,11 +980,16 @@ mod tests {
                 }
                 let total = running.iter().map(Vec::len).sum::<usize>() + waiting.len() + done.len();
                 prop_assert_eq!(total as u64, next_id);
-                // After expiring, no engine with room has an eligible waiter.
+                // After expiring, no engine with room has an eligible waiter
+                // it does not hold; and an engine holds a call only while
+                // another engine is prefilling (it will have room again).
                 for g in q.expire(now) { place(g, &mut waiting, &mut running); }
                 for e in 0..n {
-                    if q.has_room(e) {
-                        prop_assert!(!q.waiters.values().any(|w| GateQueue::eligible(w, e, now)));
+                    prop_assert!(!q.waiters.values().any(|w| q.fits(w, e, now)));
+                    let held = q.has_room(e)
+                        && q.waiters.values().any(|w| GateQueue::eligible(w, e, now));
+                    if held {
+                        prop_assert!((0..n).any(|o| o != e && q.staged(o).0 > 0));
                     }
                 }
             }
@@ -822,7 +1002,7 @@ mod tests {
         fn a_starving_call_is_not_overtaken_by_later_arrivals(
             fresh in 1usize..30, service in 0.0f64..5.0, wait in 0.0f64..20.0
         ) {
-            let cfg = GateConfig { max_queue: 1000, queue_starvation_ratio: 2.0, service_floor: 1.0, size_ratio: 0.0, stage_calls: 0, stage_tokens: 0.0 };
+            let cfg = GateConfig { max_queue: 1000, queue_starvation_ratio: 2.0, service_floor: 1.0, size_ratio: 0.0, stage_calls: 0, stage_tokens: 0.0, decode_balance: 0, step_tokens: 8192.0 };
             let mut q = GateQueue::new(&[1], cfg);
             prop_assert_eq!(q.offer(0, ask(0, 0, 1.0, 1), 0.0), Offer::Run(0));
             let old = Ask { service, ..ask(4, 0, 1.0, 1) };
