@@ -37,10 +37,11 @@ lint:
 check-deploy *WHAT:
     scripts/check-deploy.sh {{WHAT}}
 
-# Benchmarks: decision speed and memory, route round trip over NATS vs a bare echo.
+# Benchmarks: decision speed and memory, route round trip over NATS vs a bare echo (and at saturation), events applied per second by session-state.
 bench: tools
     cargo bench --bench decide
     cargo bench --bench route_rtt
+    cargo bench --bench events_rate
 
 # What a router adds: throughput, latency and streaming TTFT of Tether, sglang-router and
 # vllm-router in front of an instant backend, side by side (ARGS to scripts/bench_overhead.py).

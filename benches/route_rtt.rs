@@ -2,8 +2,9 @@
 //! on loopback, side by side with a bare NATS echo request-reply in the same
 //! run — the floor any request-reply over this server and client pays.
 //!
-//! Two regimes for each: one request in flight (sequential), and an open
-//! loop at 5,000 requests/s. The scheduler runs in-process with 64 engines.
+//! Three regimes for each: one request in flight (sequential), an open
+//! loop at 5,000 requests/s, and a closed loop with 64 in flight (the most
+//! requests per second one scheduler replica answers here). The scheduler runs in-process with 64 engines.
 //! Figures are printed, not asserted.
 
 use futures::StreamExt;
@@ -19,6 +20,7 @@ const ENGINES: usize = 64;
 const SEQUENTIAL: usize = 3000;
 const RATE: u64 = 5000;
 const SECONDS: u64 = 4;
+const IN_FLIGHT: usize = 64;
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -91,6 +93,33 @@ async fn open_loop(bus: &Bus, echo: bool) -> anyhow::Result<Vec<f64>> {
     }
     lat.sort_by(f64::total_cmp);
     Ok(lat)
+}
+
+/// Closed loop, [`IN_FLIGHT`] requests always outstanding, for [`SECONDS`]:
+/// what one replica answers per second when it is the bottleneck.
+async fn saturated(bus: &Bus, echo: bool) -> anyhow::Result<(f64, Vec<f64>)> {
+    let start = Instant::now();
+    let end = start + Duration::from_secs(SECONDS);
+    let mut tasks = Vec::new();
+    for w in 0..IN_FLIGHT {
+        let bus = bus.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = (w as u64) << 32;
+            while Instant::now() < end {
+                i += 1;
+                lat.push(once(&bus, echo, i).await?);
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    Ok((rate, lat))
 }
 
 #[tokio::main]
@@ -197,6 +226,15 @@ async fn main() -> anyhow::Result<()> {
             route.len()
         );
     }
+    let (echo_rate, echo) = saturated(&bus, true).await?;
+    let (route_rate, route) = saturated(&bus, false).await?;
+    println!(
+        "  {:>18}: echo {echo_rate:8.0}/s p50 {:7.1} µs | route {route_rate:8.0}/s p50 {:7.1} µs | ratio {:.2}x the echo's rate",
+        format!("{IN_FLIGHT} in flight"),
+        pct(&echo, 0.5),
+        pct(&route, 0.5),
+        route_rate / echo_rate
+    );
     shutdown.cancel();
     sched.join().await;
     Ok(())

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub queued: Family<Labels, Gauge>,
     /// Calls sent to an engine with no first token back yet (staging).
     pub staged: Family<Labels, Gauge>,
+    /// Calls on an engine past their first token (decode balance).
+    pub decoding: Family<Labels, Gauge>,
     /// The gateway's current limit per engine (capacity control).
     pub limit: Family<Labels, Gauge>,
     /// The engine's own waiting queue, as last scraped.
@@ -93,6 +95,7 @@ impl Default for Metrics {
             refused: Counter::default(),
             queued: Family::default(),
             staged: Family::default(),
+            decoding: Family::default(),
             limit: Family::default(),
             engine_waiting: Family::default(),
             bindings: Family::default(),
@@ -150,6 +153,11 @@ impl Metrics {
             "tether_ingress_staged",
             "Streamed calls sent to an engine with no first token back yet",
             self.staged.clone(),
+        );
+        r.register(
+            "tether_ingress_decoding",
+            "Calls the gateway sent to an engine that are past their first token and not ended",
+            self.decoding.clone(),
         );
         r.register(
             "tether_ingress_engine_limit",

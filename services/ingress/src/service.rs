@@ -306,7 +306,7 @@ pub async fn start_with_fleet(
             let any = (0..ready_app.fleet.engines.len()).any(|i| ready_app.health.is_healthy(i));
             ready_admin.set_ready(any && bus_seen);
             for (i, e) in ready_app.fleet.engines.iter().enumerate() {
-                let (_, _, waiting) = ready_app.gateway.usage(i);
+                let (in_use, _, waiting) = ready_app.gateway.usage(i);
                 let (staged, _) = ready_app.gateway.staged(i);
                 let engine = label("engine", &e.name);
                 ready_app
@@ -319,6 +319,11 @@ pub async fn start_with_fleet(
                     .staged
                     .get_or_create(&engine)
                     .set(staged as i64);
+                ready_app
+                    .metrics
+                    .decoding
+                    .get_or_create(&engine)
+                    .set(in_use.saturating_sub(staged) as i64);
                 ready_app
                     .metrics
                     .ejected

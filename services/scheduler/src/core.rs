@@ -5,7 +5,7 @@
 
 use futures::StreamExt;
 use std::time::Duration;
-use tether_bus::{Bus, Subscriber};
+use tether_bus::{Bus, Rounds, Subscriber};
 use tether_protocol::{KvEventBatch, RequestEvent, RouteReply, RouteRequest, StateDelta, now_ms};
 use tether_telemetry::{AdminState, Shutdown};
 use tokio::sync::mpsc;
@@ -40,6 +40,10 @@ pub struct Core {
 }
 
 const KV_PENDING_CAP: usize = 10_000;
+
+/// Turns an input of the actor's loop may take in a row of a round before
+/// the others are looked at (tether_bus::rounds).
+const TURN_BUDGET: u32 = 64;
 
 /// A fetched KV snapshot: engine index, then `(epoch, seq, blocks)`.
 type KvSnapshot = (usize, Result<(u64, u64, Vec<(u64, u64)>), String>);
@@ -79,13 +83,23 @@ impl Core {
         self.fetch_kv_snapshots(&kv_tx);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Route requests come first, but no input waits more than the
+        // others' budgets behind them (tether_bus::rounds).
+        let mut rounds = Rounds::<7>::new(TURN_BUDGET);
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(msg) = subs.route.next() => self.route(msg).await,
-                Some(msg) = subs.state.next() => self.delta(msg, &resync_tx),
-                Some(msg) = subs.events.next() => {
+                Some(msg) = subs.route.next(), if rounds.may(0) => {
+                    rounds.took(0);
+                    self.route(msg).await;
+                }
+                Some(msg) = subs.state.next(), if rounds.may(1) => {
+                    rounds.took(1);
+                    self.delta(msg, &resync_tx);
+                }
+                Some(msg) = subs.events.next(), if rounds.may(2) => {
+                    rounds.took(2);
                     if let Some(e) = self.bus.decode::<RequestEvent>(&msg, "events") {
                         self.decider.observe_event(&e);
                     }
@@ -95,13 +109,24 @@ impl Core {
                         Some(s) => s.next().await,
                         None => std::future::pending().await,
                     }
-                } => self.kv_batch(msg, &kv_tx),
-                Some(snap) = kv_rx.recv() => self.kv_snapshot(snap, &kv_tx),
-                Some(msg) = resync_rx.recv() => self.resync_msg(msg),
-                _ = tick.tick() => {
+                }, if rounds.may(3) => {
+                    rounds.took(3);
+                    self.kv_batch(msg, &kv_tx);
+                }
+                Some(snap) = kv_rx.recv(), if rounds.may(4) => {
+                    rounds.took(4);
+                    self.kv_snapshot(snap, &kv_tx);
+                }
+                Some(msg) = resync_rx.recv(), if rounds.may(5) => {
+                    rounds.took(5);
+                    self.resync_msg(msg);
+                }
+                _ = tick.tick(), if rounds.may(6) => {
+                    rounds.took(6);
                     self.housekeeping(&resync_tx);
                     self.fetch_kv_snapshots(&kv_tx);
                 }
+                _ = std::future::ready(()), if rounds.started() => rounds.next_round(),
                 else => break,
             }
         }

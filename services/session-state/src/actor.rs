@@ -20,8 +20,8 @@
 
 use std::collections::HashSet;
 use std::time::Duration;
-use tether_bus::Bus;
 use tether_bus::jetstream::JsMessage;
+use tether_bus::{Bus, Rounds};
 use tether_protocol::{
     RequestEvent, SessionHash, SessionQuery, SessionView, SnapshotPage, SnapshotRequest,
     StateDelta, now_ms, random_u64, shard_of, stable_hash,
@@ -34,6 +34,10 @@ use tracing::Instrument;
 use crate::lease::Fence;
 use crate::metrics::Metrics;
 use crate::snapshot::{self, ShardSnapshotRef};
+
+/// Events the shard takes in a row of a round before its ticks are looked
+/// at (tether_bus::rounds).
+const TURN_BUDGET: u32 = 256;
 
 /// What a shard actor is asked to do.
 pub enum ShardMsg {
@@ -193,18 +197,37 @@ impl ShardActor {
             applied = self.applied,
             "shard actor started"
         );
+        // Events come first, but a steady stream of them cannot hold the
+        // flush (and the other ticks) back more than a budget of events.
+        let mut rounds = Rounds::<5>::new(TURN_BUDGET);
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                msg = rx.recv() => match msg {
-                    Some(msg) => self.handle(msg),
-                    None => break,
-                },
-                _ = flush.tick() => self.flush().await,
-                _ = evict.tick() => self.evict(now_ms()),
-                _ = announce.tick() => self.announce().await,
-                _ = snap.tick() => self.snapshot(false).await,
+                msg = rx.recv(), if rounds.may(0) => {
+                    rounds.took(0);
+                    match msg {
+                        Some(msg) => self.handle(msg),
+                        None => break,
+                    }
+                }
+                _ = flush.tick(), if rounds.may(1) => {
+                    rounds.took(1);
+                    self.flush().await;
+                }
+                _ = evict.tick(), if rounds.may(2) => {
+                    rounds.took(2);
+                    self.evict(now_ms());
+                }
+                _ = announce.tick(), if rounds.may(3) => {
+                    rounds.took(3);
+                    self.announce().await;
+                }
+                _ = snap.tick(), if rounds.may(4) => {
+                    rounds.took(4);
+                    self.snapshot(false).await;
+                }
+                _ = std::future::ready(()), if rounds.started() => rounds.next_round(),
             }
         }
         self.flush().await;

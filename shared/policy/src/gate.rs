@@ -46,7 +46,8 @@
 //! them. So an engine holds back a call that fills at least one prefill
 //! step (`step_tokens`, the engine's step budget) while another engine that is
 //! still prefilling (has staged calls, so it has room again within a step
-//! or two) has more than `decode_balance` fewer calls decoding: the call
+//! or two) has more than `decode_balance` fewer calls decoding (relative to
+//! the engines' limits, when those differ): the call
 //! waits for that engine, and the held engine's decoders get decode-only
 //! steps. A call is never held once it is starving (the queue's bound), nor
 //! by an engine when no other engine is prefilling.
@@ -240,9 +241,20 @@ impl GateQueue {
         if !stage.is_some_and(|t| t >= self.cfg.step_tokens) {
             return false;
         }
-        let mine = self.decoding(engine);
+        let Some(me) = self.engines.get(engine) else {
+            return false;
+        };
+        let Some(over) = self.decoding(engine).checked_sub(self.cfg.decode_balance) else {
+            return false;
+        };
+        // Counts are compared relative to each engine's limit, so a larger
+        // engine may decode more: `d_i / L_i < (d − B) / L`, which is
+        // `d_i + B < d` when limits are equal.
         self.engines.iter().enumerate().any(|(i, e)| {
-            i != engine && e.staged_calls > 0 && self.decoding(i) + self.cfg.decode_balance < mine
+            i != engine
+                && e.staged_calls > 0
+                && (self.decoding(i) as u64).saturating_mul(me.limit as u64)
+                    < (over as u64).saturating_mul(e.limit as u64)
         })
     }
 
@@ -857,6 +869,22 @@ mod tests {
                 stage: Some(10_000.0)
             }]
         );
+    }
+
+    #[test]
+    fn a_larger_engine_may_decode_more_before_it_holds() {
+        // Engine 0 has twice engine 1's limit: 4 decoding there is as busy
+        // as 2 on engine 1, so with 1 decoding on engine 1 it does not hold.
+        let mut q = GateQueue::new(&[32, 16], balanced());
+        for id in 0..4 {
+            assert_eq!(q.offer(id, staged_ask(0, 100.0), 0.0), Offer::Run(0));
+            assert_eq!(q.started(0, 100.0, 0.0), vec![]);
+        }
+        assert_eq!(q.offer(10, staged_ask(1, 100.0), 0.0), Offer::Run(1));
+        assert_eq!(q.started(1, 100.0, 0.0), vec![]);
+        assert_eq!(q.offer(11, staged_ask(1, 100.0), 0.0), Offer::Run(1));
+        // (4 − 2) / 32 < 1 / 16: no hold.
+        assert_eq!(q.offer(12, staged_ask(0, 10_000.0), 0.0), Offer::Run(0));
     }
 
     #[test]
