@@ -125,28 +125,40 @@ async fn main() -> anyhow::Result<()> {
     first.join().await;
 
     let events = events();
+    let js = bus.jetstream();
     let t = Instant::now();
+    // JetStream publishes, acknowledged in batches of 1,000 in flight. (Core
+    // publishes at one connection's full speed were not all stored here: the
+    // stream held fewer events than were sent.)
+    let mut acks = Vec::with_capacity(1000);
     for e in &events {
         let subject = bus.subjects.events(shard_of(e.session_hash, shards));
-        bus.publish_with_id(subject, e, &jetstream::event_msg_id(e))
-            .await?;
-    }
-    bus.client.flush().await?;
-    let js = bus.jetstream();
-    let name = jetstream::events_stream_name(&bus.subjects);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let mut stream = js.get_stream(&name).await?;
-        if stream.info().await?.state.messages >= events.len() as u64 {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the stream never held every event"
+        let mut headers = tether_bus::async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", jetstream::event_msg_id(e).as_str());
+        let payload = tether_protocol::encode(e)?;
+        acks.push(
+            js.publish_with_headers(subject, headers, payload.into())
+                .await?,
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if acks.len() == 1000 {
+            for ack in acks.drain(..) {
+                ack.await?;
+            }
+        }
+    }
+    for ack in acks.drain(..) {
+        ack.await?;
     }
     let stored = t.elapsed().as_secs_f64();
+    let name = jetstream::events_stream_name(&bus.subjects);
+    let state = js.get_stream(&name).await?.info().await?.state.clone();
+    anyhow::ensure!(
+        state.messages == events.len() as u64,
+        "the stream holds {} of {} events",
+        state.messages,
+        events.len()
+    );
+    let per_event = state.bytes as f64 / state.messages.max(1) as f64;
 
     let rss_before = rss_bytes();
     let stop = Shutdown::new();
@@ -154,6 +166,27 @@ async fn main() -> anyhow::Result<()> {
     let running = session_state(&url, stop.clone()).await?;
     let applied = drain(&bus, shards, start).await?;
     let rss_after = rss_bytes();
+    // What the replica says it applied: every event, every session.
+    let text = tether_testkit::http::get(
+        &tether_testkit::http::client(),
+        &format!("http://{}/metrics", running.admin_addr),
+    )
+    .await?
+    .text();
+    let sum = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let (applied_events, sessions) = (
+        sum("tether_session_events_total"),
+        sum("tether_session_sessions"),
+    );
+    anyhow::ensure!(
+        applied_events >= events.len() as f64 && sessions >= SESSIONS as f64,
+        "session-state applied {applied_events} events, holds {sessions} sessions"
+    );
     stop.cancel();
     running.join().await;
 
@@ -169,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
         n / applied,
         events.len()
     );
+    println!("  stream            : {per_event:>9.0} bytes/event stored");
     if let (Some(a), Some(b)) = (rss_before, rss_after) {
         println!(
             "  memory            : {:>9.0} bytes/session (resident growth over {SESSIONS} sessions, buffers included)",
