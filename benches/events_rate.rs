@@ -97,17 +97,11 @@ fn rss_bytes() -> Option<u64> {
 async fn drain(bus: &Bus, shards: u16, start: Instant) -> anyhow::Result<f64> {
     let js = bus.jetstream();
     let deadline = Instant::now() + Duration::from_secs(600);
-    'wait: loop {
+    while !jetstream::shards_drained(&js, &bus.subjects, shards).await {
         anyhow::ensure!(Instant::now() < deadline, "shard consumers never drained");
         tokio::time::sleep(Duration::from_millis(20)).await;
-        for shard in 0..shards {
-            match jetstream::shard_consumer_lag(&js, &bus.subjects, shard).await {
-                Ok((0, 0)) => {}
-                _ => continue 'wait,
-            }
-        }
-        return Ok(start.elapsed().as_secs_f64());
     }
+    Ok(start.elapsed().as_secs_f64())
 }
 
 #[tokio::main]

@@ -33,7 +33,7 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from compare import BIN, ROOT, ROUTERS, Procs, free_port, http_ok, wait_until  # noqa: E402
+from compare import BIN, ROOT, ROUTERS, Procs, exit_on_sigterm, free_port, http_ok, wait_until  # noqa: E402
 
 MODEL = "tether-sim"
 
@@ -150,6 +150,7 @@ def first_token(target, session):
 
 
 def main():
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--seconds", type=int, default=10, help="per wrk run")

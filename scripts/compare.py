@@ -31,6 +31,7 @@ import os
 import pathlib
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -151,6 +152,12 @@ def help_text(binary):
 
 def flags_missing(args, help_out):
     return [a for a in args if a.startswith("--") and a.split("=")[0] not in help_out]
+
+
+def exit_on_sigterm():
+    """Turns SIGTERM (a `kill`, a CI timeout) into SystemExit, so that the
+    `with` blocks and `finally` clauses that stop started processes run."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 class Procs:
@@ -406,6 +413,7 @@ def estimate(seconds_sim, kind, scale):
 
 def main():
     global OUT
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--time-scale", type=float, default=4.0, help="simulated seconds per wall second (default 4)")
     ap.add_argument("--repeats", type=int, default=None, help="runs per point (default 2; --quick: 1)")

@@ -240,16 +240,12 @@ async fn publish(bus: &Bus, event: &RequestEvent) -> anyhow::Result<()> {
 async fn drained(bus: &Bus) -> anyhow::Result<()> {
     let js = bus.jetstream();
     let deadline = Instant::now() + Duration::from_secs(30);
-    'wait: loop {
+    loop {
         anyhow::ensure!(Instant::now() < deadline, "shard consumers never drained");
         tokio::time::sleep(Duration::from_millis(50)).await;
-        for shard in 0..SHARDS {
-            match jetstream::shard_consumer_lag(&js, &bus.subjects, shard).await {
-                Ok((0, 0)) => {}
-                _ => continue 'wait,
-            }
+        if jetstream::shards_drained(&js, &bus.subjects, SHARDS).await {
+            return Ok(());
         }
-        return Ok(());
     }
 }
 

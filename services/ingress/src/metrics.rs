@@ -7,9 +7,7 @@ use prometheus_client::registry::Registry;
 
 pub type Labels = Vec<(String, String)>;
 
-/// One label whose key and value are known at compile time: the families
-/// counted on every call use it, so an increment allocates nothing.
-pub type StaticLabel = [(&'static str, &'static str); 1];
+pub use tether_telemetry::StaticLabel;
 
 pub fn label(key: &str, value: &str) -> Labels {
     vec![(key.to_owned(), value.to_owned())]

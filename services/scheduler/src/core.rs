@@ -41,8 +41,8 @@ pub struct Core {
 
 const KV_PENDING_CAP: usize = 10_000;
 
-/// Turns an input of the actor's loop may take in a row of a round before
-/// the others are looked at (tether_bus::rounds).
+/// Turns each input of the actor's loop may take per round
+/// (tether_bus::rounds).
 const TURN_BUDGET: u32 = 64;
 
 /// A fetched KV snapshot: engine index, then `(epoch, seq, blocks)`.
@@ -83,7 +83,7 @@ impl Core {
         self.fetch_kv_snapshots(&kv_tx);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Route requests come first, but no input waits more than the
+        // Route requests come first, but no input waits more than twice the
         // others' budgets behind them (tether_bus::rounds).
         let mut rounds = Rounds::<7>::new(TURN_BUDGET);
         loop {

@@ -7,9 +7,7 @@ use prometheus_client::registry::Registry;
 
 pub type Labels = Vec<(String, String)>;
 
-/// One label whose key and value are known at compile time: the families
-/// counted on every call use it, so an increment allocates nothing.
-pub type StaticLabel = [(&'static str, &'static str); 1];
+pub use tether_telemetry::StaticLabel;
 
 /// Event to replica: how old the newest event behind a state delta is when
 /// the delta reaches this scheduler, seconds (1 ms to 5 s).

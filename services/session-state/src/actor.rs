@@ -35,8 +35,8 @@ use crate::lease::Fence;
 use crate::metrics::Metrics;
 use crate::snapshot::{self, ShardSnapshotRef};
 
-/// Events the shard takes in a row of a round before its ticks are looked
-/// at (tether_bus::rounds).
+/// Turns each input of the shard's loop (events, each tick) may take per
+/// round (tether_bus::rounds).
 const TURN_BUDGET: u32 = 256;
 
 /// What a shard actor is asked to do.

@@ -250,6 +250,18 @@ pub async fn shard_consumer_lag(
     Ok((info.num_pending, info.num_ack_pending))
 }
 
+/// True when every shard consumer in `0..shards` has delivered and had
+/// acknowledged (applied) everything in the stream; false while any lags
+/// or cannot be read yet.
+pub async fn shards_drained(js: &Context, subjects: &Subjects, shards: u16) -> bool {
+    for shard in 0..shards {
+        if !matches!(shard_consumer_lag(js, subjects, shard).await, Ok((0, 0))) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Opens the snapshot store, creating it when missing.
 pub async fn snapshot_store(
     js: &Context,

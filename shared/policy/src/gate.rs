@@ -311,14 +311,7 @@ impl GateQueue {
     /// balance makes one engine's room depend on the others' counts.
     fn refill(&mut self, engine: usize, now: f64) -> Vec<Grant> {
         if self.cfg.decode_balance > 0 {
-            // The engines with the fewest calls decoding choose first.
-            let mut order: Vec<usize> = (0..self.engines.len()).collect();
-            order.sort_by_key(|e| self.decoding(*e));
-            let mut grants = Vec::new();
-            for e in order {
-                grants.extend(self.fill_all(e, now));
-            }
-            grants
+            self.expire(now)
         } else {
             self.fill_all(engine, now)
         }
@@ -477,9 +470,15 @@ impl GateQueue {
     }
 
     /// Waiters whose bind delay has run out take free slots on any candidate.
+    /// Every engine is filled; under decode balance the engines with the
+    /// fewest calls decoding choose first.
     pub fn expire(&mut self, now: f64) -> Vec<Grant> {
+        let mut order: Vec<usize> = (0..self.engines.len()).collect();
+        if self.cfg.decode_balance > 0 {
+            order.sort_by_key(|e| self.decoding(*e));
+        }
         let mut grants = Vec::new();
-        for engine in 0..self.engines.len() {
+        for engine in order {
             grants.extend(self.fill_all(engine, now));
         }
         grants
@@ -816,16 +815,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_decode_heavy_engine_holds_a_long_prefill_for_a_prefilling_lighter_one() {
-        let mut q = GateQueue::new(&[16, 16], balanced());
-        // Engine 0 decodes four calls.
+    /// Two engines: four calls decoding on engine 0, one call prefilling
+    /// (staged) on engine 1.
+    fn four_decoding_one_prefilling(limits: &[usize], cfg: GateConfig) -> GateQueue {
+        let mut q = GateQueue::new(limits, cfg);
         for id in 0..4 {
             assert_eq!(q.offer(id, staged_ask(0, 100.0), 0.0), Offer::Run(0));
             assert_eq!(q.started(0, 100.0, 0.0), vec![]);
         }
-        // Engine 1 prefills one (no room: one call staged).
         assert_eq!(q.offer(10, staged_ask(1, 100.0), 0.0), Offer::Run(1));
+        q
+    }
+
+    #[test]
+    fn a_decode_heavy_engine_holds_a_long_prefill_for_a_prefilling_lighter_one() {
+        // Engine 1 has no room (one call staged, the bound).
+        let mut q = four_decoding_one_prefilling(&[16, 16], balanced());
         // A call of a full step of prefill waits for engine 1: engine 0 has
         // room, but 4 decoding > 0 + 2.
         assert_eq!(q.offer(11, staged_ask(0, 10_000.0), 0.0), Offer::Queued);
@@ -850,12 +855,7 @@ mod tests {
             service_floor: 1.0,
             ..balanced()
         };
-        let mut q = GateQueue::new(&[16, 16], cfg);
-        for id in 0..4 {
-            assert_eq!(q.offer(id, staged_ask(0, 100.0), 0.0), Offer::Run(0));
-            assert_eq!(q.started(0, 100.0, 0.0), vec![]);
-        }
-        assert_eq!(q.offer(10, staged_ask(1, 100.0), 0.0), Offer::Run(1));
+        let mut q = four_decoding_one_prefilling(&[16, 16], cfg);
         assert_eq!(q.offer(11, staged_ask(0, 10_000.0), 0.0), Offer::Queued);
         // Engine 1 never answers; the call starves at 2·max(0, 1) s and
         // then engine 0 takes it.
@@ -875,32 +875,20 @@ mod tests {
     fn a_larger_engine_may_decode_more_before_it_holds() {
         // Engine 0 has twice engine 1's limit: 4 decoding there is as busy
         // as 2 on engine 1, so with 1 decoding on engine 1 it does not hold.
-        let mut q = GateQueue::new(&[32, 16], balanced());
-        for id in 0..4 {
-            assert_eq!(q.offer(id, staged_ask(0, 100.0), 0.0), Offer::Run(0));
-            assert_eq!(q.started(0, 100.0, 0.0), vec![]);
-        }
-        assert_eq!(q.offer(10, staged_ask(1, 100.0), 0.0), Offer::Run(1));
+        let mut q = four_decoding_one_prefilling(&[32, 16], balanced());
         assert_eq!(q.started(1, 100.0, 0.0), vec![]);
         assert_eq!(q.offer(11, staged_ask(1, 100.0), 0.0), Offer::Run(1));
-        // (4 − 2) / 32 < 1 / 16: no hold.
+        // Engine 1: 1 decoding of 16 is not below (4 − 2) of 32: no hold.
         assert_eq!(q.offer(12, staged_ask(0, 10_000.0), 0.0), Offer::Run(0));
     }
 
     #[test]
     fn without_decode_balance_the_engine_with_room_takes_the_call() {
-        let mut q = GateQueue::new(
-            &[16, 16],
-            GateConfig {
-                decode_balance: 0,
-                ..balanced()
-            },
-        );
-        for id in 0..4 {
-            assert_eq!(q.offer(id, staged_ask(0, 100.0), 0.0), Offer::Run(0));
-            assert_eq!(q.started(0, 100.0, 0.0), vec![]);
-        }
-        assert_eq!(q.offer(10, staged_ask(1, 100.0), 0.0), Offer::Run(1));
+        let cfg = GateConfig {
+            decode_balance: 0,
+            ..balanced()
+        };
+        let mut q = four_decoding_one_prefilling(&[16, 16], cfg);
         assert_eq!(q.offer(11, staged_ask(0, 10_000.0), 0.0), Offer::Run(0));
     }
 

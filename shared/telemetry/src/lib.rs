@@ -20,3 +20,8 @@ pub use config_file::{args_with_config_file, args_with_config_file_for};
 pub use shutdown::{Shutdown, shutdown_on_signal};
 pub use tasks::{Tasks, serve_admin};
 pub use tracing_setup::{TelemetryGuard, init, init_with_provider};
+
+/// One label whose key and value are known at compile time: the families
+/// counted on every call use it, so an increment allocates nothing.
+pub type StaticLabel = [(&'static str, &'static str); 1];
+
