@@ -24,4 +24,3 @@ pub use tracing_setup::{TelemetryGuard, init, init_with_provider};
 /// One label whose key and value are known at compile time: the families
 /// counted on every call use it, so an increment allocates nothing.
 pub type StaticLabel = [(&'static str, &'static str); 1];
-
