@@ -670,3 +670,107 @@ async fn a_nats_restart_loses_and_repeats_nothing() -> anyhow::Result<()> {
     running.join().await;
     Ok(())
 }
+
+/// The ingress's publisher against a stream that refuses what it cannot
+/// take (at most 10 messages, discard new) until raised: with
+/// acknowledgements the refused events are sent again and the stream ends
+/// with each one exactly once; with core publishes the refused ones are lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_events_are_sent_again_and_stored_once() -> anyhow::Result<()> {
+    use async_nats::jetstream::stream::{Config, DiscardPolicy};
+    use tether_ingress::events::{PublishConfig, spawn_publisher};
+
+    let nats = NatsServer::start()?;
+    let bus = test_bus(&nats.url()).await?;
+    let js = bus.jetstream();
+    let name = jetstream::events_stream_name(&bus.subjects);
+    let tight = Config {
+        name: name.clone(),
+        subjects: vec![format!("{}.events.>", bus.subjects.prefix())],
+        max_messages: 10,
+        discard: DiscardPolicy::New,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let events = workload(5, 20);
+    let total = events.len() as u64;
+
+    let stored = |js: jetstream::Context| {
+        let name = name.clone();
+        async move {
+            let mut stream = js.get_stream(&name).await?;
+            anyhow::Ok(stream.info().await?.state.messages)
+        }
+    };
+    let publish_all = |acks: bool| {
+        let bus = bus.clone();
+        let events = events.clone();
+        async move {
+            let stop = Shutdown::new();
+            let (sink, task) = spawn_publisher(
+                bus,
+                SHARDS,
+                PublishConfig {
+                    buffer: 1024,
+                    acks,
+                    window: 8,
+                    ack_timeout: Duration::from_millis(500),
+                },
+                stop.clone(),
+            );
+            for e in events {
+                sink.emit(e, tracing::Span::none());
+            }
+            (sink, task, stop)
+        }
+    };
+
+    // Core publishes: the stream keeps the 10 it has room for, the rest are gone.
+    js.create_stream(tight.clone()).await?;
+    let (sink, task, stop) = publish_all(false).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored(js.clone()).await? < 10 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "core publishes never reached the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    task.await?;
+    assert_eq!(stored(js.clone()).await?, 10);
+    assert_eq!(sink.counters.retried.get(), 0);
+
+    // Acknowledged: refused events are retried until the stream has room.
+    js.delete_stream(&name).await?;
+    js.create_stream(tight.clone()).await?;
+    let (sink, task, stop) = publish_all(true).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sink.counters.retried.get() < 3 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "refused events were not sent again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stored(js.clone()).await?, 10);
+    js.update_stream(Config {
+        max_messages: -1,
+        ..tight.clone()
+    })
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stored(js.clone()).await? < total {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {total} events stored",
+            stored(js.clone()).await?
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    task.await?;
+    assert_eq!(stored(js.clone()).await?, total, "an event stored twice");
+    assert_eq!(sink.counters.dropped.get(), 0);
+    Ok(())
+}

@@ -113,6 +113,17 @@ pub struct Config {
     /// Lifecycle events buffered for publishing before new ones are dropped (and counted).
     #[arg(long, env = "TETHER_EVENT_BUFFER", default_value_t = 65536)]
     pub event_buffer: usize,
+    /// Wait for the events stream to acknowledge each lifecycle event, and
+    /// publish it again (same id, stored once) when no acknowledgement
+    /// comes; false: core publishes, which a stream may miss under faults.
+    #[arg(long, env = "TETHER_EVENT_ACKS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub event_acks: bool,
+    /// Events awaiting the stream's acknowledgement at once (with --event-acks).
+    #[arg(long, env = "TETHER_EVENT_ACK_WINDOW", default_value_t = 256)]
+    pub event_ack_window: usize,
+    /// How long an event's acknowledgement is awaited before it is sent again, ms.
+    #[arg(long, env = "TETHER_EVENT_ACK_TIMEOUT_MS", default_value_t = 2000)]
+    pub event_ack_timeout_ms: u64,
     /// Calls that may wait per engine when it is at its concurrency limit (429 beyond).
     #[arg(long, env = "TETHER_MAX_QUEUE", default_value_t = 1024)]
     pub max_queue: usize,

@@ -3,70 +3,265 @@
 //! trace context travels with it. When the buffer is full (NATS unreachable
 //! for long), new events are dropped and counted — the call itself is never
 //! held up by the bus.
+//!
+//! With acknowledgements on (`--event-acks`, the default) an event counts as
+//! sent only once the events stream has stored it: up to `window` events
+//! wait for their acknowledgement at once, and one that is not acknowledged
+//! (timed out, connection lost, a cluster electing a new stream leader) is
+//! published again with the same deduplication id, so the stream keeps it
+//! once. Without a stream (session-state run with `--durable false`) the
+//! answer "no stream" ends the wait: core subscribers already have it.
+
+use std::collections::VecDeque;
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use tether_bus::Bus;
+use tether_bus::jetstream::{Context, Outgoing, Stored, StoredFuture, event_msg_id};
 use tether_protocol::{RequestEvent, shard_of};
 use tether_telemetry::Shutdown;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+/// How events are published.
+#[derive(Clone, Copy, Debug)]
+pub struct PublishConfig {
+    /// Events buffered before new ones are dropped.
+    pub buffer: usize,
+    /// Wait for the events stream's acknowledgement and publish again
+    /// without one; false: core publishes, never repeated.
+    pub acks: bool,
+    /// Events awaiting their acknowledgement at once.
+    pub window: usize,
+    /// How long an acknowledgement is awaited before the event is sent again.
+    pub ack_timeout: Duration,
+}
+
+/// The publisher's counters.
+#[derive(Clone, Default)]
+pub struct EventCounters {
+    /// Dropped: the buffer was full, or shutdown came before an acknowledgement.
+    pub dropped: Counter,
+    /// Published again because no acknowledgement came.
+    pub retried: Counter,
+}
+
 #[derive(Clone)]
 pub struct EventSink {
     tx: mpsc::Sender<(RequestEvent, tracing::Span)>,
-    pub dropped: Counter,
+    pub counters: EventCounters,
 }
 
 impl EventSink {
     pub fn emit(&self, event: RequestEvent, span: tracing::Span) {
         if self.tx.try_send((event, span)).is_err() {
-            self.dropped.inc();
+            self.counters.dropped.inc();
         }
     }
+}
+
+/// How long shutdown waits for the acknowledgements still owed.
+const DRAIN: Duration = Duration::from_secs(5);
+/// The pause before the n-th repeat of one event: 50 ms, doubling, at most 1 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((50u64 << attempt.min(5)).min(1000))
 }
 
 /// Starts the publisher; it drains what is buffered after shutdown fires.
 pub fn spawn_publisher(
     bus: Bus,
     shards: u16,
-    capacity: usize,
+    config: PublishConfig,
     shutdown: Shutdown,
 ) -> (EventSink, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::channel::<(RequestEvent, tracing::Span)>(capacity.max(1));
+    let (tx, rx) = mpsc::channel::<(RequestEvent, tracing::Span)>(config.buffer.max(1));
+    let counters = EventCounters::default();
     let sink = EventSink {
         tx,
-        dropped: Counter::default(),
+        counters: counters.clone(),
     };
-    let handle = tokio::spawn(async move {
-        loop {
-            let next = tokio::select! {
-                biased;
-                next = rx.recv() => next,
-                _ = shutdown.cancelled() => break,
-            };
-            let Some((event, span)) = next else { return };
-            publish(&bus, shards, event, span).await;
-        }
-        // Shutting down: publish what is already buffered, then flush.
-        rx.close();
-        while let Some((event, span)) = rx.recv().await {
-            publish(&bus, shards, event, span).await;
-        }
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), bus.client.flush()).await;
-    });
+    let handle = if config.acks {
+        let mut js = bus.jetstream();
+        js.set_timeout(config.ack_timeout);
+        let publisher = Acked {
+            bus,
+            js,
+            shards,
+            window: config.window.max(1),
+            counters,
+            pending: VecDeque::new(),
+        };
+        tokio::spawn(publisher.run(rx, shutdown))
+    } else {
+        tokio::spawn(core_publisher(bus, shards, rx, shutdown))
+    };
     (sink, handle)
 }
 
-async fn publish(bus: &Bus, shards: u16, event: RequestEvent, span: tracing::Span) {
+async fn core_publisher(
+    bus: Bus,
+    shards: u16,
+    mut rx: mpsc::Receiver<(RequestEvent, tracing::Span)>,
+    shutdown: Shutdown,
+) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = rx.recv() => next,
+            _ = shutdown.cancelled() => break,
+        };
+        let Some((event, span)) = next else { return };
+        publish_core(&bus, shards, event, span).await;
+    }
+    // Shutting down: publish what is already buffered, then flush.
+    rx.close();
+    while let Some((event, span)) = rx.recv().await {
+        publish_core(&bus, shards, event, span).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), bus.client.flush()).await;
+}
+
+async fn publish_core(bus: &Bus, shards: u16, event: RequestEvent, span: tracing::Span) {
     let subject = bus.subjects.events(shard_of(event.session_hash, shards));
     // Core publish (no acknowledgement wait); the events stream captures it,
     // and the id lets JetStream drop a repeat (see docs/protocol.md).
-    let id = tether_bus::jetstream::event_msg_id(&event);
+    let id = event_msg_id(&event);
     if let Err(err) = bus
         .publish_with_id(subject, &event, &id)
         .instrument(span)
         .await
     {
         tracing::warn!(%err, call_id = event.call_id, "event publish failed");
+    }
+}
+
+/// An event sent and not yet acknowledged.
+struct InFlight {
+    msg: Outgoing,
+    call_id: u64,
+    attempt: u32,
+    stored: StoredFuture,
+}
+
+/// The acknowledged publisher: events go out in order, at most `window`
+/// await their acknowledgement, and the oldest is awaited first.
+struct Acked {
+    bus: Bus,
+    js: Context,
+    shards: u16,
+    window: usize,
+    counters: EventCounters,
+    pending: VecDeque<InFlight>,
+}
+
+impl Acked {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<(RequestEvent, tracing::Span)>,
+        shutdown: Shutdown,
+    ) {
+        loop {
+            let room = self.pending.len() < self.window;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                outcome = Self::oldest(&mut self.pending) => self.settle(outcome).await,
+                next = rx.recv(), if room => {
+                    let Some((event, span)) = next else { break };
+                    self.send(event, span).await;
+                }
+            }
+        }
+        // Shutting down: send what is buffered, then wait (bounded) for what
+        // is owed; whatever is still unacknowledged then is counted dropped.
+        rx.close();
+        let drain = async {
+            while let Some((event, span)) = rx.recv().await {
+                while self.pending.len() >= self.window {
+                    let outcome = Self::oldest(&mut self.pending).await;
+                    self.settle(outcome).await;
+                }
+                self.send(event, span).await;
+            }
+            while !self.pending.is_empty() {
+                let outcome = Self::oldest(&mut self.pending).await;
+                self.settle(outcome).await;
+            }
+        };
+        if tokio::time::timeout(DRAIN, drain).await.is_err() {
+            self.counters.dropped.inc_by(self.pending.len() as u64);
+            tracing::warn!(
+                unacknowledged = self.pending.len(),
+                "shutdown: events not acknowledged by the stream in time"
+            );
+        }
+        rx.close();
+        while rx.try_recv().is_ok() {
+            self.counters.dropped.inc();
+        }
+    }
+
+    /// The oldest event's outcome; pending forever while none is in flight.
+    async fn oldest(pending: &mut VecDeque<InFlight>) -> Result<Stored, tether_bus::BusError> {
+        match pending.front_mut() {
+            Some(f) => f.stored.as_mut().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn send(&mut self, event: RequestEvent, span: tracing::Span) {
+        let subject = self
+            .bus
+            .subjects
+            .events(shard_of(event.session_hash, self.shards));
+        let id = event_msg_id(&event);
+        let msg = match span.in_scope(|| Outgoing::new(subject, &event, &id)) {
+            Ok(msg) => msg,
+            Err(err) => {
+                self.counters.dropped.inc();
+                tracing::warn!(%err, call_id = event.call_id, "event not encodable; dropped");
+                return;
+            }
+        };
+        let stored = msg.publish_stored(&self.js).instrument(span).await;
+        self.pending.push_back(InFlight {
+            msg,
+            call_id: event.call_id,
+            attempt: 0,
+            stored,
+        });
+    }
+
+    /// Ends the oldest event's wait: done when stored, otherwise sent again
+    /// (after a pause that grows with its attempts) and awaited first.
+    async fn settle(&mut self, outcome: Result<Stored, tether_bus::BusError>) {
+        let Some(mut done) = self.pending.pop_front() else {
+            return;
+        };
+        if let Err(err) = outcome {
+            if done.attempt == 0 {
+                tracing::warn!(%err, call_id = done.call_id, "event not acknowledged; publishing it again");
+            }
+            self.counters.retried.inc();
+            tokio::time::sleep(backoff(done.attempt)).await;
+            done.attempt = done.attempt.saturating_add(1);
+            done.stored = done.msg.publish_stored(&self.js).await;
+            self.pending.push_front(done);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_to_a_second() {
+        assert_eq!(backoff(0), Duration::from_millis(50));
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(4), Duration::from_millis(800));
+        assert_eq!(backoff(5), Duration::from_secs(1));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(1));
     }
 }

@@ -17,7 +17,7 @@ use tether_protocol::random_u64;
 use tether_telemetry::{AdminState, Shutdown, Tasks, admin_router};
 
 use crate::admission::Gateway;
-use crate::events::{EventSink, spawn_publisher};
+use crate::events::{EventSink, PublishConfig, spawn_publisher};
 use crate::metrics::{Metrics, label};
 use crate::{Config, handlers};
 use tether_policy::{CapacityConfig, CostModel, GateConfig};
@@ -113,14 +113,24 @@ pub async fn start_with_fleet(
     let (events, publisher) = spawn_publisher(
         bus.clone(),
         config.bus.shards,
-        config.event_buffer,
+        PublishConfig {
+            buffer: config.event_buffer,
+            acks: config.event_acks,
+            window: config.event_ack_window,
+            ack_timeout: Duration::from_millis(config.event_ack_timeout_ms.max(1)),
+        },
         shutdown.clone(),
     );
     tasks.push(publisher);
     registry.register(
         "tether_ingress_events_dropped",
-        "Lifecycle events dropped because the publish buffer was full",
-        events.dropped.clone(),
+        "Lifecycle events dropped: the publish buffer was full, or shutdown came before the stream acknowledged them",
+        events.counters.dropped.clone(),
+    );
+    registry.register(
+        "tether_ingress_events_retried",
+        "Lifecycle events published again because the events stream did not acknowledge them",
+        events.counters.retried.clone(),
     );
     let admin = AdminState::new(registry);
 

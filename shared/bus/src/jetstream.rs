@@ -11,6 +11,8 @@ use async_nats::jetstream::{
     stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
 };
 use serde::Serialize;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::time::Duration;
 use tether_protocol::{EventKind, RequestEvent, Subjects};
 use tracing::Instrument;
@@ -92,6 +94,31 @@ pub fn event_msg_id(event: &RequestEvent) -> String {
     format!("{:016x}-{kind}", event.call_id)
 }
 
+/// What became of a publish that asked for JetStream's acknowledgement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    /// A stream stored it (or had it already: a repeated id).
+    Yes,
+    /// No stream captures the subject (no durable consumer is configured):
+    /// the message still reached core subscribers, and there is nothing to
+    /// wait for.
+    NoStream,
+}
+
+/// Resolves when the stream acknowledged the message, or with why not
+/// (timed out, connection lost, …): then publish it again, same id.
+pub type StoredFuture = Pin<Box<dyn Future<Output = Result<Stored, BusError>> + Send>>;
+
+/// A message ready to publish, and to publish again with the same id.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub subject: String,
+    pub headers: HeaderMap,
+    pub payload: bytes::Bytes,
+    /// The producer span whose context the headers carry.
+    span: tracing::Span,
+}
+
 /// How the events stream is kept.
 #[derive(Clone, Copy, Debug)]
 pub struct EventsStreamConfig {
@@ -127,6 +154,59 @@ impl Bus {
             .instrument(span)
             .await
             .map_err(|e| BusError::Publish(e.to_string()))
+    }
+}
+
+impl Outgoing {
+    /// Encodes `msg` once, with a producer span (a child of the current
+    /// one) whose context travels in the headers, and the deduplication id
+    /// `id`.
+    pub fn new<T: Serialize>(subject: String, msg: &T, id: &str) -> Result<Self, BusError> {
+        let payload = tether_protocol::encode(msg)?;
+        let span = crate::typed::messaging_span("publish", "producer", &subject);
+        let mut headers = HeaderMap::new();
+        span.in_scope(|| inject_context(&mut headers));
+        headers.insert(MSG_ID_HEADER, id);
+        Ok(Self {
+            subject,
+            headers,
+            payload: payload.into(),
+            span,
+        })
+    }
+
+    /// Publishes through JetStream: the future resolves once the stream has
+    /// stored the message (or says no stream takes the subject). A publish
+    /// that cannot even be sent resolves with its error at once.
+    pub async fn publish_stored(&self, js: &Context) -> StoredFuture {
+        let sent = js
+            .publish_with_headers(
+                self.subject.clone(),
+                self.headers.clone(),
+                self.payload.clone(),
+            )
+            .instrument(self.span.clone())
+            .await;
+        match sent {
+            Ok(ack) => {
+                let ack = ack.into_future();
+                Box::pin(async move {
+                    match ack.await {
+                        Ok(_) => Ok(Stored::Yes),
+                        Err(e)
+                            if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound =>
+                        {
+                            Ok(Stored::NoStream)
+                        }
+                        Err(e) => Err(BusError::Publish(e.to_string())),
+                    }
+                })
+            }
+            Err(e) => {
+                let err = BusError::Publish(e.to_string());
+                Box::pin(async move { Err(err) })
+            }
+        }
     }
 }
 

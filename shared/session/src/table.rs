@@ -13,9 +13,14 @@
 //!
 //! Every decision depends only on the events and their order (event times,
 //! not the wall clock), so replaying the same events gives the same table.
+//!
+//! A call's end may arrive before its dispatch (a publisher that sends an
+//! unacknowledged `Dispatched` again after the `Finished` was stored): the
+//! table remembers the last [`ENDED_EARLY`] calls that ended without being
+//! in flight, and a dispatch of one of them does not put it in flight.
 
-use std::collections::HashMap;
-use tether_protocol::{RequestEvent, SessionHash, SessionRecord};
+use std::collections::{HashMap, VecDeque};
+use tether_protocol::{EventKind, RequestEvent, SessionHash, SessionRecord};
 
 /// What applying one event did to the table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -49,9 +54,14 @@ impl Default for TableLimits {
     }
 }
 
+/// Calls remembered as ended before their dispatch was seen.
+pub const ENDED_EARLY: usize = 1024;
+
 #[derive(Debug, Default)]
 pub struct SessionTable {
     sessions: HashMap<SessionHash, SessionState>,
+    /// Calls whose `Finished` came while they were not in flight, oldest first.
+    ended_early: VecDeque<u64>,
     limits: TableLimits,
     /// No held session can be idle before this event time (ms): set by a
     /// scan at the cap that found none, cleared when sessions may have become
@@ -63,6 +73,7 @@ impl SessionTable {
     pub fn new(limits: TableLimits) -> Self {
         Self {
             sessions: HashMap::new(),
+            ended_early: VecDeque::new(),
             limits,
             no_idle_before: 0,
         }
@@ -75,6 +86,7 @@ impl SessionTable {
     ) -> Self {
         Self {
             sessions: sessions.into_iter().collect(),
+            ended_early: VecDeque::new(),
             limits,
             no_idle_before: 0,
         }
@@ -116,7 +128,24 @@ impl SessionTable {
             .sessions
             .entry(event.session_hash)
             .or_insert_with(|| SessionState::new(event.session_key.clone()));
-        state.apply(event);
+        let call = event.call_id;
+        match event.kind {
+            EventKind::Finished(_) if !state.in_flight.iter().any(|(id, _)| *id == call) => {
+                if self.ended_early.len() >= ENDED_EARLY {
+                    self.ended_early.pop_front();
+                }
+                self.ended_early.push_back(call);
+                state.apply(event);
+            }
+            EventKind::Dispatched { .. } if !self.ended_early.is_empty() => {
+                state.apply(event);
+                if let Some(i) = self.ended_early.iter().position(|id| *id == call) {
+                    self.ended_early.remove(i);
+                    state.in_flight.retain(|(id, _)| *id != call);
+                }
+            }
+            _ => state.apply(event),
+        }
         state.version = version;
         out
     }
@@ -226,7 +255,7 @@ impl SessionTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tether_protocol::{EventKind, Finished, Outcome};
+    use tether_protocol::{Finished, Outcome};
 
     fn event(session: u64, at_ms: u64) -> RequestEvent {
         RequestEvent {
@@ -257,6 +286,29 @@ mod tests {
         assert_eq!(t.get(1).map(|s| s.attained), Some(2.0));
         assert_eq!(t.get(2).map(|s| s.attained), Some(1.0));
         assert_eq!(t.get(2).map(|s| s.version), Some(3));
+    }
+
+    #[test]
+    fn an_end_before_its_dispatch_leaves_nothing_in_flight() {
+        let mut t = SessionTable::new(TableLimits::default());
+        let done = event(1, 10);
+        let mut dispatched = done.clone();
+        dispatched.at_ms = 9;
+        dispatched.kind = EventKind::Dispatched {
+            inherited_cst: 0.0,
+            level: 0,
+        };
+        t.apply(&done, 1);
+        t.apply(&dispatched, 2);
+        let s = t.get(1).expect("session");
+        assert!(s.in_flight.is_empty(), "{:?}", s.in_flight);
+        assert_eq!(s.requests, 1);
+        // In order, the same call is in flight between the two.
+        let mut t = SessionTable::new(TableLimits::default());
+        t.apply(&dispatched, 1);
+        assert_eq!(t.get(1).map(|s| s.in_flight.len()), Some(1));
+        t.apply(&done, 2);
+        assert_eq!(t.get(1).map(|s| s.in_flight.len()), Some(0));
     }
 
     #[test]
