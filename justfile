@@ -56,3 +56,10 @@ compare *ARGS: tools
     scripts/peers.sh >/dev/null
     cargo build --release --workspace --bins
     python3 scripts/compare.py {{ARGS}}
+
+# Fault scenarios, each on a fresh system under load: kill -9 and restart the scheduler, nats-server,
+# session-state or an engine, hang an engine, lose a node of a 3-node NATS cluster; failed calls,
+# added latency, lost sessions (docs/results/chaos.md; ARGS to scripts/chaos.py).
+chaos *ARGS: tools
+    cargo build --release --workspace --bins
+    python3 scripts/chaos.py {{ARGS}}

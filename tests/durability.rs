@@ -774,3 +774,28 @@ async fn unacknowledged_events_are_sent_again_and_stored_once() -> anyhow::Resul
     assert_eq!(sink.counters.dropped.get(), 0);
     Ok(())
 }
+
+/// `--nats-url` takes a comma-separated list of servers (a cluster's
+/// nodes): a client given one dead and one live server connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_of_servers_connects_to_the_one_that_is_up() -> anyhow::Result<()> {
+    let nats = NatsServer::start()?;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let bus = test_bus(&format!("nats://127.0.0.1:{dead}, {}", nats.url())).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !bus.is_connected() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "never connected to the live server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut sub = bus.client.subscribe("list.test").await?;
+    bus.client.publish("list.test", "hello".into()).await?;
+    let got =
+        tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut sub)).await?;
+    assert_eq!(got.map(|m| m.payload.to_vec()), Some(b"hello".to_vec()));
+    Ok(())
+}

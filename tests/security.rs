@@ -114,6 +114,9 @@ enum Misbehaviour {
     Dies,
     /// Reads the call and never answers.
     Hangs,
+    /// Sends a 200 SSE stream's headers at once, then nothing (a hung
+    /// engine that had already accepted the call).
+    HangsAfterHeaders,
     /// Answers 500.
     Fails,
     /// Starts a 200 SSE stream, sends one event, then drops the connection.
@@ -190,6 +193,15 @@ async fn serve_bad(mut tcp: TcpStream, how: Misbehaviour) {
     match how {
         Misbehaviour::Dies => {}
         Misbehaviour::Hangs => std::future::pending::<()>().await,
+        Misbehaviour::HangsAfterHeaders => {
+            let _ = tcp
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+                )
+                .await;
+            let _ = tcp.flush().await;
+            std::future::pending::<()>().await
+        }
         Misbehaviour::FailsUntil(healed) if healed.load(std::sync::atomic::Ordering::SeqCst) => {
             let body = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
             let _ = tcp
@@ -303,36 +315,42 @@ async fn calls_are_retried_elsewhere_before_the_first_byte() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_engine_is_timed_out_retried_and_ejected() -> anyhow::Result<()> {
-    let (u, _bad) = with_bad(
-        Misbehaviour::Hangs,
-        &[
-            "--engine-ttfb-timeout-secs",
-            "0.3",
-            "--breaker-failures",
-            "2",
-            "--breaker-cooldown-ms",
-            "600000",
-        ],
-    )
-    .await?;
-    // Streaming calls wait at most the TTFB timeout on the hung engine.
-    until_retried(&u, true).await?;
-    until_retried(&u, true).await?;
-    // Two consecutive failures: ejected, and no call goes there any more.
-    assert_eq!(
-        u.ingress_metric("tether_ingress_engine_ejections", "engine=\"bad\"")
-            .await?,
-        1.0
-    );
-    let retries = u.ingress_metric("tether_ingress_retries", "").await?;
-    for i in 0..10 {
-        let r = u.chat(Some(&format!("after-{i}")), "hi", 2).await?;
-        assert_eq!(engine_of(&r), "sim-0");
+    // Silent from the start, or silent after a 200 stream's headers: the
+    // bound is on the stream's first data either way.
+    for how in [Misbehaviour::Hangs, Misbehaviour::HangsAfterHeaders] {
+        let (u, _bad) = with_bad(
+            how,
+            &[
+                "--engine-ttfb-timeout-secs",
+                "0.3",
+                "--breaker-failures",
+                "2",
+                "--breaker-cooldown-ms",
+                "600000",
+            ],
+        )
+        .await?;
+        // Streaming calls wait at most the TTFB timeout on the hung engine.
+        until_retried(&u, true).await?;
+        until_retried(&u, true).await?;
+        // Two consecutive failures: ejected, and no call goes there any more.
+        assert_eq!(
+            u.ingress_metric("tether_ingress_engine_ejections", "engine=\"bad\"")
+                .await?,
+            1.0,
+            "{how:?}"
+        );
+        let retries = u.ingress_metric("tether_ingress_retries", "").await?;
+        for i in 0..10 {
+            let r = u.chat(Some(&format!("after-{i}")), "hi", 2).await?;
+            assert_eq!(engine_of(&r), "sim-0", "{how:?}");
+        }
+        assert_eq!(
+            u.ingress_metric("tether_ingress_retries", "").await?,
+            retries,
+            "{how:?}"
+        );
     }
-    assert_eq!(
-        u.ingress_metric("tether_ingress_retries", "").await?,
-        retries
-    );
     Ok(())
 }
 

@@ -46,7 +46,7 @@ pub struct Config {
     #[arg(long, env = "TETHER_ENGINE_TIMEOUT_SECS", default_value_t = 600)]
     pub engine_timeout_secs: u64,
     /// Time-to-first-byte timeout: how long a streaming call waits for the
-    /// engine's response headers (engines send them at once for streams)
+    /// engine's response headers and its first stream data, together,
     /// before the engine counts as hung and the call is retried elsewhere,
     /// seconds. Capped by --engine-timeout-secs.
     #[arg(long, env = "TETHER_ENGINE_TTFB_TIMEOUT_SECS", default_value_t = 30.0)]

@@ -1,7 +1,7 @@
 //! Running a routed call on an engine: wait for a slot at the gateway, send
 //! the call, and — while no byte has reached the client — try another
-//! engine when the one chosen fails (connect error, 5xx, or no response
-//! headers in time).
+//! engine when the one chosen fails (connect error, 5xx, no response
+//! headers in time, or a stream whose first data does not come in time).
 //!
 //! The gateway's wait is where late binding happens: a call waits for the
 //! scheduler's engine, or — once it has waited longer than its cache there
@@ -10,7 +10,6 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use std::time::{Duration, Instant};
 use tether_protocol::{CallId, Outcome};
 
@@ -18,6 +17,7 @@ use crate::admission::{Refused, Request};
 use crate::breaker::Verdict;
 use crate::errors::ApiError;
 use crate::metrics::label;
+use crate::proxy::{FirstFrame, Primed};
 use crate::request::{CallBody, Endpoint};
 use crate::routing::Route;
 use crate::service::App;
@@ -27,14 +27,18 @@ use crate::tracker::Tracker;
 pub struct Answered {
     pub engine: usize,
     pub parts: http::response::Parts,
-    pub body: Incoming,
+    pub body: Primed,
 }
 
 /// Most bytes of an engine's error body kept for the client's message.
 const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
 /// Reads an engine's error body (bounded); empty if it cannot be read.
-pub async fn error_body(body: Incoming) -> Bytes {
+pub async fn error_body<B>(body: B) -> Bytes
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     Limited::new(body, ERROR_BODY_LIMIT)
         .collect()
         .await
@@ -84,6 +88,57 @@ fn header_timeout(app: &App, stream: bool) -> Duration {
         )
     } else {
         Duration::from_secs(app.engine_timeout_secs)
+    }
+}
+
+/// One try on one engine: its answer, or why it failed while nothing has
+/// reached the client. A 200 stream counts as started only with its first
+/// frame, and that must come within the time-to-first-byte bound too: an
+/// engine that sends its headers at once and then hangs (still passing
+/// `/health`) is caught here, and the call retried.
+async fn attempt(
+    app: &App,
+    engine: usize,
+    endpoint: Endpoint,
+    body: Bytes,
+    timeout: Duration,
+    stream: bool,
+) -> Result<(http::response::Parts, Primed), (ApiError, &'static str)> {
+    let sent = Instant::now();
+    let name = &app.fleet.engines[engine].name;
+    let resp = crate::proxy::forward(app, engine, endpoint, body, timeout).await?;
+    let (parts, body) = resp.into_parts();
+    if parts.status.is_server_error() {
+        let bytes = error_body(body).await;
+        let err = ApiError::engine_failed(format!(
+            "engine {name} answered {}: {}",
+            parts.status,
+            String::from_utf8_lossy(&bytes)
+                .chars()
+                .take(512)
+                .collect::<String>()
+        ));
+        return Err((err, "status"));
+    }
+    if !(stream && parts.status.is_success()) {
+        return Ok((parts, Primed::new(body)));
+    }
+    let left = timeout.saturating_sub(sent.elapsed());
+    match Primed::first_frame(body, left).await {
+        Ok(body) => Ok((parts, body)),
+        Err(FirstFrame::Late) => Err((
+            ApiError::engine_failed(format!(
+                "engine {name} sent no stream data within {:.1} s",
+                timeout.as_secs_f64()
+            )),
+            "timeout",
+        )),
+        Err(FirstFrame::Broken(err)) => Err((
+            ApiError::engine_failed(format!(
+                "engine {name} broke off the stream before its first byte: {err}"
+            )),
+            "connect",
+        )),
     }
 }
 
@@ -144,29 +199,14 @@ pub async fn run(
                 return Err(err.counted());
             }
         };
-        let (err, why) = match crate::proxy::forward(app, engine, endpoint, body, timeout).await {
-            Ok(resp) if !resp.status().is_server_error() => {
+        let (err, why) = match attempt(app, engine, endpoint, body, timeout, call.stream).await {
+            Ok((parts, body)) => {
                 app.breaker.success(engine);
-                let (parts, body) = resp.into_parts();
                 return Ok(Answered {
                     engine,
                     parts,
                     body,
                 });
-            }
-            Ok(resp) => {
-                let (parts, body) = resp.into_parts();
-                let bytes = error_body(body).await;
-                let err = ApiError::engine_failed(format!(
-                    "engine {} answered {}: {}",
-                    e.name,
-                    parts.status,
-                    String::from_utf8_lossy(&bytes)
-                        .chars()
-                        .take(512)
-                        .collect::<String>()
-                ));
-                (err, "status")
             }
             Err(failure) => failure,
         };

@@ -10,14 +10,20 @@
 //! (timed out, connection lost, a cluster electing a new stream leader) is
 //! published again with the same deduplication id, so the stream keeps it
 //! once. Without a stream (session-state run with `--durable false`) the
-//! answer "no stream" ends the wait: core subscribers already have it.
+//! answer "no stream" ends the wait — core subscribers already have it —
+//! until a stream has once stored an event: from then on it means the
+//! stream is away for a moment, and the event is sent again.
 
-use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 
 use prometheus_client::metrics::counter::Counter;
 use tether_bus::Bus;
-use tether_bus::jetstream::{Context, Outgoing, Stored, StoredFuture, event_msg_id};
+use tether_bus::jetstream::{Context, Outgoing, Stored, event_msg_id};
 use tether_protocol::{RequestEvent, shard_of};
 use tether_telemetry::Shutdown;
 use tokio::sync::mpsc;
@@ -89,7 +95,8 @@ pub fn spawn_publisher(
             shards,
             window: config.window.max(1),
             counters,
-            pending: VecDeque::new(),
+            pending: FuturesOrdered::new(),
+            seen_stream: false,
         };
         tokio::spawn(publisher.run(rx, shutdown))
     } else {
@@ -135,23 +142,52 @@ async fn publish_core(bus: &Bus, shards: u16, event: RequestEvent, span: tracing
     }
 }
 
-/// An event sent and not yet acknowledged.
-struct InFlight {
+/// An event sent, and what became of it.
+struct Settled {
     msg: Outgoing,
     call_id: u64,
     attempt: u32,
-    stored: StoredFuture,
+    outcome: Result<Stored, tether_bus::BusError>,
+}
+
+type Waiting = Pin<Box<dyn Future<Output = Settled> + Send>>;
+
+/// Publishes `msg` (after `pause`) and waits for its acknowledgement.
+fn publish_and_wait(
+    js: Context,
+    msg: Outgoing,
+    call_id: u64,
+    attempt: u32,
+    pause: Duration,
+) -> Waiting {
+    Box::pin(async move {
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        let outcome = msg.publish_stored(&js).await.await;
+        Settled {
+            msg,
+            call_id,
+            attempt,
+            outcome,
+        }
+    })
 }
 
 /// The acknowledged publisher: events go out in order, at most `window`
-/// await their acknowledgement, and the oldest is awaited first.
+/// await their acknowledgement at once (their timeouts run together), and
+/// they are settled oldest first; one to send again goes back to the front.
 struct Acked {
     bus: Bus,
     js: Context,
     shards: u16,
     window: usize,
     counters: EventCounters,
-    pending: VecDeque<InFlight>,
+    pending: FuturesOrdered<Waiting>,
+    /// A stream has stored an event: from then on "no stream" means the
+    /// stream is unavailable for a moment (a cluster electing its leader),
+    /// not that there is none, and the event is sent again.
+    seen_stream: bool,
 }
 
 impl Acked {
@@ -165,7 +201,7 @@ impl Acked {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                outcome = Self::oldest(&mut self.pending) => self.settle(outcome).await,
+                Some(settled) = self.pending.next(), if !self.pending.is_empty() => self.settle(settled),
                 next = rx.recv(), if room => {
                     let Some((event, span)) = next else { break };
                     self.send(event, span).await;
@@ -178,14 +214,15 @@ impl Acked {
         let drain = async {
             while let Some((event, span)) = rx.recv().await {
                 while self.pending.len() >= self.window {
-                    let outcome = Self::oldest(&mut self.pending).await;
-                    self.settle(outcome).await;
+                    match self.pending.next().await {
+                        Some(settled) => self.settle(settled),
+                        None => break,
+                    }
                 }
                 self.send(event, span).await;
             }
-            while !self.pending.is_empty() {
-                let outcome = Self::oldest(&mut self.pending).await;
-                self.settle(outcome).await;
+            while let Some(settled) = self.pending.next().await {
+                self.settle(settled);
             }
         };
         if tokio::time::timeout(DRAIN, drain).await.is_err() {
@@ -195,17 +232,8 @@ impl Acked {
                 "shutdown: events not acknowledged by the stream in time"
             );
         }
-        rx.close();
         while rx.try_recv().is_ok() {
             self.counters.dropped.inc();
-        }
-    }
-
-    /// The oldest event's outcome; pending forever while none is in flight.
-    async fn oldest(pending: &mut VecDeque<InFlight>) -> Result<Stored, tether_bus::BusError> {
-        match pending.front_mut() {
-            Some(f) => f.stored.as_mut().await,
-            None => std::future::pending().await,
         }
     }
 
@@ -223,31 +251,39 @@ impl Acked {
                 return;
             }
         };
-        let stored = msg.publish_stored(&self.js).instrument(span).await;
-        self.pending.push_back(InFlight {
+        self.pending.push_back(publish_and_wait(
+            self.js.clone(),
             msg,
-            call_id: event.call_id,
-            attempt: 0,
-            stored,
-        });
+            event.call_id,
+            0,
+            Duration::ZERO,
+        ));
     }
 
-    /// Ends the oldest event's wait: done when stored, otherwise sent again
-    /// (after a pause that grows with its attempts) and awaited first.
-    async fn settle(&mut self, outcome: Result<Stored, tether_bus::BusError>) {
-        let Some(mut done) = self.pending.pop_front() else {
-            return;
-        };
-        if let Err(err) = outcome {
-            if done.attempt == 0 {
-                tracing::warn!(%err, call_id = done.call_id, "event not acknowledged; publishing it again");
+    /// Ends an event's wait: done when stored (or when there is no stream
+    /// at all), otherwise sent again after a pause that grows with its
+    /// attempts, ahead of the others.
+    fn settle(&mut self, settled: Settled) {
+        let err = match settled.outcome {
+            Ok(Stored::Yes) => {
+                self.seen_stream = true;
+                return;
             }
-            self.counters.retried.inc();
-            tokio::time::sleep(backoff(done.attempt)).await;
-            done.attempt = done.attempt.saturating_add(1);
-            done.stored = done.msg.publish_stored(&self.js).await;
-            self.pending.push_front(done);
+            Ok(Stored::NoStream) if !self.seen_stream => return,
+            Ok(Stored::NoStream) => "no stream answered".to_owned(),
+            Err(err) => err.to_string(),
+        };
+        if settled.attempt == 0 {
+            tracing::warn!(%err, call_id = settled.call_id, "event not acknowledged; publishing it again");
         }
+        self.counters.retried.inc();
+        self.pending.push_front(publish_and_wait(
+            self.js.clone(),
+            settled.msg,
+            settled.call_id,
+            settled.attempt.saturating_add(1),
+            backoff(settled.attempt),
+        ));
     }
 }
 

@@ -1,12 +1,15 @@
 //! Forwarding a call to its engine. The request is sent with the client's
 //! content type and the current trace context (`traceparent`, which vLLM
-//! and SGLang can continue); the response comes back as a stream.
+//! and SGLang can continue); the response comes back as a stream, whose
+//! first frame may be read ahead ([`Primed`]).
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::{Method, Request, header};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use opentelemetry::propagation::Injector;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -92,5 +95,75 @@ pub async fn forward(
             )),
             "timeout",
         )),
+    }
+}
+
+/// An engine's response body, its first frame perhaps read ahead: a stream
+/// is handed to the client only once it has started.
+pub struct Primed {
+    first: Option<Frame<Bytes>>,
+    rest: Incoming,
+}
+
+/// Why a stream did not start.
+pub enum FirstFrame {
+    /// No frame within the bound.
+    Late,
+    /// The body failed before its first frame.
+    Broken(hyper::Error),
+}
+
+impl Primed {
+    /// The body as it comes, nothing read ahead.
+    pub fn new(rest: Incoming) -> Self {
+        Self { first: None, rest }
+    }
+
+    /// Reads the body's first frame within `within` (an empty body is
+    /// started too: it simply ends).
+    pub async fn first_frame(mut rest: Incoming, within: Duration) -> Result<Self, FirstFrame> {
+        match tokio::time::timeout(within, rest.frame()).await {
+            Err(_) => Err(FirstFrame::Late),
+            Ok(Some(Err(err))) => Err(FirstFrame::Broken(err)),
+            Ok(first) => Ok(Self {
+                first: first.and_then(Result::ok),
+                rest,
+            }),
+        }
+    }
+}
+
+impl Body for Primed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        match this.first.take() {
+            Some(frame) => Poll::Ready(Some(Ok(frame))),
+            None => Pin::new(&mut this.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = self.rest.size_hint();
+        let ahead = self
+            .first
+            .as_ref()
+            .and_then(Frame::data_ref)
+            .map_or(0, |d| d.remaining() as u64);
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + ahead);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + ahead);
+        }
+        hint
     }
 }

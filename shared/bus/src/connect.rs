@@ -348,7 +348,9 @@ pub async fn connect_with(
                 }
             }
         })
-        .connect(from_url.url.as_str())
+        // Each URL of the list parsed on its own (the client reads one
+        // string as one URL).
+        .connect(from_url.url.split(',').collect::<Vec<&str>>())
         .await?;
     Ok((client, stats))
 }
