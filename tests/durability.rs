@@ -646,14 +646,7 @@ async fn a_nats_restart_loses_and_repeats_nothing() -> anyhow::Result<()> {
 
     // nats-server killed and started again on the same port and store.
     nats.restart()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !bus.is_connected() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the test client never reconnected"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_connected(&bus, "the test client never reconnected").await?;
     for e in &events[half..] {
         publish(&bus, e).await?;
     }
@@ -784,18 +777,21 @@ async fn a_list_of_servers_connects_to_the_one_that_is_up() -> anyhow::Result<()
         .local_addr()?
         .port();
     let bus = test_bus(&format!("nats://127.0.0.1:{dead}, {}", nats.url())).await?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !bus.is_connected() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "never connected to the live server"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_connected(&bus, "never connected to the live server").await?;
     let mut sub = bus.client.subscribe("list.test").await?;
     bus.client.publish("list.test", "hello".into()).await?;
     let got =
         tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut sub)).await?;
     assert_eq!(got.map(|m| m.payload.to_vec()), Some(b"hello".to_vec()));
+    Ok(())
+}
+
+/// Waits (up to 20 s) until `bus` is connected; `what` names the failure.
+async fn until_connected(bus: &Bus, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !bus.is_connected() {
+        anyhow::ensure!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(())
 }

@@ -75,7 +75,8 @@ pub enum ConnectFailure {
 /// client does not send URL credentials by itself).
 #[derive(Debug, PartialEq)]
 struct UrlAuth {
-    url: String,
+    /// Each server of the list, credentials removed.
+    urls: Vec<String>,
     user: Option<String>,
     password: Option<String>,
 }
@@ -136,7 +137,7 @@ fn split_url_auth(urls: &str) -> UrlAuth {
         });
     }
     UrlAuth {
-        url: clean.join(","),
+        urls: clean,
         user,
         password,
     }
@@ -262,7 +263,7 @@ pub async fn connect_with(
     let stats = BusStats::default();
     let events = stats.clone();
     let from_url = split_url_auth(&config.url);
-    if from_url.url.is_empty() {
+    if from_url.urls.is_empty() {
         return Err(ConnectFailure::Url {
             url: config.url.clone(),
             reason: "no server".into(),
@@ -306,7 +307,7 @@ pub async fn connect_with(
     let tls = auth.tls_required
         || auth.tls_ca.is_some()
         || auth.tls_cert.is_some()
-        || from_url.url.contains("tls://");
+        || from_url.urls.iter().any(|u| u.starts_with("tls://"));
     if tls {
         options = options.require_tls(true);
     }
@@ -348,9 +349,9 @@ pub async fn connect_with(
                 }
             }
         })
-        // Each URL of the list parsed on its own (the client reads one
+        // Each server of the list parsed on its own (the client reads one
         // string as one URL).
-        .connect(from_url.url.split(',').collect::<Vec<&str>>())
+        .connect(from_url.urls.as_slice())
         .await?;
     Ok((client, stats))
 }
@@ -362,14 +363,14 @@ mod tests {
     #[test]
     fn url_credentials_are_split_off() {
         let a = split_url_auth("nats://alice:s%40cret@h1:4222,nats://h2:4222");
-        assert_eq!(a.url, "nats://h1:4222,nats://h2:4222");
+        assert_eq!(a.urls.join(","), "nats://h1:4222,nats://h2:4222");
         assert_eq!(a.user.as_deref(), Some("alice"));
         assert_eq!(a.password.as_deref(), Some("s@cret"));
         let t = split_url_auth("tls://tok@h1:4222");
-        assert_eq!(t.url, "tls://h1:4222");
+        assert_eq!(t.urls.join(","), "tls://h1:4222");
         assert_eq!((t.user.as_deref(), t.password), (Some("tok"), None));
         let n = split_url_auth("h1:4222");
-        assert_eq!((n.url.as_str(), n.user), ("h1:4222", None));
+        assert_eq!((n.urls.join(","), n.user), ("h1:4222".to_owned(), None));
     }
 
     #[test]
