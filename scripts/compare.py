@@ -15,9 +15,9 @@ the engines, the replayer and Tether's gateway alike.
 Usage: scripts/compare.py [--quick] [--repeats N] [--time-scale F] [--systems a,b]
                           [--chat-speedups ...] [--agent-rates ...] [--out DIR]
                           [--report-only] [--dry-run]
-The full sweep (the seven REPORT_SYSTEMS x 2 workloads x 4 levels x 2
-repeats, plus the overload variants: ~125 runs at time scale 4) takes about
-40 minutes on 2 cores; --quick a few. Time scale 4 is what a 2-core machine
+The full sweep (the seven REPORT_SYSTEMS x 4 chat and 5 agent levels x 2
+repeats, plus the overload variants: ~136 runs at time scale 4) takes about
+45 minutes on 2 cores; --quick a few. Time scale 4 is what a 2-core machine
 keeps up with (watch the engines' lag and the load generator's send lag in
 the report). The systems, the overload variants and the agent workload are
 listed at the top of this file.
@@ -420,7 +420,7 @@ def main():
     ap.add_argument("--chat-requests", type=int, default=None, help="first N trace requests per chat run (default 200; --quick: 100)")
     ap.add_argument("--chat-speedups", default=None, help="chat load levels: trace speed-ups (default 0.6,1.2,1.8,2.4)")
     ap.add_argument("--agent-programs", type=int, default=None, help="programs per agent run (default 280, about 2,040 calls; --quick: 80)")
-    ap.add_argument("--agent-rates", default=None, help="agent load levels: programs per second (default 5,10,20,40)")
+    ap.add_argument("--agent-rates", default=None, help="agent load levels: programs per second (default 5,10,20,40,80)")
     ap.add_argument("--unloaded-fraction", type=float, default=0.5,
                     help="the unloaded reference runs at this fraction of the lightest level (default 0.5)")
     ap.add_argument("--systems", default=None, help="comma-separated subset of the systems")
@@ -442,7 +442,7 @@ def main():
     a.chat_requests = a.chat_requests or (100 if a.quick else 200)
     a.agent_programs = a.agent_programs or (80 if a.quick else 280)
     a.chat_speedups = [float(x) for x in (a.chat_speedups or ("0.6,2.4" if a.quick else "0.6,1.2,1.8,2.4")).split(",")]
-    a.agent_rates = [float(x) for x in (a.agent_rates or ("5,40" if a.quick else "5,10,20,40")).split(",")]
+    a.agent_rates = [float(x) for x in (a.agent_rates or ("5,40" if a.quick else "5,10,20,40,80")).split(",")]
     names = a.systems.split(",") if a.systems else (QUICK_SYSTEMS if a.quick else REPORT_SYSTEMS)
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
