@@ -55,10 +55,18 @@ SYSTEMS = {
     "cache-aware": {"kind": "tether", "strategy": "cache-aware", "ingress_args": ["--stage-calls", "0"]},
     "tether-g1": {"kind": "tether", "strategy": "tether", "ingress_args": ["--queue-size-ratio", "1"]},
     "tether-g2": {"kind": "tether", "strategy": "tether", "ingress_args": ["--queue-size-ratio", "2"]},
+    "tether-g2-fcfs": {"kind": "tether", "strategy": "tether", "scheduler_args": ["--ordering", "fcfs"],
+                       "ingress_args": ["--queue-size-ratio", "2"]},
     "tether-unstaged": {"kind": "tether", "strategy": "tether", "ingress_args": ["--stage-calls", "0"]},
     "tether-unbalanced": {"kind": "tether", "strategy": "tether", "ingress_args": ["--decode-balance", "0"]},
     "tether-staged": {"kind": "tether", "strategy": "tether", "ingress_args": ["--stage-calls", "8"]},
     "tether-staged-g4": {"kind": "tether", "strategy": "tether", "ingress_args": ["--stage-calls", "8", "--queue-size-ratio", "4"]},
+    # The engines' own KV cache events: engine-sims publish them (vLLM's
+    # format, ZMQ), tether-kv-events relays them onto NATS, the scheduler
+    # places by its exact index, and route requests carry engine-sim's own
+    # token-block hashes.
+    "tether-kv": {"kind": "tether", "strategy": "tether", "kv_events": True,
+                  "scheduler_args": ["--prefix-source", "exact"], "ingress_args": ["--block-hashes", "engine-sim"]},
     "least-loaded": {"kind": "tether", "strategy": "least-loaded"},
     "round-robin": {"kind": "tether", "strategy": "round-robin"},
     "session-hash": {"kind": "tether", "strategy": "session-hash"},
@@ -205,15 +213,21 @@ class Stack:
     def _start(self):
         self.engine_urls = []
         fleet = []
+        kv = self.sys.get("kv_events", False)
         for i in range(ENGINES):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
+            kv_args, kv_fleet = [], ""
+            if kv:
+                pub, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+                kv_args = ["--kv-events-endpoint", pub, "--kv-events-replay-endpoint", replay]
+                kv_fleet = f'kv_events = "{pub}"\nkv_replay = "{replay}"\n'
             self.spawn(f"sim-{i}", [BIN / "tether-engine-sim", "--listen", f"127.0.0.1:{port}", "--name", f"sim-{i}",
                                     "--time-scale", self.scale, "--max-model-len", "262144",
-                                    "--scheduling-policy", "fcfs"])
+                                    "--scheduling-policy", "fcfs"] + kv_args)
             self.engine_urls.append(url)
             fleet.append(f'[[engines]]\nname = "sim-{i}"\nurl = "{url}"\nmodels = ["{MODEL}"]\n'
-                         'priority = false\ncache_tokens = 400000\n')
+                         'priority = false\ncache_tokens = 400000\n' + kv_fleet)
         (self.tmp / "fleet.toml").write_text("\n".join(fleet))
         for url in self.engine_urls:
             wait_until(lambda: http_ok(url + "/health"), url)
@@ -237,6 +251,10 @@ class Stack:
             ss, sc = free_port(), free_port()
             self.spawn("session-state", [BIN / "tether-session-state", "--admin-listen", f"127.0.0.1:{ss}"], env)
             wait_until(lambda: http_ok(f"http://127.0.0.1:{ss}/ready"), "session-state")
+            if kv:
+                kp = free_port()
+                self.spawn("kv-events", [BIN / "tether-kv-events", "--admin-listen", f"127.0.0.1:{kp}"], env)
+                wait_until(lambda: http_ok(f"http://127.0.0.1:{kp}/ready"), "kv-events")
             # Tether's engine scrapes (scheduler load, ingress health and
             # capacity) run every 100 ms of simulated time, but never more
             # often than MIN_SCRAPE_MS of wall time: at 10 ms and time scale
