@@ -7,7 +7,8 @@
 //! active within the idle TTL; with shard leases, a hung replica's shards
 //! move to another, which ends identical to the reference while the hung one,
 //! resumed, applies nothing more; a nats-server restart loses and repeats
-//! nothing.
+//! nothing; in a three-node cluster, losing the node that leads the events
+//! stream loses and repeats nothing either.
 
 use clap::Parser;
 use std::collections::HashMap;
@@ -22,8 +23,8 @@ use tether_protocol::{
 };
 use tether_session_state::tether_session::{SessionTable, TableLimits};
 use tether_telemetry::Shutdown;
-use tether_testkit::NatsServer;
 use tether_testkit::http;
+use tether_testkit::{NatsCluster, NatsServer};
 
 const SHARDS: u16 = 4;
 
@@ -544,6 +545,55 @@ async fn same_as_reference(
     Ok(())
 }
 
+/// Every session of `reference` as session-state answers it: the same
+/// calls, in-flight calls and last activity, and the same service and wait
+/// up to rounding; affinity is not compared (see the cluster test).
+async fn same_totals_as_reference(
+    bus: &Bus,
+    reference: &SessionTable,
+    sessions: usize,
+) -> anyhow::Result<()> {
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0);
+    let mut mismatches = Vec::new();
+    let mut compared = 0;
+    for (hash, want) in reference.iter() {
+        let view: SessionView = bus
+            .request(
+                bus.subjects.session(shard_of(*hash, SHARDS)),
+                &SessionQuery {
+                    session_key: want.key.clone(),
+                },
+                Duration::from_secs(2),
+            )
+            .await?;
+        let want_rec = want.record(*hash);
+        let want_calls: Vec<u64> = want.in_flight.iter().map(|(id, _)| *id).collect();
+        let same = view.record.as_ref().is_some_and(|got| {
+            got.requests == want_rec.requests
+                && got.in_flight == want_rec.in_flight
+                && got.last_active_ms == want_rec.last_active_ms
+                && close(got.cst, want_rec.cst)
+                && close(got.attained, want_rec.attained)
+                && close(got.wait, want_rec.wait)
+        });
+        if !same || view.in_flight_calls != want_calls {
+            mismatches.push(format!(
+                "{}: got {:?} {:?}, want {want_rec:?} {want_calls:?}",
+                want.key, view.record, view.in_flight_calls
+            ));
+        }
+        compared += 1;
+    }
+    assert_eq!(compared, sessions);
+    assert!(
+        mismatches.is_empty(),
+        "{} sessions differ, e.g. {:?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(3)]
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_owners_shards_move_and_it_applies_nothing_more() -> anyhow::Result<()> {
     let nats = NatsServer::start()?;
@@ -659,6 +709,99 @@ async fn a_nats_restart_loses_and_repeats_nothing() -> anyhow::Result<()> {
         0.0
     );
 
+    stop.cancel();
+    running.join().await;
+    Ok(())
+}
+
+/// A three-node cluster, the events stream and the snapshots in three
+/// replicas (`--js-replicas 3`), every client given every node. Events go
+/// out through the ingress's acknowledged publisher; halfway the node that
+/// leads the events stream is killed for good. Every event is stored once,
+/// and every session ends with the reference's calls, in-flight calls and
+/// service. (An event sent again during the election may be stored after
+/// later events of its shard; what depends on the order of one session's
+/// events — its affinity, the rounding of its sums — may then differ.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_cluster_node_loses_and_repeats_nothing() -> anyhow::Result<()> {
+    use tether_ingress::events::{PublishConfig, spawn_publisher};
+
+    let mut cluster = NatsCluster::start(3)?;
+    let urls = cluster.urls();
+    let bus = test_bus(&urls).await?;
+    until_connected(&bus, "never connected to the cluster").await?;
+    // JetStream answers once the cluster has elected its meta leader.
+    let js = bus.jetstream();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while js.query_account().await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "JetStream never came up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = workload(100, 1_000);
+    let total = events.len() as u64;
+    let mut reference = SessionTable::new(TableLimits::default());
+    for e in &events {
+        reference.apply(e, 0);
+    }
+    let stop = Shutdown::new();
+    let running = start_session_state_with(&urls, stop.clone(), &["--js-replicas", "3"]).await?;
+    let publisher_stop = Shutdown::new();
+    let (sink, task) = spawn_publisher(
+        bus.clone(),
+        SHARDS,
+        PublishConfig {
+            buffer: 8192,
+            acks: true,
+            window: 64,
+            ack_timeout: Duration::from_millis(500),
+        },
+        publisher_stop.clone(),
+    );
+    let name = jetstream::events_stream_name(&bus.subjects);
+    let stored = || async {
+        let mut stream = bus.jetstream().get_stream(&name).await?;
+        let info = stream.info().await?;
+        anyhow::Ok((
+            info.state.messages,
+            info.cluster.clone().and_then(|c| c.leader),
+        ))
+    };
+    let until_stored = |n: u64| async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((m, _)) = stored().await
+                && m >= n
+            {
+                return anyhow::Ok(m);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "fewer than {n} events stored");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    let half = events.len() / 2;
+    for e in &events[..half] {
+        sink.emit(e.clone(), tracing::Span::none());
+    }
+    until_stored(half as u64).await?;
+    drained(&bus).await?;
+    let (_, leader) = stored().await?;
+    let leader = leader.ok_or_else(|| anyhow::anyhow!("the events stream has no leader"))?;
+    anyhow::ensure!(cluster.kill(&leader), "no node named {leader}");
+
+    for e in &events[half..] {
+        sink.emit(e.clone(), tracing::Span::none());
+    }
+    let got = until_stored(total).await?;
+    assert_eq!(got, total, "an event stored twice");
+    drained(&bus).await?;
+    same_totals_as_reference(&bus, &reference, 100).await?;
+    assert_eq!(sink.counters.dropped.get(), 0);
+    let (_, new_leader) = stored().await?;
+    assert_ne!(new_leader.as_deref(), Some(leader.as_str()));
+
+    publisher_stop.cancel();
+    task.await?;
     stop.cancel();
     running.join().await;
     Ok(())

@@ -107,7 +107,7 @@ async fn successful_calls_are_recorded_ok() -> anyhow::Result<()> {
 }
 
 /// How a misbehaving engine answers chat calls (it answers `/health` and
-/// `/metrics` like a good one).
+/// `/metrics` like a good one, its token counters standing at 0).
 #[derive(Clone, Copy, Debug)]
 enum Misbehaviour {
     /// Reads the call, then closes the connection without a word.
@@ -123,6 +123,9 @@ enum Misbehaviour {
     CutsStreams,
     /// Answers 500 until the flag is set, then a short chat completion.
     FailsUntil(&'static std::sync::atomic::AtomicBool),
+    /// Reads the call and never answers; from then on (the flag set) its
+    /// `/health` answers 503.
+    HangsThenFailsHealth(&'static std::sync::atomic::AtomicBool),
 }
 
 /// A bad engine on loopback, stopped when dropped.
@@ -163,15 +166,26 @@ async fn serve_bad(mut tcp: TcpStream, how: Misbehaviour) {
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
     if head.starts_with("get ") {
-        let body = if head.starts_with("get /health") {
-            "ok"
+        let down = matches!(how, Misbehaviour::HangsThenFailsHealth(flag)
+            if flag.load(std::sync::atomic::Ordering::SeqCst));
+        let (status, body) = if head.starts_with("get /health") {
+            if down {
+                ("503 Service Unavailable", "down")
+            } else {
+                ("200 OK", "ok")
+            }
+        } else if head.starts_with("get /metrics") {
+            (
+                "200 OK",
+                "vllm:prompt_tokens_total{model_name=\"m\"} 0\nvllm:generation_tokens_total{model_name=\"m\"} 0\n",
+            )
         } else {
-            ""
+            ("200 OK", "")
         };
         let _ = tcp
             .write_all(
                 format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 )
                 .as_bytes(),
@@ -193,6 +207,10 @@ async fn serve_bad(mut tcp: TcpStream, how: Misbehaviour) {
     match how {
         Misbehaviour::Dies => {}
         Misbehaviour::Hangs => std::future::pending::<()>().await,
+        Misbehaviour::HangsThenFailsHealth(flag) => {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            std::future::pending::<()>().await
+        }
         Misbehaviour::HangsAfterHeaders => {
             let _ = tcp
                 .write_all(
@@ -351,6 +369,82 @@ async fn a_hung_engine_is_timed_out_retried_and_ejected() -> anyhow::Result<()> 
             "{how:?}"
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_engine_is_found_for_calls_that_do_not_stream() -> anyhow::Result<()> {
+    // A call that does not stream waits for its whole answer (here up to
+    // 300 s). The engine answers /health and its token counters stand
+    // still: the stall watchdog, not the call's timeout, finds it, and the
+    // waiting call is retried elsewhere.
+    let (u, _bad) = with_bad(
+        Misbehaviour::Hangs,
+        &[
+            "--engine-stall-secs",
+            "0.4",
+            "--engine-timeout-secs",
+            "300",
+            "--breaker-failures",
+            "0",
+        ],
+    )
+    .await?;
+    until_retried(&u, false).await?;
+    assert!(
+        u.ingress_metric("tether_ingress_engine_stalls", "engine=\"bad\"")
+            .await?
+            >= 1.0
+    );
+    assert!(
+        u.ingress_metric("tether_ingress_retries", "reason=\"unhealthy\"")
+            .await?
+            >= 1.0
+    );
+    assert_eq!(
+        u.ingress_metric("tether_ingress_retries", "reason=\"timeout\"")
+            .await?,
+        0.0
+    );
+    assert_eq!(
+        u.ingress_metric("tether_ingress_engine_stalls", "engine=\"sim-0\"")
+            .await?,
+        0.0,
+        "a working engine is never marked"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_on_an_engine_that_turns_unhealthy_is_retried() -> anyhow::Result<()> {
+    // The engine takes the call, then fails its health probes: the call is
+    // retried at once, not after its timeout (stall watchdog off).
+    static DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let (u, _bad) = with_bad(
+        Misbehaviour::HangsThenFailsHealth(&DOWN),
+        &[
+            "--engine-stall-secs",
+            "0",
+            "--engine-timeout-secs",
+            "300",
+            "--health-interval-ms",
+            "100",
+            "--breaker-failures",
+            "0",
+        ],
+    )
+    .await?;
+    until_retried(&u, false).await?;
+    assert!(DOWN.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(
+        u.ingress_metric("tether_ingress_retries", "reason=\"unhealthy\"")
+            .await?
+            >= 1.0
+    );
+    assert_eq!(
+        u.ingress_metric("tether_ingress_engine_stalls", "").await?,
+        0.0
+    );
     Ok(())
 }
 
@@ -535,6 +629,7 @@ struct SecuredNats {
     ingress: String,
     scheduler: String,
     session_state: String,
+    kv_events: String,
 }
 
 impl SecuredNats {
@@ -557,7 +652,8 @@ impl SecuredNats {
         let conf_path = dir.join("tether.conf");
         std::fs::write(&conf_path, conf)?;
         let password = || format!("{:016x}", tether_protocol::random_u64());
-        let (ingress, scheduler, session_state) = (password(), password(), password());
+        let (ingress, scheduler, session_state, kv_events) =
+            (password(), password(), password(), password());
         let bin = std::env::var_os("TETHER_NATS_SERVER")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| {
@@ -575,6 +671,7 @@ impl SecuredNats {
             .env("INGRESS_PASSWORD", &ingress)
             .env("SCHEDULER_PASSWORD", &scheduler)
             .env("SESSION_STATE_PASSWORD", &session_state)
+            .env("KV_EVENTS_PASSWORD", &kv_events)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()?;
@@ -585,6 +682,7 @@ impl SecuredNats {
             ingress,
             scheduler,
             session_state,
+            kv_events,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -691,6 +789,7 @@ async fn the_shipped_nats_config_lets_only_each_service_do_its_part() -> anyhow:
     let ingress = nats.client("ingress", &nats.ingress).await?;
     let scheduler = nats.client("scheduler", &nats.scheduler).await?;
     let state = nats.client("session-state", &nats.session_state).await?;
+    let kv = nats.client("kv-events", &nats.kv_events).await?;
 
     // A round trip each user may make.
     const INGRESS: &str = "tether.session.9999";
@@ -728,6 +827,35 @@ async fn the_shipped_nats_config_lets_only_each_service_do_its_part() -> anyhow:
         .publish("tether.state.0", "real".into())
         .await?;
     assert_eq!(next_payload(&mut deltas).await?, "real");
+
+    // KV cache events: only the relay's.
+    let mut kv_events = scheduler.subscribe("tether.kv.>".into()).await?;
+    round_trip(&scheduler, SCHEDULER).await?;
+    for (forger, sync) in [(&ingress, INGRESS), (&state, STATE)] {
+        forger
+            .client
+            .publish("tether.kv.sim-0", "forged".into())
+            .await?;
+        round_trip(forger, sync).await?;
+    }
+    kv.client.publish("tether.kv.sim-0", "real".into()).await?;
+    assert_eq!(next_payload(&mut kv_events).await?, "real");
+    // Nor may the relay publish anything else.
+    let mut all_events = state.subscribe("tether.events.>".into()).await?;
+    round_trip(&state, STATE).await?;
+    kv.client
+        .publish("tether.events.0", "forged".into())
+        .await?;
+    // The scheduler subscribes to tether.kv.>, so a request there finds a
+    // responder that never answers: the relay's connection is synced by
+    // one more event of its own instead.
+    kv.client.publish("tether.kv.sync", "sync".into()).await?;
+    assert_eq!(next_payload(&mut kv_events).await?, "sync");
+    in_url
+        .client
+        .publish("tether.events.0", "after".into())
+        .await?;
+    assert_eq!(next_payload(&mut all_events).await?, "after");
 
     // Route requests: nobody but the scheduler, in its queue group, can
     // take them; the ingress's requests find no responder meanwhile.

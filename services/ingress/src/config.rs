@@ -51,6 +51,13 @@ pub struct Config {
     /// seconds. Capped by --engine-timeout-secs.
     #[arg(long, env = "TETHER_ENGINE_TTFB_TIMEOUT_SECS", default_value_t = 30.0)]
     pub engine_ttfb_timeout_secs: f64,
+    /// Stall bound: an engine on which calls have waited this long for
+    /// their answer to begin, while its token counters (`/metrics`) stood
+    /// still, is marked stalled — unhealthy for as long again — and its
+    /// waiting calls are retried elsewhere; seconds, 0 disables. Catches a
+    /// hung engine for calls that do not stream.
+    #[arg(long, env = "TETHER_ENGINE_STALL_SECS", default_value_t = 30.0)]
+    pub engine_stall_secs: f64,
     /// Engines a call may try in all: a call is retried on another engine
     /// while nothing has reached the client (connect error, 5xx, timeout
     /// before the response headers). 1 disables retries.

@@ -95,7 +95,9 @@ fn header_timeout(app: &App, stream: bool) -> Duration {
 /// reached the client. A 200 stream counts as started only with its first
 /// frame, and that must come within the time-to-first-byte bound too: an
 /// engine that sends its headers at once and then hangs (still passing
-/// `/health`) is caught here, and the call retried.
+/// `/health`) is caught here, and the call retried. So is an engine that
+/// turns unhealthy, or that the stall watchdog marks, while the call waits
+/// ([`crate::stall`]).
 async fn attempt(
     app: &App,
     engine: usize,
@@ -106,7 +108,23 @@ async fn attempt(
 ) -> Result<(http::response::Parts, Primed), (ApiError, &'static str)> {
     let sent = Instant::now();
     let name = &app.fleet.engines[engine].name;
-    let resp = crate::proxy::forward(app, engine, endpoint, body, timeout).await?;
+    // An engine that turns unhealthy or stalls while the call waits for its
+    // answer to begin: the call is retried elsewhere at once, instead of
+    // waiting out its timeout (a non-streamed call's is the whole answer's).
+    let gone = || {
+        (
+            ApiError::engine_failed(format!(
+                "engine {name} became unhealthy while the call waited for its answer"
+            )),
+            "unhealthy",
+        )
+    };
+    let _waiting = app.progress.wait(engine);
+    let resp = tokio::select! {
+        resp = crate::proxy::forward(app, engine, endpoint, body, timeout) => resp?,
+        () = app.health.turned_unhealthy(engine) => return Err(gone()),
+    };
+    app.progress.saw(engine);
     let (parts, body) = resp.into_parts();
     if parts.status.is_server_error() {
         let bytes = error_body(body).await;
@@ -124,8 +142,15 @@ async fn attempt(
         return Ok((parts, Primed::new(body)));
     }
     let left = timeout.saturating_sub(sent.elapsed());
-    match Primed::first_frame(body, left).await {
-        Ok(body) => Ok((parts, body)),
+    let first = tokio::select! {
+        first = Primed::first_frame(body, left) => first,
+        () = app.health.turned_unhealthy(engine) => return Err(gone()),
+    };
+    match first {
+        Ok(body) => {
+            app.progress.saw(engine);
+            Ok((parts, body))
+        }
         Err(FirstFrame::Late) => Err((
             ApiError::engine_failed(format!(
                 "engine {name} sent no stream data within {:.1} s",

@@ -13,6 +13,7 @@
 //! - [`auth`]     — optional API keys (hashed), one tenant per key.
 //! - [`affinity`] — the engine that last served each recent session (for the fallback route).
 //! - [`breaker`]  — the circuit breaker: engines whose calls keep failing are ejected.
+//! - [`stall`]    — the stall watchdog: engines that hold calls while their token counters stand still.
 //! - [`capacity`] — capacity control: engine limits learned from engine metrics.
 //! - [`config`]   — flags, environment and defaults.
 //! - [`errors`]   — OpenAI-style JSON errors.
@@ -47,6 +48,7 @@ pub mod routing;
 pub mod server;
 pub mod service;
 pub mod session;
+pub mod stall;
 pub mod tracker;
 
 pub use config::Config;

@@ -51,10 +51,12 @@ pub struct Metrics {
     /// `retried` (another engine after a failed attempt).
     pub bindings: Family<StaticLabel, Counter>,
     /// Calls retried on another engine before any byte reached the client,
-    /// by `reason` (connect, status, timeout).
+    /// by `reason` (connect, status, timeout, unhealthy).
     pub retries: Family<Labels, Counter>,
     /// Circuit-breaker ejections, by `engine`.
     pub ejections: Family<Labels, Counter>,
+    /// Engines marked stalled (calls waited, token counters stood still), by `engine`.
+    pub stalls: Family<Labels, Counter>,
     /// Engines ejected by the circuit breaker now (1) or admitted (0).
     pub ejected: Family<Labels, Gauge>,
     /// Fallback routes that kept the session on the engine that last served it.
@@ -99,6 +101,7 @@ impl Default for Metrics {
             bindings: Family::default(),
             retries: Family::default(),
             ejections: Family::default(),
+            stalls: Family::default(),
             ejected: Family::default(),
             fallback_affinity: Counter::default(),
             body_busy: Counter::default(),
@@ -181,6 +184,11 @@ impl Metrics {
             "tether_ingress_engine_ejections",
             "Circuit-breaker ejections of an engine after consecutive failed calls",
             self.ejections.clone(),
+        );
+        r.register(
+            "tether_ingress_engine_stalls",
+            "Engines marked stalled: calls waited on them while their token counters stood still",
+            self.stalls.clone(),
         );
         r.register(
             "tether_ingress_engine_ejected",

@@ -50,6 +50,8 @@ pub struct App {
     pub engine_attempts: usize,
     /// Ejects engines whose calls keep failing.
     pub breaker: crate::breaker::Breaker,
+    /// Calls waiting on each engine, for the stall watchdog.
+    pub progress: Arc<crate::stall::Progress>,
     /// The engine that last served each recent session (for the fallback route).
     pub recent: crate::affinity::RecentAffinity,
     /// Request-body bytes that may be held at once, over all calls.
@@ -148,6 +150,19 @@ pub async fn start_with_fleet(
         shutdown.clone(),
     ));
 
+    let progress = Arc::new(crate::stall::Progress::new(fleet.engines.len()));
+    if config.engine_stall_secs > 0.0 && config.engine_stall_secs.is_finite() {
+        tasks.push(crate::stall::spawn_watchdog(
+            fleet.clone(),
+            progress.clone(),
+            health.clone(),
+            client.clone(),
+            metrics.clone(),
+            Duration::from_secs_f64(config.engine_stall_secs),
+            shutdown.clone(),
+        ));
+    }
+
     let in_flight = fleet
         .engines
         .iter()
@@ -228,6 +243,7 @@ pub async fn start_with_fleet(
             config.breaker_failures,
             Duration::from_millis(config.breaker_cooldown_ms),
         ),
+        progress,
         recent: crate::affinity::RecentAffinity::new(config.affinity_cache),
         body_budget: Arc::new(tokio::sync::Semaphore::new(
             config

@@ -3,13 +3,21 @@
 //! after `recover_after` consecutive successes. Engines start healthy, so a
 //! service that just started does not refuse traffic.
 //!
-//! The flags are atomics: readers on the request path never lock.
+//! An engine can also be marked *stalled* by whoever watches its progress
+//! (the ingress: calls waiting on it while its token counters stand still);
+//! a stalled engine counts as unhealthy until the mark is lifted.
+//!
+//! The flags are atomics: readers on the request path never lock. Each
+//! engine also has a watch channel of its state, so that a call waiting on
+//! an engine can give up the moment it turns unhealthy
+//! ([`FleetHealth::turned_unhealthy`]).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{EngineClient, FleetConfig};
@@ -33,11 +41,30 @@ impl Default for HealthConfig {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct EngineFlags {
     healthy: AtomicBool,
+    stalled: AtomicBool,
     failures: AtomicU32,
     successes: AtomicU32,
+    /// Usable (healthy and not stalled), as last published.
+    usable: watch::Sender<bool>,
+}
+
+impl EngineFlags {
+    fn usable(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && !self.stalled.load(Ordering::Relaxed)
+    }
+
+    /// Tells waiters the current state, if it changed.
+    fn publish(&self) {
+        let now = self.usable();
+        self.usable.send_if_modified(|v| {
+            let changed = *v != now;
+            *v = now;
+            changed
+        });
+    }
 }
 
 /// Health of every engine of the fleet, by index in the fleet file.
@@ -51,7 +78,10 @@ impl FleetHealth {
         let flags = (0..engines)
             .map(|_| EngineFlags {
                 healthy: AtomicBool::new(true),
-                ..EngineFlags::default()
+                stalled: AtomicBool::new(false),
+                failures: AtomicU32::new(0),
+                successes: AtomicU32::new(0),
+                usable: watch::Sender::new(true),
             })
             .collect();
         Self {
@@ -59,11 +89,41 @@ impl FleetHealth {
         }
     }
 
+    /// Healthy and not stalled.
     #[inline]
     pub fn is_healthy(&self, engine: usize) -> bool {
-        self.flags
-            .get(engine)
-            .is_some_and(|f| f.healthy.load(Ordering::Relaxed))
+        self.flags.get(engine).is_some_and(EngineFlags::usable)
+    }
+
+    /// Marks an engine stalled (it counts as unhealthy) or lifts the mark;
+    /// true when that changed it.
+    pub fn set_stalled(&self, engine: usize, stalled: bool) -> bool {
+        let Some(f) = self.flags.get(engine) else {
+            return false;
+        };
+        let changed = f.stalled.swap(stalled, Ordering::Relaxed) != stalled;
+        if changed {
+            f.publish();
+        }
+        changed
+    }
+
+    /// Resolves when `engine` turns unhealthy (or stalled) after this is
+    /// first polled. Never resolves for an engine that is unhealthy already
+    /// — a call sent there anyway (every engine down) waits for its own
+    /// timeout — nor for an unknown one.
+    pub async fn turned_unhealthy(&self, engine: usize) {
+        let Some(f) = self.flags.get(engine) else {
+            return std::future::pending().await;
+        };
+        let mut rx = f.usable.subscribe();
+        if !*rx.borrow_and_update() {
+            return std::future::pending().await;
+        }
+        if rx.wait_for(|usable| !*usable).await.is_err() {
+            // The flags are going away with the service.
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Records one probe (or one real call's) outcome.
@@ -76,12 +136,14 @@ impl FleetHealth {
             let s = f.successes.fetch_add(1, Ordering::Relaxed) + 1;
             if s >= cfg.recover_after && !f.healthy.swap(true, Ordering::Relaxed) {
                 tracing::info!(engine, "engine healthy again");
+                f.publish();
             }
         } else {
             f.successes.store(0, Ordering::Relaxed);
             let n = f.failures.fetch_add(1, Ordering::Relaxed) + 1;
             if n >= cfg.fail_after && f.healthy.swap(false, Ordering::Relaxed) {
                 tracing::warn!(engine, "engine marked unhealthy");
+                f.publish();
             }
         }
     }
@@ -165,5 +227,50 @@ mod tests {
         h.record(0, true, &cfg);
         assert!(h.is_healthy(0));
         assert!(!h.is_healthy(5));
+    }
+
+    #[test]
+    fn a_stalled_engine_is_unhealthy_until_the_mark_is_lifted() {
+        let h = FleetHealth::new(1);
+        assert!(h.set_stalled(0, true));
+        assert!(!h.set_stalled(0, true), "no change");
+        assert!(!h.is_healthy(0));
+        assert!(h.set_stalled(0, false));
+        assert!(h.is_healthy(0));
+        assert!(!h.set_stalled(3, true), "unknown engine");
+    }
+
+    #[tokio::test]
+    async fn waiters_learn_when_an_engine_turns_unhealthy() {
+        let cfg = HealthConfig {
+            fail_after: 1,
+            ..HealthConfig::default()
+        };
+        let h = FleetHealth::new(2);
+        let waiter = h.turned_unhealthy(0);
+        tokio::pin!(waiter);
+        // Polled once (it subscribes), and not resolved.
+        let short = Duration::from_millis(20);
+        assert!(tokio::time::timeout(short, &mut waiter).await.is_err());
+        // Engine 1's failure is not engine 0's.
+        h.record(1, false, &cfg);
+        assert!(tokio::time::timeout(short, &mut waiter).await.is_err());
+        h.record(0, false, &cfg);
+        let told = tokio::time::timeout(Duration::from_secs(5), &mut waiter).await;
+        assert!(told.is_ok(), "the waiter is told");
+        // Already unhealthy: waiting on it never resolves.
+        assert!(
+            tokio::time::timeout(short, h.turned_unhealthy(1))
+                .await
+                .is_err()
+        );
+        // A stall mark tells waiters too.
+        let h = FleetHealth::new(1);
+        let waiter = h.turned_unhealthy(0);
+        tokio::pin!(waiter);
+        assert!(tokio::time::timeout(short, &mut waiter).await.is_err());
+        h.set_stalled(0, true);
+        let told = tokio::time::timeout(Duration::from_secs(5), &mut waiter).await;
+        assert!(told.is_ok(), "the waiter is told of the stall");
     }
 }

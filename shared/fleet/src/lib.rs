@@ -17,4 +17,4 @@ pub mod scrape;
 pub use client::{EngineClient, engine_client};
 pub use config::{EngineConfig, EngineKind, FleetConfig, FleetError};
 pub use health::{FleetHealth, HealthConfig, spawn_prober};
-pub use scrape::{EngineSample, FleetLoad, scrape, spawn_scraper};
+pub use scrape::{EngineSample, FleetLoad, metrics_text, scrape, spawn_scraper, tokens_processed};

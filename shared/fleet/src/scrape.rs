@@ -63,6 +63,30 @@ pub fn parse(text: &str, kind: EngineKind) -> Option<EngineSample> {
     found.then_some(s)
 }
 
+/// The tokens an engine has processed since it started, prompt and
+/// generated together (vLLM and SGLang alike export
+/// `<prefix>:prompt_tokens_total` and `<prefix>:generation_tokens_total`):
+/// a counter that stands still while calls wait on the engine says it is
+/// stuck. None when the text holds neither.
+pub fn tokens_processed(text: &str, kind: EngineKind) -> Option<f64> {
+    let names: &[&str] = match kind {
+        EngineKind::Vllm | EngineKind::Openai => {
+            &["vllm:prompt_tokens_total", "vllm:generation_tokens_total"]
+        }
+        EngineKind::Sglang => &[
+            "sglang:prompt_tokens_total",
+            "sglang:generation_tokens_total",
+        ],
+    };
+    let mut total = None;
+    for sample in crate::prom::samples(text) {
+        if sample.value.is_finite() && names.contains(&sample.name.as_str()) {
+            *total.get_or_insert(0.0) += sample.value;
+        }
+    }
+    total
+}
+
 /// The latest sample of every engine, lock-free (f64 bits in atomics).
 #[derive(Clone, Debug)]
 pub struct FleetLoad {
@@ -158,6 +182,14 @@ pub async fn scrape(
     kind: EngineKind,
     timeout: Duration,
 ) -> Option<EngineSample> {
+    let text = metrics_text(client, url, timeout).await?;
+    // A server without the known names is alive but tells nothing of its load.
+    Some(parse(&text, kind).unwrap_or_default())
+}
+
+/// The text of an engine's `/metrics` (at most 4 MiB); None when the
+/// request fails, times out or is not answered 2xx.
+pub async fn metrics_text(client: &EngineClient, url: &str, timeout: Duration) -> Option<String> {
     let req = http::Request::get(url).body(Full::new(Bytes::new())).ok()?;
     let resp = tokio::time::timeout(timeout, client.request(req))
         .await
@@ -170,14 +202,22 @@ pub async fn scrape(
         .await
         .ok()?
         .ok()?;
-    let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
-    // A server without the known names is alive but tells nothing of its load.
-    Some(parse(&text, kind).unwrap_or_default())
+    Some(String::from_utf8_lossy(&body.to_bytes()).into_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_processed_sums_prompt_and_generation_counters() {
+        let v = "vllm:prompt_tokens_total{model_name=\"m\"} 100\nvllm:generation_tokens_total{model_name=\"m\"} 20\nvllm:generation_tokens_total{model_name=\"n\"} 5\nvllm:num_requests_running 3\n";
+        assert_eq!(tokens_processed(v, EngineKind::Vllm), Some(125.0));
+        let s = "sglang:generation_tokens_total{a=\"1\"} 7\n";
+        assert_eq!(tokens_processed(s, EngineKind::Sglang), Some(7.0));
+        assert_eq!(tokens_processed(s, EngineKind::Vllm), None);
+        assert_eq!(tokens_processed("", EngineKind::Vllm), None);
+    }
 
     #[test]
     fn parses_vllm_and_sglang() {

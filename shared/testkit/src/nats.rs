@@ -98,3 +98,106 @@ impl Drop for NatsServer {
         let _ = std::fs::remove_dir_all(&self.store);
     }
 }
+
+/// One node of a [`NatsCluster`].
+struct Node {
+    name: String,
+    port: u16,
+    child: Option<Child>,
+    store: PathBuf,
+}
+
+/// nats-servers in one cluster, JetStream on each (their own stores),
+/// every node routed to every other on loopback; stopped when dropped. A
+/// node can be killed for good ([`NatsCluster::kill`]), as a lost machine.
+pub struct NatsCluster {
+    nodes: Vec<Node>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes named `n0`, `n1`, … and waits until each accepts
+    /// connections (JetStream may still be electing its meta leader).
+    pub fn start(n: usize) -> anyhow::Result<Self> {
+        let ports: Vec<(u16, u16)> = (0..n)
+            .map(|_| Ok((crate::free_port()?, crate::free_port()?)))
+            .collect::<std::io::Result<_>>()?;
+        let bin = binary();
+        let mut cluster = Self { nodes: Vec::new() };
+        for (i, (port, route_port)) in ports.iter().enumerate() {
+            let name = format!("n{i}");
+            let store = std::env::temp_dir()
+                .join(format!("tether-nats-cluster-{}-{port}", std::process::id()));
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (_, r))| format!("nats://127.0.0.1:{r}"))
+                .collect();
+            let child = Command::new(&bin)
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                .arg(&store)
+                .args(["--server_name", &name, "--cluster_name", "tether"])
+                .args(["--cluster", &format!("nats://127.0.0.1:{route_port}")])
+                .args(["--routes", &routes.join(",")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            cluster.nodes.push(Node {
+                name,
+                port: *port,
+                child: Some(child),
+                store,
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for node in &cluster.nodes {
+            while TcpStream::connect(("127.0.0.1", node.port)).is_err() {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "cluster node {} did not start",
+                    node.name
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Every node's URL, comma-separated (what `--nats-url` takes).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills the node of that server name (SIGKILL), for good; false when
+    /// no running node has it.
+    pub fn kill(&mut self, name: &str) -> bool {
+        let Some(node) = self.nodes.iter_mut().find(|n| n.name == name) else {
+            return false;
+        };
+        match node.child.take() {
+            Some(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut c) = node.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = std::fs::remove_dir_all(&node.store);
+        }
+    }
+}
