@@ -55,6 +55,7 @@ SYSTEMS = {
     "cache-aware": {"kind": "tether", "strategy": "cache-aware", "ingress_args": ["--stage-calls", "0"]},
     "tether-g1": {"kind": "tether", "strategy": "tether", "ingress_args": ["--queue-size-ratio", "1"]},
     "tether-g2": {"kind": "tether", "strategy": "tether", "ingress_args": ["--queue-size-ratio", "2"]},
+    "tether-fcfs": {"kind": "tether", "strategy": "tether", "scheduler_args": ["--ordering", "fcfs"]},
     "tether-g2-fcfs": {"kind": "tether", "strategy": "tether", "scheduler_args": ["--ordering", "fcfs"],
                        "ingress_args": ["--queue-size-ratio", "2"]},
     "tether-unstaged": {"kind": "tether", "strategy": "tether", "ingress_args": ["--stage-calls", "0"]},
