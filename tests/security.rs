@@ -416,6 +416,34 @@ async fn a_hung_engine_is_found_for_calls_that_do_not_stream() -> anyhow::Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_answer_is_not_a_stall() -> anyhow::Result<()> {
+    // One engine-sim, a stall bound of 0.3 s, and a call that does not
+    // stream and takes several bounds to generate: nothing comes back
+    // until it is done, but the engine's token counters move, so it is
+    // never marked (a mark would fail the call: there is no other engine).
+    let u = start(Options {
+        engines: 1,
+        ingress_args: ["--engine-stall-secs", "0.3"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+        ..Options::default()
+    })
+    .await;
+    let r = u
+        .chat(Some("long-answer"), "tell me everything", 150)
+        .await?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 150, "{}", r.text());
+    assert_eq!(
+        u.ingress_metric("tether_ingress_engine_stalls", "").await?,
+        0.0
+    );
+    assert_eq!(u.ingress_metric("tether_ingress_retries", "").await?, 0.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waiting_on_an_engine_that_turns_unhealthy_is_retried() -> anyhow::Result<()> {
     // The engine takes the call, then fails its health probes: the call is
     // retried at once, not after its timeout (stall watchdog off).
