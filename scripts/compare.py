@@ -17,7 +17,7 @@ Usage: scripts/compare.py [--quick] [--repeats N] [--time-scale F] [--systems a,
                           [--report-only] [--dry-run]
 The full sweep (the seven REPORT_SYSTEMS x 4 chat and 5 agent levels x 2
 repeats, plus the overload variants: ~136 runs at time scale 4) takes about
-45 minutes on 2 cores; --quick a few. Time scale 4 is what a 2-core machine
+41 minutes on 2 cores; --quick a few. Time scale 4 is what a 2-core machine
 keeps up with (watch the engines' lag and the load generator's send lag in
 the report). The systems, the overload variants and the agent workload are
 listed at the top of this file.

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use tether_bus::{Bus, BusArgs, jetstream};
 use tether_fleet::FleetConfig;
 use tether_protocol::{
-    EventKind, Finished, Outcome, RequestEvent, SessionQuery, SessionView, now_ms, shard_of,
-    stable_hash,
+    EventKind, Finished, Outcome, RequestEvent, SessionQuery, SessionRecord, SessionView, now_ms,
+    shard_of, stable_hash,
 };
 use tether_session_state::tether_session::{SessionTable, TableLimits};
 use tether_telemetry::Shutdown;
@@ -507,42 +507,16 @@ async fn same_as_reference(
     reference: &SessionTable,
     sessions: usize,
 ) -> anyhow::Result<()> {
-    let mut mismatches = Vec::new();
-    let mut compared = 0;
-    for (hash, want) in reference.iter() {
-        let shard = shard_of(*hash, SHARDS);
-        let view: SessionView = bus
-            .request(
-                bus.subjects.session(shard),
-                &SessionQuery {
-                    session_key: want.key.clone(),
-                },
-                Duration::from_secs(2),
-            )
-            .await?;
-        let got = view.record.map(|mut r| {
-            r.version = 0;
-            r
-        });
-        let mut want_rec = want.record(*hash);
-        want_rec.version = 0;
-        let want_calls: Vec<u64> = want.in_flight.iter().map(|(id, _)| *id).collect();
-        if got.as_ref() != Some(&want_rec) || view.in_flight_calls != want_calls {
-            mismatches.push(format!(
-                "{}: got {got:?} {:?}, want {want_rec:?} {want_calls:?}",
-                want.key, view.in_flight_calls
-            ));
+    compare_with_reference(bus, reference, sessions, |got, want| {
+        SessionRecord {
+            version: 0,
+            ..got.clone()
+        } == SessionRecord {
+            version: 0,
+            ..want.clone()
         }
-        compared += 1;
-    }
-    assert_eq!(compared, sessions);
-    assert!(
-        mismatches.is_empty(),
-        "{} sessions differ, e.g. {:?}",
-        mismatches.len(),
-        &mismatches[..mismatches.len().min(3)]
-    );
-    Ok(())
+    })
+    .await
 }
 
 /// Every session of `reference` as session-state answers it: the same
@@ -554,6 +528,25 @@ async fn same_totals_as_reference(
     sessions: usize,
 ) -> anyhow::Result<()> {
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0);
+    compare_with_reference(bus, reference, sessions, |got, want| {
+        got.requests == want.requests
+            && got.in_flight == want.in_flight
+            && got.last_active_ms == want.last_active_ms
+            && close(got.cst, want.cst)
+            && close(got.attained, want.attained)
+            && close(got.wait, want.wait)
+    })
+    .await
+}
+
+/// Asks session-state for every session of `reference`: each must exist,
+/// have the reference's in-flight calls, and a record `same` accepts.
+async fn compare_with_reference(
+    bus: &Bus,
+    reference: &SessionTable,
+    sessions: usize,
+    same: impl Fn(&SessionRecord, &SessionRecord) -> bool,
+) -> anyhow::Result<()> {
     let mut mismatches = Vec::new();
     let mut compared = 0;
     for (hash, want) in reference.iter() {
@@ -568,15 +561,8 @@ async fn same_totals_as_reference(
             .await?;
         let want_rec = want.record(*hash);
         let want_calls: Vec<u64> = want.in_flight.iter().map(|(id, _)| *id).collect();
-        let same = view.record.as_ref().is_some_and(|got| {
-            got.requests == want_rec.requests
-                && got.in_flight == want_rec.in_flight
-                && got.last_active_ms == want_rec.last_active_ms
-                && close(got.cst, want_rec.cst)
-                && close(got.attained, want_rec.attained)
-                && close(got.wait, want_rec.wait)
-        });
-        if !same || view.in_flight_calls != want_calls {
+        let ok = view.record.as_ref().is_some_and(|got| same(got, &want_rec));
+        if !ok || view.in_flight_calls != want_calls {
             mismatches.push(format!(
                 "{}: got {:?} {:?}, want {want_rec:?} {want_calls:?}",
                 want.key, view.record, view.in_flight_calls

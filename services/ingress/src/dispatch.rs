@@ -120,9 +120,12 @@ async fn attempt(
         )
     };
     let _waiting = app.progress.wait(engine);
+    // One watch for the whole wait, headers and first frame alike.
+    let unhealthy = app.health.turned_unhealthy(engine);
+    tokio::pin!(unhealthy);
     let resp = tokio::select! {
         resp = crate::proxy::forward(app, engine, endpoint, body, timeout) => resp?,
-        () = app.health.turned_unhealthy(engine) => return Err(gone()),
+        () = &mut unhealthy => return Err(gone()),
     };
     app.progress.saw(engine);
     let (parts, body) = resp.into_parts();
@@ -144,7 +147,7 @@ async fn attempt(
     let left = timeout.saturating_sub(sent.elapsed());
     let first = tokio::select! {
         first = Primed::first_frame(body, left) => first,
-        () = app.health.turned_unhealthy(engine) => return Err(gone()),
+        () = &mut unhealthy => return Err(gone()),
     };
     match first {
         Ok(body) => {

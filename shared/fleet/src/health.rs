@@ -108,21 +108,27 @@ impl FleetHealth {
         changed
     }
 
-    /// Resolves when `engine` turns unhealthy (or stalled) after this is
-    /// first polled. Never resolves for an engine that is unhealthy already
-    /// — a call sent there anyway (every engine down) waits for its own
-    /// timeout — nor for an unknown one.
-    pub async fn turned_unhealthy(&self, engine: usize) {
-        let Some(f) = self.flags.get(engine) else {
-            return std::future::pending().await;
-        };
-        let mut rx = f.usable.subscribe();
-        if !*rx.borrow_and_update() {
-            return std::future::pending().await;
-        }
-        if rx.wait_for(|usable| !*usable).await.is_err() {
-            // The flags are going away with the service.
-            std::future::pending::<()>().await;
+    /// Resolves when `engine` turns unhealthy (or stalled) after this call
+    /// (it subscribes at once, not when first polled). Never resolves for an
+    /// engine that is unhealthy already — a call sent there anyway (every
+    /// engine down) waits for its own timeout — nor for an unknown one.
+    pub fn turned_unhealthy(
+        &self,
+        engine: usize,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let rx = self.flags.get(engine).map(|f| {
+            let mut rx = f.usable.subscribe();
+            let usable = *rx.borrow_and_update();
+            (rx, usable)
+        });
+        async move {
+            let Some((mut rx, true)) = rx else {
+                return std::future::pending().await;
+            };
+            if rx.wait_for(|usable| !*usable).await.is_err() {
+                // The flags are going away with the service.
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -249,7 +255,7 @@ mod tests {
         let h = FleetHealth::new(2);
         let waiter = h.turned_unhealthy(0);
         tokio::pin!(waiter);
-        // Polled once (it subscribes), and not resolved.
+        // Subscribed when made; polled once, not resolved.
         let short = Duration::from_millis(20);
         assert!(tokio::time::timeout(short, &mut waiter).await.is_err());
         // Engine 1's failure is not engine 0's.

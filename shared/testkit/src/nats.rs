@@ -16,6 +16,18 @@ pub struct NatsServer {
     store: PathBuf,
 }
 
+/// Waits until a server accepts connections on `port`, until `deadline`.
+fn accepting(port: u16, deadline: Instant) -> anyhow::Result<()> {
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "nats-server did not start on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("TETHER_NATS_SERVER") {
         return PathBuf::from(p);
@@ -67,14 +79,7 @@ impl NatsServer {
                 )
             })?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        anyhow::bail!("nats-server did not start on port {}", self.port)
+        accepting(self.port, Instant::now() + Duration::from_secs(10))
     }
 
     /// Stops the server (clients see a disconnection).
@@ -152,14 +157,7 @@ impl NatsCluster {
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         for node in &cluster.nodes {
-            while TcpStream::connect(("127.0.0.1", node.port)).is_err() {
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "cluster node {} did not start",
-                    node.name
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            accepting(node.port, deadline)?;
         }
         Ok(cluster)
     }
